@@ -1,0 +1,29 @@
+"""fastbn: fast CPU normalization layers.
+
+One API over NumPy arrays with interchangeable backends:
+``"cython"`` (OpenMP kernels, the default where built), ``"numba"`` and
+``"numpy"`` (the exact reference).
+"""
+from fastbn._backends import (
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    set_backend,
+    use_backend,
+)
+from fastbn._threads import get_num_threads, set_num_threads
+from fastbn.batch_norm import batch_norm_backward, batch_norm_forward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "batch_norm_backward",
+    "batch_norm_forward",
+    "get_backend",
+    "get_num_threads",
+    "set_backend",
+    "set_num_threads",
+    "use_backend",
+]

@@ -1,0 +1,4 @@
+"""The Cython/OpenMP backend. Compiled by setup.py; validation and dispatch live in fastbn/."""
+from fastbn._cython._batch_norm import batch_norm_backward, batch_norm_forward
+
+__all__ = ["batch_norm_forward", "batch_norm_backward"]

@@ -1,0 +1,83 @@
+"""Argument checks shared by every op. Each raises before any state changes,
+with a message that names the argument, what was wrong and what was expected."""
+import math
+import operator
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_float_input(name, x):
+    """x as an ndarray of float32 or float64 (no copy for arrays)."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
+    return x
+
+
+def check_ndim(x, min_ndim, max_ndim, name="input"):
+    if not min_ndim <= x.ndim <= max_ndim:
+        expected = f"{min_ndim}D" if min_ndim == max_ndim else f"{min_ndim}D to {max_ndim}D"
+        raise ValueError(f"expected {expected} {name} (got {x.ndim}D {name} of shape {x.shape})")
+
+
+def check_same_dtype(name, a, x):
+    if a.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {a.dtype} but the input has dtype {x.dtype}; "
+                        "fastbn does not mix float32 and float64: convert one of them")
+
+
+def check_vector(name, a, length, x, what="one value per channel", contiguous=True):
+    """A 1-D array of `length` values of x's dtype, or None.
+
+    contiguous=True returns a C-contiguous array (a copy of a strided one);
+    False returns the caller's array itself (for buffers updated in place).
+    """
+    if a is None:
+        return None
+    if not isinstance(a, np.ndarray):
+        if not contiguous:
+            raise TypeError(f"{name} must be a NumPy array (it is updated in place), "
+                            f"got {type(a).__name__}")
+        a = np.asarray(a)
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64 like the input, got dtype {a.dtype}")
+    check_same_dtype(name, a, x)
+    if a.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},) ({what}), got shape {a.shape}")
+    return np.ascontiguousarray(a) if contiguous else a
+
+
+def check_writeable(name, a, why):
+    if a is not None and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only, but {why}; pass a writeable array")
+
+
+def check_eps(eps):
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a real number, got {eps!r}") from None
+    if not eps >= 0.0 or math.isinf(eps):  # also rejects nan
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    return eps
+
+
+def check_real(name, value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+
+
+def check_mask(output_mask, length):
+    try:
+        mask = tuple(bool(operator.index(m) if not isinstance(m, bool) else m) for m in output_mask)
+    except TypeError:
+        raise TypeError(f"output_mask must be a sequence of {length} booleans, "
+                        f"got {output_mask!r}") from None
+    if len(mask) != length:
+        raise ValueError(f"output_mask must have {length} entries, got {len(mask)}")
+    return mask

@@ -1,0 +1,165 @@
+"""BatchNorm over NumPy arrays: argument checks, then dispatch to a backend.
+
+Modelled on ATen's `native_batch_norm` / `native_batch_norm_backward`.
+"""
+import numpy as np
+
+from fastbn import _layout, _validation
+from fastbn._backends import load_backend
+from fastbn._threads import get_num_threads
+
+
+def _check_input(x):
+    x = _validation.check_float_input("x", x)
+    _validation.check_ndim(x, 2, 5)
+    return x
+
+
+def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
+                       training=False, momentum=0.1, eps=1e-5, *, out=None, backend=None):
+    """Batch normalization forward, as ``torch.native_batch_norm``.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, shape (N, C) or (N, C, *spatial) with up to 3 spatial dims
+        C-contiguous and channels-last arrays are read in place; any other
+        strides are first copied to C order.
+    weight, bias : ndarray of shape (C,) and x's dtype, or None
+        The affine parameters (None: weight 1, bias 0).
+    running_mean, running_var : ndarray of shape (C,) and x's dtype, or None
+        In training they are updated in place as PyTorch does:
+        ``r = (1 - momentum) * r + momentum * batch_stat``, with the unbiased
+        batch variance for ``running_var``. In eval mode they normalize x.
+    training : bool
+        Normalize with the batch statistics (True) or the running ones (False).
+    momentum : float
+    eps : float, >= 0
+    out : ndarray, optional
+        Written with y and returned. Any layout; one other than x's costs a copy.
+        It may be x itself.
+    backend : {"cython", "numba", "numpy"}, optional
+        Defaults to :func:`fastbn.get_backend`.
+
+    Returns
+    -------
+    y : ndarray
+        Same shape, dtype and memory layout as x (unless `out` says otherwise).
+    save_mean, save_invstd : ndarray of shape (C,)
+        The mean and 1 / sqrt(var + eps) that normalized x: the batch's in
+        training, the running ones in eval mode. Pass them to
+        :func:`batch_norm_backward`.
+
+    Raises
+    ------
+    TypeError, ValueError
+        On bad input, before any running statistic changes.
+    """
+    x = _check_input(x)
+    N, C = x.shape[:2]
+    weight = _validation.check_vector("weight", weight, C, x)
+    bias = _validation.check_vector("bias", bias, C, x)
+    running_mean = _validation.check_vector("running_mean", running_mean, C, x, contiguous=False)
+    running_var = _validation.check_vector("running_var", running_var, C, x, contiguous=False)
+    eps = _validation.check_eps(eps)
+    training = bool(training)
+    # Only training reads momentum.
+    momentum = _validation.check_real("momentum", momentum) if training else 0.0
+    if training:
+        why = "training updates the running statistics in place"
+        _validation.check_writeable("running_mean", running_mean, why)
+        _validation.check_writeable("running_var", running_var, why)
+        if x.size == C and x.size > 0:
+            raise ValueError("Expected more than 1 value per channel when training, "
+                             f"got input size {x.shape}")
+    elif running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are needed when training=False "
+                         "(eval mode normalizes with them); pass both, or training=True")
+    kernels = load_backend(backend)
+
+    x_view, channels_last = _layout.kernel_view(x)
+    y, y_view, copy_into = _layout.output_buffer("out", out, x.shape, x.dtype, channels_last)
+    save_mean = np.empty(C, x.dtype)
+    save_invstd = np.empty(C, x.dtype)
+    if x.size == 0:
+        # As torch.nn.functional.batch_norm: an empty output, running statistics untouched.
+        if training:
+            save_mean.fill(np.nan)
+            save_invstd.fill(np.nan)
+        else:
+            save_mean[...] = running_mean
+            with np.errstate(divide="ignore"):
+                save_invstd[...] = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+        return y, save_mean, save_invstd
+    kernels.batch_norm_forward(x_view, weight, bias, running_mean, running_var, training,
+                               momentum, eps, y_view, save_mean, save_invstd, channels_last,
+                               get_num_threads())
+    if copy_into is not None:
+        np.copyto(y, copy_into)
+    return y, save_mean, save_invstd
+
+
+def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training, *,
+                        output_mask=(True, True, True), out=None, backend=None):
+    """Batch normalization backward, as ``torch.native_batch_norm_backward``.
+
+    Parameters
+    ----------
+    grad_out : ndarray, same shape and dtype as x
+    x : ndarray
+        The forward's input.
+    weight : ndarray of shape (C,) or None
+    save_mean, save_invstd : ndarray of shape (C,)
+        As returned by :func:`batch_norm_forward`.
+    training : bool
+        As in the forward. In eval mode the statistics are constants:
+        grad_x = grad_out * invstd * weight.
+    output_mask : three bools
+        Which of (grad_x, grad_weight, grad_bias) to compute; the others are
+        returned as None and cost nothing.
+    out : ndarray, optional
+        Written with grad_x and returned (any layout; it may be grad_out itself).
+    backend : {"cython", "numba", "numpy"}, optional
+
+    Returns
+    -------
+    grad_x : ndarray or None
+        Same layout as x.
+    grad_weight, grad_bias : ndarray of shape (C,) or None
+    """
+    x = _check_input(x)
+    grad_out = _validation.check_float_input("grad_out", grad_out)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out must have the input's shape {x.shape}, got {grad_out.shape}")
+    _validation.check_same_dtype("grad_out", grad_out, x)
+    N, C = x.shape[:2]
+    weight = _validation.check_vector("weight", weight, C, x)
+    if save_mean is None or save_invstd is None:
+        raise ValueError("save_mean and save_invstd are needed: pass the last two results "
+                         "of batch_norm_forward")
+    save_mean = _validation.check_vector("save_mean", save_mean, C, x)
+    save_invstd = _validation.check_vector("save_invstd", save_invstd, C, x)
+    want_x, want_weight, want_bias = _validation.check_mask(output_mask, 3)
+    training = bool(training)
+    kernels = load_backend(backend)
+
+    x_view, channels_last = _layout.kernel_view(x)
+    grad_x = grad_x_view = copy_into = None
+    if want_x:
+        grad_x, grad_x_view, copy_into = _layout.output_buffer(
+            "out", out, x.shape, x.dtype, channels_last)
+    # Sums over an empty batch are 0, as in PyTorch.
+    grad_weight = np.zeros(C, x.dtype) if want_weight else None
+    grad_bias = np.zeros(C, x.dtype) if want_bias else None
+    if x.size == 0:
+        return grad_x, grad_weight, grad_bias
+
+    grad_out_view = _layout.view_as_layout(grad_out, channels_last)
+    if grad_out_view is None:  # grad_out laid out unlike x: copy it into x's layout
+        grad_out_copy, grad_out_view = _layout.empty_like_layout(x.shape, x.dtype, channels_last)
+        np.copyto(grad_out_copy, grad_out)
+    kernels.batch_norm_backward(grad_out_view, x_view, weight, save_mean, save_invstd, training,
+                                grad_x_view, grad_weight, grad_bias, channels_last,
+                                get_num_threads())
+    if copy_into is not None:
+        np.copyto(grad_x, copy_into)
+    return grad_x, grad_weight, grad_bias
