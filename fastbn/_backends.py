@@ -3,6 +3,7 @@
 Every backend is a module with the same kernel functions (see
 fastbn/_numpy/__init__.py for the reference and the calling convention).
 Backends are imported on first use, so importing fastbn compiles nothing.
+FASTBN_BACKEND is read once, on first use.
 """
 import contextlib
 import contextvars
@@ -51,20 +52,19 @@ def _check_name(name):
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
 
 
-_default_cache = {}  # FASTBN_BACKEND value -> default name (checked once per value)
+_default = None  # FASTBN_BACKEND, else the fastest available; found on first use
 
 
 def _default_backend():
-    env = os.environ.get("FASTBN_BACKEND") or None
-    name = _default_cache.get(env)
-    if name is None:
-        if env is not None:
+    global _default
+    if _default is None:
+        env = os.environ.get("FASTBN_BACKEND")
+        if env:
             _check_name(env)
-            name = env
+            _default = env
         else:
-            name = available_backends()[0]
-        _default_cache[env] = name
-    return name
+            _default = available_backends()[0]
+    return _default
 
 
 def set_backend(name):

@@ -4,10 +4,13 @@ The count is, in order of precedence, what `set_num_threads` was given, else
 FASTBN_NUM_THREADS, else the CPUs this process may run on (its affinity mask).
 It is then capped by OpenMP's own limit (omp_get_max_threads, which follows
 OMP_NUM_THREADS and `threadpoolctl.threadpool_limits(n, user_api="openmp")`).
+FASTBN_NUM_THREADS and the affinity mask are read once, on first use: this
+runs on every kernel call.
 """
 import os
 
 _requested = None  # set_num_threads(n); None means "not set"
+_default = None  # FASTBN_NUM_THREADS or the available CPUs, once known
 
 
 def _cpus_available():
@@ -17,12 +20,16 @@ def _cpus_available():
         return os.cpu_count() or 1
 
 
-def _openmp_limit():
+def _load_openmp_limit():
+    """omp_get_max_threads of the compiled kernels, or None without them / OpenMP."""
     try:
         from fastbn._cython._openmp_helpers import openmp_enabled, openmp_max_threads
     except ImportError:
         return None
-    return openmp_max_threads() if openmp_enabled() else None
+    return openmp_max_threads if openmp_enabled() else None
+
+
+_openmp_max_threads = _load_openmp_limit()
 
 
 def _parse_thread_count(value, source):
@@ -53,11 +60,14 @@ def set_num_threads(n):
 
 def get_num_threads():
     """The number of threads the next kernel call will use."""
-    if _requested is not None:
-        n = _requested
-    elif os.environ.get("FASTBN_NUM_THREADS"):
-        n = _parse_thread_count(os.environ["FASTBN_NUM_THREADS"], "FASTBN_NUM_THREADS")
-    else:
-        n = _cpus_available()
-    limit = _openmp_limit()
-    return n if limit is None else max(1, min(n, limit))
+    global _default
+    n = _requested
+    if n is None:
+        if _default is None:
+            env = os.environ.get("FASTBN_NUM_THREADS")
+            _default = (_parse_thread_count(env, "FASTBN_NUM_THREADS") if env
+                        else _cpus_available())
+        n = _default
+    if _openmp_max_threads is not None:
+        n = max(1, min(n, _openmp_max_threads()))
+    return n

@@ -33,7 +33,8 @@ def check_vector(name, a, length, x, what="one value per channel", contiguous=Tr
     """A 1-D array of `length` values of x's dtype, or None.
 
     contiguous=True returns a C-contiguous array (a copy of a strided one);
-    False returns the caller's array itself (for buffers updated in place).
+    False returns the caller's array itself (for buffers updated in place,
+    see `contiguous_buffer`).
     """
     if a is None:
         return None
@@ -47,7 +48,9 @@ def check_vector(name, a, length, x, what="one value per channel", contiguous=Tr
     check_same_dtype(name, a, x)
     if a.shape != (length,):
         raise ValueError(f"{name} must have shape ({length},) ({what}), got shape {a.shape}")
-    return np.ascontiguousarray(a) if contiguous else a
+    if contiguous and not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    return a
 
 
 def check_writeable(name, a, why):
@@ -81,3 +84,11 @@ def check_mask(output_mask, length):
     if len(mask) != length:
         raise ValueError(f"output_mask must have {length} entries, got {len(mask)}")
     return mask
+
+
+def contiguous_buffer(a):
+    """A C-contiguous array the kernels may update: `a` itself, or a copy to
+    write back with `np.copyto(a, copy)` (kernels take contiguous vectors)."""
+    if a is None or a.flags.c_contiguous:
+        return a
+    return np.ascontiguousarray(a)

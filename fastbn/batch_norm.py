@@ -90,9 +90,15 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
             with np.errstate(divide="ignore"):
                 save_invstd[...] = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
         return y, save_mean, save_invstd
-    kernels.batch_norm_forward(x_view, weight, bias, running_mean, running_var, training,
+    mean_buffer = _validation.contiguous_buffer(running_mean)
+    var_buffer = _validation.contiguous_buffer(running_var)
+    kernels.batch_norm_forward(x_view, weight, bias, mean_buffer, var_buffer, training,
                                momentum, eps, y_view, save_mean, save_invstd, channels_last,
                                get_num_threads())
+    if mean_buffer is not running_mean:
+        np.copyto(running_mean, mean_buffer)
+    if var_buffer is not running_var:
+        np.copyto(running_var, var_buffer)
     if copy_into is not None:
         np.copyto(y, copy_into)
     return y, save_mean, save_invstd

@@ -2,7 +2,8 @@
 
 The caller (fastbn/batch_norm.py) has validated every argument and hands over
 3-D C-contiguous views: (N, C, S) for channels-first memory, (N, S, C) for
-channels-last memory (and for 2-D input, where S = 1).
+channels-last memory (and for 2-D input, where S = 1), and C-contiguous
+per-channel vectors.
 
 Work is split into fixed items that do not depend on the thread count:
   channels-first: (n, c, chunk of S)   -- so N = 1 with few channels still fills every thread;
@@ -11,20 +12,18 @@ Each item writes its own partial sums; the partials of a channel are added in a
 fixed order afterwards. The result is therefore the same to the bit for any
 number of threads.
 
-Statistics accumulate in float64 in LANES independent accumulators (so the
-compiler can vectorise the loop without reassociating) over values shifted by
+Statistics accumulate in float64 in 8 explicit SIMD lanes (_simd.h) over values shifted by
 a per-channel pivot (the channel's first value), which keeps the one-pass
 sum / sum-of-squares accurate on data with a large mean. The normalize pass
 computes y = (x - pivot) * scale + offset, which keeps that accuracy in y.
 """
+cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt, isfinite
 from libc.stdlib cimport calloc, free
 
-cdef enum:
-    # Independent accumulators per reduction: wide enough for an AVX-512 register of doubles.
-    LANES = 8
+cnp.import_array()
 
 # Elements in one work item: big enough to amortise the per-item overhead,
 # small enough that N = 1 with few channels still gives every thread work.
@@ -76,74 +75,102 @@ cdef int effective_threads(int n_threads, Py_ssize_t n_elements, Py_ssize_t item
 
 
 # ---------------------------------------------------------------------------
-# Inner loops over one contiguous run of values.
+# Inner loops over one contiguous run of values: C with explicit SIMD lanes
+# (see _simd.h for why), one name per dtype, picked here by the fused type.
+
+cdef extern from "_simd.h" nogil:
+    void fastbn_shifted_sums_float(const float*, Py_ssize_t, double, double*, double*)
+    void fastbn_shifted_sums_double(const double*, Py_ssize_t, double, double*, double*)
+    void fastbn_grad_sums_float(const float*, const float*, Py_ssize_t, double, double*, double*)
+    void fastbn_grad_sums_double(const double*, const double*, Py_ssize_t, double, double*,
+                                 double*)
+    void fastbn_affine_float(const float*, float*, Py_ssize_t, float, float, float)
+    void fastbn_affine_double(const double*, double*, Py_ssize_t, double, double, double)
+    void fastbn_grad_input_float(const float*, const float*, float*, Py_ssize_t,
+                                 float, float, float, float)
+    void fastbn_grad_input_double(const double*, const double*, double*, Py_ssize_t,
+                                  double, double, double, double)
+    void fastbn_row_shifted_sums_float(const float*, Py_ssize_t, const double*, double*, double*)
+    void fastbn_row_shifted_sums_double(const double*, Py_ssize_t, const double*, double*,
+                                        double*)
+    void fastbn_row_grad_sums_float(const float*, const float*, Py_ssize_t, const double*,
+                                    double*, double*)
+    void fastbn_row_grad_sums_double(const double*, const double*, Py_ssize_t, const double*,
+                                     double*, double*)
+    void fastbn_row_affine_float(const float*, float*, Py_ssize_t, const float*, const float*,
+                                 const float*)
+    void fastbn_row_affine_double(const double*, double*, Py_ssize_t, const double*,
+                                  const double*, const double*)
+    void fastbn_row_grad_input_float(const float*, const float*, float*, Py_ssize_t,
+                                     const float*, const float*, const float*, const float*)
+    void fastbn_row_grad_input_double(const double*, const double*, double*, Py_ssize_t,
+                                      const double*, const double*, const double*,
+                                      const double*)
+
 
 cdef inline void shifted_sums(const floating* x, Py_ssize_t n, double pivot,
                               double* sum_out, double* sum_sq_out) noexcept nogil:
-    """sum(x - pivot) and sum((x - pivot)**2), float64, LANES accumulators."""
-    cdef double s1[LANES]
-    cdef double s2[LANES]
-    cdef double d
-    cdef Py_ssize_t block, i, j, n_main = n - n % LANES
-    for j in range(LANES):
-        s1[j] = 0.0
-        s2[j] = 0.0
-    for block in range(n_main // LANES):
-        i = block * LANES
-        for j in range(LANES):
-            d = <double>x[i + j] - pivot
-            s1[j] += d
-            s2[j] += d * d
-    for i in range(n_main, n):
-        d = <double>x[i] - pivot
-        s1[0] += d
-        s2[0] += d * d
-    for j in range(1, LANES):
-        s1[0] += s1[j]
-        s2[0] += s2[j]
-    sum_out[0] = s1[0]
-    sum_sq_out[0] = s2[0]
+    if floating is float:
+        fastbn_shifted_sums_float(x, n, pivot, sum_out, sum_sq_out)
+    else:
+        fastbn_shifted_sums_double(x, n, pivot, sum_out, sum_sq_out)
 
 
 cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t n, double mean,
                            double* sum_dy_out, double* dot_out) noexcept nogil:
-    """sum(dy) and sum((x - mean) * dy), float64, LANES accumulators."""
-    cdef double s1[LANES]
-    cdef double s2[LANES]
-    cdef double g
-    cdef Py_ssize_t block, i, j, n_main = n - n % LANES
-    for j in range(LANES):
-        s1[j] = 0.0
-        s2[j] = 0.0
-    for block in range(n_main // LANES):
-        i = block * LANES
-        for j in range(LANES):
-            g = <double>dy[i + j]
-            s1[j] += g
-            s2[j] += (<double>x[i + j] - mean) * g
-    for i in range(n_main, n):
-        g = <double>dy[i]
-        s1[0] += g
-        s2[0] += (<double>x[i] - mean) * g
-    for j in range(1, LANES):
-        s1[0] += s1[j]
-        s2[0] += s2[j]
-    sum_dy_out[0] = s1[0]
-    dot_out[0] = s2[0]
+    if floating is float:
+        fastbn_grad_sums_float(dy, x, n, mean, sum_dy_out, dot_out)
+    else:
+        fastbn_grad_sums_double(dy, x, n, mean, sum_dy_out, dot_out)
 
 
 cdef inline void affine_run(const floating* x, floating* y, Py_ssize_t n,
                             floating shift, floating scale, floating offset) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        y[i] = (x[i] - shift) * scale + offset
+    if floating is float:
+        fastbn_affine_float(x, y, n, shift, scale, offset)
+    else:
+        fastbn_affine_double(x, y, n, shift, scale, offset)
 
 
 cdef inline void grad_input_run(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
                                 floating mean, floating a, floating b, floating d) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        dx[i] = dy[i] * a + (x[i] - mean) * b + d
+    if floating is float:
+        fastbn_grad_input_float(dy, x, dx, n, mean, a, b, d)
+    else:
+        fastbn_grad_input_double(dy, x, dx, n, mean, a, b, d)
+
+
+cdef inline void row_shifted_sums(const floating* x, Py_ssize_t n, const double* centre,
+                                  double* acc1, double* acc2) noexcept nogil:
+    if floating is float:
+        fastbn_row_shifted_sums_float(x, n, centre, acc1, acc2)
+    else:
+        fastbn_row_shifted_sums_double(x, n, centre, acc1, acc2)
+
+
+cdef inline void row_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
+                               const double* centre, double* acc1, double* acc2) noexcept nogil:
+    if floating is float:
+        fastbn_row_grad_sums_float(dy, x, n, centre, acc1, acc2)
+    else:
+        fastbn_row_grad_sums_double(dy, x, n, centre, acc1, acc2)
+
+
+cdef inline void row_affine(const floating* x, floating* y, Py_ssize_t n, const floating* shift,
+                            const floating* scale, const floating* offset) noexcept nogil:
+    if floating is float:
+        fastbn_row_affine_float(x, y, n, shift, scale, offset)
+    else:
+        fastbn_row_affine_double(x, y, n, shift, scale, offset)
+
+
+cdef inline void row_grad_input(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
+                                const floating* mean, const floating* a, const floating* b,
+                                const floating* d) noexcept nogil:
+    if floating is float:
+        fastbn_row_grad_input_float(dy, x, dx, n, mean, a, b, d)
+    else:
+        fastbn_row_grad_input_double(dy, x, dx, n, mean, a, b, d)
 
 
 # ---------------------------------------------------------------------------
@@ -156,9 +183,6 @@ cdef void reduce_pass(const floating* first, const floating* second, const doubl
                       double* part_a, double* part_b) noexcept nogil:
     """Per-item partial sums: shifted_sums(first) or, when gradient, grad_sums(first=dy, second=x)."""
     cdef Py_ssize_t item, row, chunk, start, stop, c, r, rb, cb, c0, c1, r0, r1
-    cdef const floating* base
-    cdef const floating* base2
-    cdef double d, g
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
         if not channels_last:
             row = item // split.chunks
@@ -188,18 +212,12 @@ cdef void reduce_pass(const floating* first, const floating* second, const doubl
                 part_b[rb * C + c] = 0.0
             # Rows outer, channels inner: contiguous reads, and the channel loop vectorises.
             for r in range(r0, r1):
-                base = first + r * C
                 if gradient:
-                    base2 = second + r * C
-                    for c in range(c0, c1):
-                        g = <double>base[c]
-                        part_a[rb * C + c] += g
-                        part_b[rb * C + c] += (<double>base2[c] - centre[c]) * g
+                    row_grad_sums(first + r * C + c0, second + r * C + c0, c1 - c0, centre + c0,
+                                  part_a + rb * C + c0, part_b + rb * C + c0)
                 else:
-                    for c in range(c0, c1):
-                        d = <double>base[c] - centre[c]
-                        part_a[rb * C + c] += d
-                        part_b[rb * C + c] += d * d
+                    row_shifted_sums(first + r * C + c0, c1 - c0, centre + c0,
+                                     part_a + rb * C + c0, part_b + rb * C + c0)
 
 
 cdef void sum_partials(const double* part_a, const double* part_b, Py_ssize_t N, Py_ssize_t C,
@@ -256,43 +274,24 @@ cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
             if r1 > N * S:
                 r1 = N * S
             for r in range(r0, r1):
-                off = r * C
+                off = r * C + c0
                 if x2 == NULL:
-                    for c in range(c0, c1):
-                        y[off + c] = (x[off + c] - shift[c]) * scale[c] + offset[c]
+                    row_affine(x + off, y + off, c1 - c0, shift + c0, scale + c0, offset + c0)
                 else:
-                    for c in range(c0, c1):
-                        y[off + c] = (x[off + c] * scale[c] + (x2[off + c] - shift[c]) * scale2[c]
-                                      + offset[c])
+                    row_grad_input(x + off, x2 + off, y + off, c1 - c0, shift + c0, scale + c0,
+                                   scale2 + c0, offset + c0)
 
 
 # ---------------------------------------------------------------------------
-# Entry points (argument checks are the caller's job).
+# The two ops, on raw pointers. Every per-channel vector is C-contiguous.
 
-def batch_norm_forward(const floating[:, :, ::1] x, object weight, object bias,
-                       object running_mean, object running_var, bint training,
-                       double momentum, double eps,
-                       floating[:, :, ::1] y, floating[::1] save_mean, floating[::1] save_invstd,
-                       bint channels_last, int n_threads):
-    cdef Py_ssize_t N = x.shape[0]
-    cdef Py_ssize_t C = x.shape[1] if not channels_last else x.shape[2]
-    cdef Py_ssize_t S = x.shape[2] if not channels_last else x.shape[1]
+cdef int forward(const floating* xp, const floating* w, const floating* b,
+                 floating* rm, floating* rv, bint training, double momentum, double eps,
+                 floating* yp, floating* save_mean, floating* save_invstd,
+                 Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
+                 int n_threads) noexcept nogil:
+    """Returns -1 when out of memory, else 0."""
     cdef Py_ssize_t count = N * S, c
-    cdef const floating[::1] w
-    cdef const floating[::1] b
-    cdef floating[:] rm
-    cdef floating[:] rv
-    cdef bint has_w = weight is not None, has_b = bias is not None
-    cdef bint has_rm = running_mean is not None, has_rv = running_var is not None
-    if has_w:
-        w = weight
-    if has_b:
-        b = bias
-    if has_rm:
-        rm = running_mean
-    if has_rv:
-        rv = running_var
-
     cdef Split split = make_split(N, C, S, channels_last)
     cdef int threads = effective_threads(n_threads, N * C * S, split.items)
     cdef Py_ssize_t n_partials = split.items if not channels_last else split.row_blocks * C
@@ -302,7 +301,7 @@ def batch_norm_forward(const floating[:, :, ::1] x, object weight, object bias,
     if work == NULL or coef == NULL:
         free(work)
         free(coef)
-        raise MemoryError()
+        return -1
     cdef double* part_a = work
     cdef double* part_b = work + n_partials
     cdef double* pivot = work + 2 * n_partials
@@ -311,81 +310,60 @@ def batch_norm_forward(const floating[:, :, ::1] x, object weight, object bias,
     cdef floating* shift = coef
     cdef floating* scale = coef + C
     cdef floating* offset = coef + 2 * C
-    cdef const floating* xp = &x[0, 0, 0]
     cdef double mean, var_sum, invstd, alpha
-    try:
-        with nogil:
-            if training:
-                for c in range(C):
-                    # A non-finite pivot would turn an inf mean into nan; 0 keeps PyTorch's result.
-                    pivot[c] = <double>(xp[c * S] if not channels_last else xp[c])
-                    if not isfinite(pivot[c]):
-                        pivot[c] = 0.0
-                reduce_pass(xp, NULL, pivot, N, C, S, channels_last, False, split, threads,
-                            part_a, part_b)
-                sum_partials(part_a, part_b, N, C, channels_last, split, sum_shifted, sum_sq)
-            for c in range(C):
-                if training:
-                    mean = pivot[c] + sum_shifted[c] / count
-                    var_sum = sum_sq[c] - sum_shifted[c] * sum_shifted[c] / count
-                    if var_sum < 0.0:  # rounding only; keeps nan as nan
-                        var_sum = 0.0
-                    # As ATen: a zero variance with eps == 0 gives invstd 0, not inf.
-                    if var_sum == 0.0 and eps == 0.0:
-                        invstd = 0.0
-                    else:
-                        invstd = 1.0 / sqrt(var_sum / count + eps)
-                    if has_rm:
-                        rm[c] = <floating>(momentum * mean + (1.0 - momentum) * rm[c])
-                    if has_rv:
-                        rv[c] = <floating>(momentum * (var_sum / (count - 1)) + (1.0 - momentum) * rv[c])
-                    alpha = invstd * (<double>w[c] if has_w else 1.0)
-                    shift[c] = <floating>pivot[c]
-                    offset[c] = <floating>((<double>b[c] if has_b else 0.0)
-                                           - sum_shifted[c] / count * alpha)
-                else:
-                    mean = <double>rm[c]
-                    invstd = 1.0 / sqrt(<double>rv[c] + eps)
-                    alpha = invstd * (<double>w[c] if has_w else 1.0)
-                    shift[c] = rm[c]
-                    offset[c] = b[c] if has_b else 0.0
-                scale[c] = <floating>alpha
-                save_mean[c] = <floating>mean
-                save_invstd[c] = <floating>invstd
-            elementwise_pass(xp, NULL, &y[0, 0, 0], shift, scale, offset, NULL,
-                             N, C, S, channels_last, split, threads)
-    finally:
-        free(work)
-        free(coef)
+    if training:
+        for c in range(C):
+            # A non-finite pivot would turn an inf mean into nan; 0 keeps PyTorch's result.
+            pivot[c] = <double>(xp[c * S] if not channels_last else xp[c])
+            if not isfinite(pivot[c]):
+                pivot[c] = 0.0
+        reduce_pass(xp, NULL, pivot, N, C, S, channels_last, False, split, threads,
+                    part_a, part_b)
+        sum_partials(part_a, part_b, N, C, channels_last, split, sum_shifted, sum_sq)
+    for c in range(C):
+        if training:
+            mean = pivot[c] + sum_shifted[c] / count
+            var_sum = sum_sq[c] - sum_shifted[c] * sum_shifted[c] / count
+            if var_sum < 0.0:  # rounding only; keeps nan as nan
+                var_sum = 0.0
+            # As ATen: a zero variance with eps == 0 gives invstd 0, not inf.
+            if var_sum == 0.0 and eps == 0.0:
+                invstd = 0.0
+            else:
+                invstd = 1.0 / sqrt(var_sum / count + eps)
+            if rm != NULL:
+                rm[c] = <floating>(momentum * mean + (1.0 - momentum) * rm[c])
+            if rv != NULL:
+                rv[c] = <floating>(momentum * (var_sum / (count - 1)) + (1.0 - momentum) * rv[c])
+            alpha = invstd * (<double>w[c] if w != NULL else 1.0)
+            shift[c] = <floating>pivot[c]
+            offset[c] = <floating>((<double>b[c] if b != NULL else 0.0)
+                                   - sum_shifted[c] / count * alpha)
+        else:
+            mean = <double>rm[c]
+            invstd = 1.0 / sqrt(<double>rv[c] + eps)
+            alpha = invstd * (<double>w[c] if w != NULL else 1.0)
+            shift[c] = rm[c]
+            offset[c] = b[c] if b != NULL else 0.0
+        scale[c] = <floating>alpha
+        save_mean[c] = <floating>mean
+        save_invstd[c] = <floating>invstd
+    elementwise_pass(xp, NULL, yp, shift, scale, offset, NULL, N, C, S, channels_last, split,
+                     threads)
+    free(work)
+    free(coef)
+    return 0
 
 
-def batch_norm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, ::1] x,
-                        object weight, const floating[::1] save_mean,
-                        const floating[::1] save_invstd, bint training,
-                        object grad_x, object grad_weight, object grad_bias,
-                        bint channels_last, int n_threads):
-    cdef Py_ssize_t N = x.shape[0]
-    cdef Py_ssize_t C = x.shape[1] if not channels_last else x.shape[2]
-    cdef Py_ssize_t S = x.shape[2] if not channels_last else x.shape[1]
+cdef int backward(const floating* dyp, const floating* xp, const floating* w,
+                  const floating* save_mean, const floating* save_invstd, bint training,
+                  floating* dx, floating* dw, floating* db,
+                  Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
+                  int n_threads) noexcept nogil:
+    """Outputs that are NULL are skipped. Returns -1 when out of memory, else 0."""
     cdef Py_ssize_t count = N * S, c
-    cdef const floating[::1] w
-    cdef floating[:, :, ::1] dx
-    cdef floating[::1] dw
-    cdef floating[::1] db
-    cdef bint has_w = weight is not None
-    cdef bint want_dx = grad_x is not None, want_dw = grad_weight is not None
-    cdef bint want_db = grad_bias is not None
     # Pass 1 is needed for the parameter gradients, and for dx in training.
-    cdef bint need_sums = want_dw or want_db or (want_dx and training)
-    if has_w:
-        w = weight
-    if want_dx:
-        dx = grad_x
-    if want_dw:
-        dw = grad_weight
-    if want_db:
-        db = grad_bias
-
+    cdef bint need_sums = dw != NULL or db != NULL or (dx != NULL and training)
     cdef Split split = make_split(N, C, S, channels_last)
     cdef int threads = effective_threads(n_threads, N * C * S, split.items)
     cdef Py_ssize_t n_partials = split.items if not channels_last else split.row_blocks * C
@@ -394,7 +372,7 @@ def batch_norm_backward(const floating[:, :, ::1] grad_out, const floating[:, :,
     if work == NULL or coef == NULL:
         free(work)
         free(coef)
-        raise MemoryError()
+        return -1
     cdef double* part_a = work
     cdef double* part_b = work + n_partials
     cdef double* centre = work + 2 * n_partials
@@ -404,40 +382,105 @@ def batch_norm_backward(const floating[:, :, ::1] grad_out, const floating[:, :,
     cdef floating* scale_dy = coef + C
     cdef floating* scale_x = coef + 2 * C
     cdef floating* offset = coef + 3 * C
-    cdef const floating* dyp = &grad_out[0, 0, 0]
-    cdef const floating* xp = &x[0, 0, 0]
     cdef double invstd, w_c, k
-    try:
-        with nogil:
-            for c in range(C):
-                centre[c] = <double>save_mean[c]
-            if need_sums:
-                reduce_pass(dyp, xp, centre, N, C, S, channels_last, True, split, threads,
-                            part_a, part_b)
-                sum_partials(part_a, part_b, N, C, channels_last, split, sum_dy, dot)
-            for c in range(C):
-                invstd = <double>save_invstd[c]
-                w_c = <double>w[c] if has_w else 1.0
-                if want_dw:
-                    dw[c] = <floating>(dot[c] * invstd)
-                if want_db:
-                    db[c] = <floating>sum_dy[c]
-                # training: dx = (dy - sum_dy/n - (x - mean) * dot * invstd^2 / n) * invstd * w
-                # eval:     dx = dy * invstd * w
-                mean_f[c] = save_mean[c]
-                scale_dy[c] = <floating>(invstd * w_c)
-                if training:
-                    k = dot[c] * invstd * invstd / count
-                    scale_x[c] = <floating>(-k * invstd * w_c)
-                    offset[c] = <floating>(-sum_dy[c] / count * invstd * w_c)
-            if want_dx:
-                if training:
-                    elementwise_pass(dyp, xp, &dx[0, 0, 0], mean_f, scale_dy, offset, scale_x,
-                                     N, C, S, channels_last, split, threads)
-                else:
-                    # scale_x and offset are zero (calloc): dx = (dy - 0) * scale_dy + 0.
-                    elementwise_pass(dyp, NULL, &dx[0, 0, 0], scale_x, scale_dy, offset, NULL,
-                                     N, C, S, channels_last, split, threads)
-    finally:
-        free(work)
-        free(coef)
+    for c in range(C):
+        centre[c] = <double>save_mean[c]
+    if need_sums:
+        reduce_pass(dyp, xp, centre, N, C, S, channels_last, True, split, threads,
+                    part_a, part_b)
+        sum_partials(part_a, part_b, N, C, channels_last, split, sum_dy, dot)
+    for c in range(C):
+        invstd = <double>save_invstd[c]
+        w_c = <double>w[c] if w != NULL else 1.0
+        if dw != NULL:
+            dw[c] = <floating>(dot[c] * invstd)
+        if db != NULL:
+            db[c] = <floating>sum_dy[c]
+        # training: dx = (dy - sum_dy/n - (x - mean) * dot * invstd^2 / n) * invstd * w
+        # eval:     dx = dy * invstd * w
+        mean_f[c] = save_mean[c]
+        scale_dy[c] = <floating>(invstd * w_c)
+        if training:
+            k = dot[c] * invstd * invstd / count
+            scale_x[c] = <floating>(-k * invstd * w_c)
+            offset[c] = <floating>(-sum_dy[c] / count * invstd * w_c)
+    if dx != NULL:
+        if training:
+            elementwise_pass(dyp, xp, dx, mean_f, scale_dy, offset, scale_x,
+                             N, C, S, channels_last, split, threads)
+        else:
+            # scale_x and offset are zero (calloc): dx = (dy - 0) * scale_dy + 0.
+            elementwise_pass(dyp, NULL, dx, scale_x, scale_dy, offset, NULL,
+                             N, C, S, channels_last, split, threads)
+    free(work)
+    free(coef)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Python entry points. The caller (fastbn/batch_norm.py) has checked every
+# argument: one float dtype, C-contiguous arrays, 3-D views of x / y. Raw data
+# pointers keep the per-call cost low (no buffer acquisition per argument).
+
+cdef inline void* data(object array):
+    return NULL if array is None else cnp.PyArray_DATA(<cnp.ndarray>array)
+
+
+def batch_norm_forward(cnp.ndarray x, weight, bias, running_mean, running_var, bint training,
+                       double momentum, double eps, cnp.ndarray y, cnp.ndarray save_mean,
+                       cnp.ndarray save_invstd, bint channels_last, int n_threads):
+    cdef Py_ssize_t N = x.shape[0]
+    cdef Py_ssize_t C = x.shape[2] if channels_last else x.shape[1]
+    cdef Py_ssize_t S = x.shape[1] if channels_last else x.shape[2]
+    cdef void* xp = data(x)
+    cdef void* wp = data(weight)
+    cdef void* bp = data(bias)
+    cdef void* rmp = data(running_mean)
+    cdef void* rvp = data(running_var)
+    cdef void* yp = data(y)
+    cdef void* mp = data(save_mean)
+    cdef void* ip = data(save_invstd)
+    cdef int status
+    with nogil:
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+            status = forward(<const float*>xp, <const float*>wp, <const float*>bp,
+                             <float*>rmp, <float*>rvp, training, momentum, eps,
+                             <float*>yp, <float*>mp, <float*>ip,
+                             N, C, S, channels_last, n_threads)
+        else:
+            status = forward(<const double*>xp, <const double*>wp, <const double*>bp,
+                             <double*>rmp, <double*>rvp, training, momentum, eps,
+                             <double*>yp, <double*>mp, <double*>ip,
+                             N, C, S, channels_last, n_threads)
+    if status != 0:
+        raise MemoryError()
+
+
+def batch_norm_backward(cnp.ndarray grad_out, cnp.ndarray x, weight, cnp.ndarray save_mean,
+                        cnp.ndarray save_invstd, bint training, grad_x, grad_weight, grad_bias,
+                        bint channels_last, int n_threads):
+    cdef Py_ssize_t N = x.shape[0]
+    cdef Py_ssize_t C = x.shape[2] if channels_last else x.shape[1]
+    cdef Py_ssize_t S = x.shape[1] if channels_last else x.shape[2]
+    cdef void* dyp = data(grad_out)
+    cdef void* xp = data(x)
+    cdef void* wp = data(weight)
+    cdef void* mp = data(save_mean)
+    cdef void* ip = data(save_invstd)
+    cdef void* dxp = data(grad_x)
+    cdef void* dwp = data(grad_weight)
+    cdef void* dbp = data(grad_bias)
+    cdef int status
+    with nogil:
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+            status = backward(<const float*>dyp, <const float*>xp, <const float*>wp,
+                              <const float*>mp, <const float*>ip, training,
+                              <float*>dxp, <float*>dwp, <float*>dbp,
+                              N, C, S, channels_last, n_threads)
+        else:
+            status = backward(<const double*>dyp, <const double*>xp, <const double*>wp,
+                              <const double*>mp, <const double*>ip, training,
+                              <double*>dxp, <double*>dwp, <double*>dbp,
+                              N, C, S, channels_last, n_threads)
+    if status != 0:
+        raise MemoryError()

@@ -5,7 +5,8 @@ kernel functions with the same calling convention:
 
 - arguments have been validated by the public function (fastbn/batch_norm.py);
 - tensors arrive as 3-D C-contiguous views, (N, C, S), or (N, S, C) when
-  `channels_last` (see fastbn/_layout.py), never empty;
+  `channels_last` (see fastbn/_layout.py), never empty; per-channel vectors
+  are C-contiguous and of the tensors' dtype (or None where allowed);
 - outputs are preallocated and filled in place; running statistics are
   updated in place;
 - `n_threads` is the thread count to use (ignored here).
