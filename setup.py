@@ -70,7 +70,7 @@ class BuildExtWithOpenMP(build_ext):
             use_openmp, reason = False, "the compiler could not build an OpenMP program"
 
         # -O3 turns on the loop vectoriser; SSE2 (the x86-64 baseline) unless opted in.
-        compile_args = ["-O3"]
+        compile_args = ["-O3", "-Wno-psabi"]
         if env_flag("FASTBN_MARCH_NATIVE"):
             compile_args.append("-march=native")
         link_args = []

@@ -5,9 +5,10 @@ The caller (fastbn/batch_norm.py) has validated every argument and hands over
 channels-last memory (and for 2-D input, where S = 1), and C-contiguous
 per-channel vectors.
 
-Work is split into fixed items that do not depend on the thread count:
-  channels-first: (n, c, chunk of S)   -- so N = 1 with few channels still fills every thread;
-  channels-last:  (block of rows, block of channels).
+Work is split into fixed items that do not depend on the thread count
+(see `Split`): channels-first, blocks of (n, c) rows, long rows cut into
+chunks so that N = 1 with few channels still fills every thread;
+channels-last, blocks of rows x blocks of channels.
 Each item writes its own partial sums; the partials of a channel are added in a
 fixed order afterwards. The result is therefore the same to the bit for any
 number of threads.
@@ -35,33 +36,32 @@ cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD = 16384
 
 
 cdef struct Split:
-    # channels-first: rows = N * C rows of length S, each cut into `chunks` pieces.
-    # channels-last:  row_blocks x channel_blocks tiles of the (N * S, C) matrix.
-    Py_ssize_t items
-    Py_ssize_t chunks
+    # The tensor as a matrix of `rows` rows: (N * C, S) channels-first, (N * S, C)
+    # channels-last. Items are (block of rows_per_block rows, inner part), where the
+    # inner part is a chunk of S (channels-first: long rows are cut into `inner`
+    # chunks) or a block of channels (channels-last: `inner` channel blocks).
+    Py_ssize_t rows
     Py_ssize_t rows_per_block
-    Py_ssize_t row_blocks
-    Py_ssize_t channel_blocks
+    Py_ssize_t blocks
+    Py_ssize_t inner
+    Py_ssize_t items
 
 
 cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last) noexcept nogil:
     cdef Split split
-    cdef Py_ssize_t width
+    cdef Py_ssize_t row_length
     if not channels_last:
-        split.chunks = (S + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
-        split.items = N * C * split.chunks
-        split.rows_per_block = 0
-        split.row_blocks = 0
-        split.channel_blocks = 0
+        split.rows = N * C
+        row_length = S
+        split.inner = (S + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
     else:
-        width = C if C < CHANNEL_BLOCK else CHANNEL_BLOCK
-        split.channel_blocks = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-        split.rows_per_block = CHUNK_ELEMENTS // width
-        if split.rows_per_block < 1:
-            split.rows_per_block = 1
-        split.row_blocks = (N * S + split.rows_per_block - 1) // split.rows_per_block
-        split.items = split.row_blocks * split.channel_blocks
-        split.chunks = 0
+        split.rows = N * S
+        row_length = min(C, CHANNEL_BLOCK)
+        split.inner = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    # Short rows are grouped so that an item still holds about CHUNK_ELEMENTS values.
+    split.rows_per_block = max(1, CHUNK_ELEMENTS // row_length)
+    split.blocks = (split.rows + split.rows_per_block - 1) // split.rows_per_block
+    split.items = split.blocks * split.inner
     return split
 
 
@@ -75,170 +75,91 @@ cdef int effective_threads(int n_threads, Py_ssize_t n_elements, Py_ssize_t item
 
 
 # ---------------------------------------------------------------------------
-# Inner loops over one contiguous run of values: C with explicit SIMD lanes
-# (see _simd.h for why), one name per dtype, picked here by the fused type.
+# The loops over one work item are C (_batch_norm_loops.h: explicit SIMD lanes,
+# AVX2 and baseline copies picked at load time); one name per dtype, picked
+# here by the fused type.
 
-cdef extern from "_simd.h" nogil:
-    void fastbn_shifted_sums_float(const float*, Py_ssize_t, double, double*, double*)
-    void fastbn_shifted_sums_double(const double*, Py_ssize_t, double, double*, double*)
-    void fastbn_grad_sums_float(const float*, const float*, Py_ssize_t, double, double*, double*)
-    void fastbn_grad_sums_double(const double*, const double*, Py_ssize_t, double, double*,
-                                 double*)
-    void fastbn_affine_float(const float*, float*, Py_ssize_t, float, float, float)
-    void fastbn_affine_double(const double*, double*, Py_ssize_t, double, double, double)
-    void fastbn_grad_input_float(const float*, const float*, float*, Py_ssize_t,
-                                 float, float, float, float)
-    void fastbn_grad_input_double(const double*, const double*, double*, Py_ssize_t,
-                                  double, double, double, double)
-    void fastbn_row_shifted_sums_float(const float*, Py_ssize_t, const double*, double*, double*)
-    void fastbn_row_shifted_sums_double(const double*, Py_ssize_t, const double*, double*,
-                                        double*)
-    void fastbn_row_grad_sums_float(const float*, const float*, Py_ssize_t, const double*,
-                                    double*, double*)
-    void fastbn_row_grad_sums_double(const double*, const double*, Py_ssize_t, const double*,
-                                     double*, double*)
-    void fastbn_row_affine_float(const float*, float*, Py_ssize_t, const float*, const float*,
-                                 const float*)
-    void fastbn_row_affine_double(const double*, double*, Py_ssize_t, const double*,
-                                  const double*, const double*)
-    void fastbn_row_grad_input_float(const float*, const float*, float*, Py_ssize_t,
+cdef extern from "_batch_norm_loops.h" nogil:
+    void fastbn_cf_sums_float(const float*, const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                              Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                              const double*, double*, double*)
+    void fastbn_cf_sums_double(const double*, const double*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                               Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                               const double*, double*, double*)
+    void fastbn_cf_elementwise_float(const float*, const float*, float*, Py_ssize_t, Py_ssize_t,
+                                     Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                      const float*, const float*, const float*, const float*)
-    void fastbn_row_grad_input_double(const double*, const double*, double*, Py_ssize_t,
+    void fastbn_cf_elementwise_double(const double*, const double*, double*, Py_ssize_t,
+                                      Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                                      const double*, const double*, const double*,
+                                      const double*)
+    void fastbn_cl_sums_float(const float*, const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                              Py_ssize_t, Py_ssize_t, const double*, double*, double*)
+    void fastbn_cl_sums_double(const double*, const double*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                               Py_ssize_t, Py_ssize_t, const double*, double*, double*)
+    void fastbn_cl_elementwise_float(const float*, const float*, float*, Py_ssize_t, Py_ssize_t,
+                                     Py_ssize_t, Py_ssize_t, Py_ssize_t, const float*,
+                                     const float*, const float*, const float*)
+    void fastbn_cl_elementwise_double(const double*, const double*, double*, Py_ssize_t,
+                                      Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                       const double*, const double*, const double*,
                                       const double*)
 
 
-cdef inline void shifted_sums(const floating* x, Py_ssize_t n, double pivot,
-                              double* sum_out, double* sum_sq_out) noexcept nogil:
-    if floating is float:
-        fastbn_shifted_sums_float(x, n, pivot, sum_out, sum_sq_out)
-    else:
-        fastbn_shifted_sums_double(x, n, pivot, sum_out, sum_sq_out)
-
-
-cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t n, double mean,
-                           double* sum_dy_out, double* dot_out) noexcept nogil:
-    if floating is float:
-        fastbn_grad_sums_float(dy, x, n, mean, sum_dy_out, dot_out)
-    else:
-        fastbn_grad_sums_double(dy, x, n, mean, sum_dy_out, dot_out)
-
-
-cdef inline void affine_run(const floating* x, floating* y, Py_ssize_t n,
-                            floating shift, floating scale, floating offset) noexcept nogil:
-    if floating is float:
-        fastbn_affine_float(x, y, n, shift, scale, offset)
-    else:
-        fastbn_affine_double(x, y, n, shift, scale, offset)
-
-
-cdef inline void grad_input_run(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
-                                floating mean, floating a, floating b, floating d) noexcept nogil:
-    if floating is float:
-        fastbn_grad_input_float(dy, x, dx, n, mean, a, b, d)
-    else:
-        fastbn_grad_input_double(dy, x, dx, n, mean, a, b, d)
-
-
-cdef inline void row_shifted_sums(const floating* x, Py_ssize_t n, const double* centre,
-                                  double* acc1, double* acc2) noexcept nogil:
-    if floating is float:
-        fastbn_row_shifted_sums_float(x, n, centre, acc1, acc2)
-    else:
-        fastbn_row_shifted_sums_double(x, n, centre, acc1, acc2)
-
-
-cdef inline void row_grad_sums(const floating* dy, const floating* x, Py_ssize_t n,
-                               const double* centre, double* acc1, double* acc2) noexcept nogil:
-    if floating is float:
-        fastbn_row_grad_sums_float(dy, x, n, centre, acc1, acc2)
-    else:
-        fastbn_row_grad_sums_double(dy, x, n, centre, acc1, acc2)
-
-
-cdef inline void row_affine(const floating* x, floating* y, Py_ssize_t n, const floating* shift,
-                            const floating* scale, const floating* offset) noexcept nogil:
-    if floating is float:
-        fastbn_row_affine_float(x, y, n, shift, scale, offset)
-    else:
-        fastbn_row_affine_double(x, y, n, shift, scale, offset)
-
-
-cdef inline void row_grad_input(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
-                                const floating* mean, const floating* a, const floating* b,
-                                const floating* d) noexcept nogil:
-    if floating is float:
-        fastbn_row_grad_input_float(dy, x, dx, n, mean, a, b, d)
-    else:
-        fastbn_row_grad_input_double(dy, x, dx, n, mean, a, b, d)
-
-
 # ---------------------------------------------------------------------------
-# Passes over the whole tensor. `part_a` and `part_b` hold one partial per
-# (row, chunk) for channels-first and one per (row block, channel) for channels-last.
+# Passes over the whole tensor: the work items in parallel. `part_a` and
+# `part_b` hold one partial per (row, chunk) for channels-first and one per
+# (row block, channel) for channels-last.
 
 cdef void reduce_pass(const floating* first, const floating* second, const double* centre,
                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
-                      bint gradient, Split split, int n_threads,
-                      double* part_a, double* part_b) noexcept nogil:
-    """Per-item partial sums: shifted_sums(first) or, when gradient, grad_sums(first=dy, second=x)."""
-    cdef Py_ssize_t item, row, chunk, start, stop, c, r, rb, cb, c0, c1, r0, r1
+                      Split split, int n_threads, double* part_a, double* part_b) noexcept nogil:
+    """Per-item sums: shifted sums of first (second == NULL) or gradient sums (dy, x)."""
+    cdef Py_ssize_t item, block, chunk, row0, row1, c0, c1
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
+        block = item // split.inner
+        chunk = item - block * split.inner
+        row0 = block * split.rows_per_block
+        row1 = min(row0 + split.rows_per_block, split.rows)
         if not channels_last:
-            row = item // split.chunks
-            chunk = item - row * split.chunks
-            start = chunk * S // split.chunks
-            stop = (chunk + 1) * S // split.chunks
-            c = row % C
-            if gradient:
-                grad_sums(first + row * S + start, second + row * S + start, stop - start,
-                          centre[c], &part_a[item], &part_b[item])
+            if floating is float:
+                fastbn_cf_sums_float(first, second, S, C, row0, row1, chunk * S // split.inner,
+                                     (chunk + 1) * S // split.inner, split.inner, chunk,
+                                     centre, part_a, part_b)
             else:
-                shifted_sums(first + row * S + start, stop - start, centre[c],
-                             &part_a[item], &part_b[item])
+                fastbn_cf_sums_double(first, second, S, C, row0, row1, chunk * S // split.inner,
+                                      (chunk + 1) * S // split.inner, split.inner, chunk,
+                                      centre, part_a, part_b)
         else:
-            rb = item // split.channel_blocks
-            cb = item - rb * split.channel_blocks
-            c0 = cb * CHANNEL_BLOCK
-            c1 = c0 + CHANNEL_BLOCK
-            if c1 > C:
-                c1 = C
-            r0 = rb * split.rows_per_block
-            r1 = r0 + split.rows_per_block
-            if r1 > N * S:
-                r1 = N * S
-            for c in range(c0, c1):
-                part_a[rb * C + c] = 0.0
-                part_b[rb * C + c] = 0.0
-            # Rows outer, channels inner: contiguous reads, and the channel loop vectorises.
-            for r in range(r0, r1):
-                if gradient:
-                    row_grad_sums(first + r * C + c0, second + r * C + c0, c1 - c0, centre + c0,
-                                  part_a + rb * C + c0, part_b + rb * C + c0)
-                else:
-                    row_shifted_sums(first + r * C + c0, c1 - c0, centre + c0,
-                                     part_a + rb * C + c0, part_b + rb * C + c0)
+            c0 = chunk * CHANNEL_BLOCK
+            c1 = min(c0 + CHANNEL_BLOCK, C)
+            if floating is float:
+                fastbn_cl_sums_float(first, second, C, row0, row1, c0, c1, centre,
+                                     part_a + block * C, part_b + block * C)
+            else:
+                fastbn_cl_sums_double(first, second, C, row0, row1, c0, c1, centre,
+                                      part_a + block * C, part_b + block * C)
 
 
 cdef void sum_partials(const double* part_a, const double* part_b, Py_ssize_t N, Py_ssize_t C,
                        bint channels_last, Split split, double* total_a, double* total_b) noexcept nogil:
     """Add each channel's partials in a fixed order (thread-count independent)."""
-    cdef Py_ssize_t c, n, k, rb, base
+    cdef Py_ssize_t c, n, k, block, base
     for c in range(C):
         total_a[c] = 0.0
         total_b[c] = 0.0
     if not channels_last:
         for n in range(N):
             for c in range(C):
-                base = (n * C + c) * split.chunks
-                for k in range(split.chunks):
+                base = (n * C + c) * split.inner
+                for k in range(split.inner):
                     total_a[c] += part_a[base + k]
                     total_b[c] += part_b[base + k]
     else:
-        for rb in range(split.row_blocks):
+        for block in range(split.blocks):
             for c in range(C):
-                total_a[c] += part_a[rb * C + c]
-                total_b[c] += part_b[rb * C + c]
+                total_a[c] += part_a[block * C + c]
+                total_b[c] += part_b[block * C + c]
 
 
 cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
@@ -248,38 +169,31 @@ cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
                            Split split, int n_threads) noexcept nogil:
     """y = (x - shift) * scale + offset, or with x2 given (backward):
     y = x * scale + (x2 - shift) * scale2 + offset, all per channel."""
-    cdef Py_ssize_t item, row, chunk, start, stop, c, r, rb, cb, c0, c1, r0, r1, off
+    cdef Py_ssize_t item, block, chunk, row0, row1, c0, c1
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
+        block = item // split.inner
+        chunk = item - block * split.inner
+        row0 = block * split.rows_per_block
+        row1 = min(row0 + split.rows_per_block, split.rows)
         if not channels_last:
-            row = item // split.chunks
-            chunk = item - row * split.chunks
-            start = chunk * S // split.chunks
-            stop = (chunk + 1) * S // split.chunks
-            c = row % C
-            off = row * S + start
-            if x2 == NULL:
-                affine_run(x + off, y + off, stop - start, shift[c], scale[c], offset[c])
+            if floating is float:
+                fastbn_cf_elementwise_float(x, x2, y, S, C, row0, row1, chunk * S // split.inner,
+                                            (chunk + 1) * S // split.inner, shift, scale, scale2,
+                                            offset)
             else:
-                grad_input_run(x + off, x2 + off, y + off, stop - start,
-                               shift[c], scale[c], scale2[c], offset[c])
+                fastbn_cf_elementwise_double(x, x2, y, S, C, row0, row1,
+                                             chunk * S // split.inner,
+                                             (chunk + 1) * S // split.inner, shift, scale,
+                                             scale2, offset)
         else:
-            rb = item // split.channel_blocks
-            cb = item - rb * split.channel_blocks
-            c0 = cb * CHANNEL_BLOCK
-            c1 = c0 + CHANNEL_BLOCK
-            if c1 > C:
-                c1 = C
-            r0 = rb * split.rows_per_block
-            r1 = r0 + split.rows_per_block
-            if r1 > N * S:
-                r1 = N * S
-            for r in range(r0, r1):
-                off = r * C + c0
-                if x2 == NULL:
-                    row_affine(x + off, y + off, c1 - c0, shift + c0, scale + c0, offset + c0)
-                else:
-                    row_grad_input(x + off, x2 + off, y + off, c1 - c0, shift + c0, scale + c0,
-                                   scale2 + c0, offset + c0)
+            c0 = chunk * CHANNEL_BLOCK
+            c1 = min(c0 + CHANNEL_BLOCK, C)
+            if floating is float:
+                fastbn_cl_elementwise_float(x, x2, y, C, row0, row1, c0, c1, shift, scale,
+                                            scale2, offset)
+            else:
+                fastbn_cl_elementwise_double(x, x2, y, C, row0, row1, c0, c1, shift, scale,
+                                             scale2, offset)
 
 
 # ---------------------------------------------------------------------------
@@ -294,7 +208,7 @@ cdef int forward(const floating* xp, const floating* w, const floating* b,
     cdef Py_ssize_t count = N * S, c
     cdef Split split = make_split(N, C, S, channels_last)
     cdef int threads = effective_threads(n_threads, N * C * S, split.items)
-    cdef Py_ssize_t n_partials = split.items if not channels_last else split.row_blocks * C
+    cdef Py_ssize_t n_partials = split.rows * split.inner if not channels_last else split.blocks * C
     # One allocation for every temporary: partials, per-channel sums and coefficients.
     cdef double* work = <double*>calloc(2 * n_partials + 3 * C, sizeof(double))
     cdef floating* coef = <floating*>calloc(3 * C, sizeof(floating))
@@ -317,7 +231,7 @@ cdef int forward(const floating* xp, const floating* w, const floating* b,
             pivot[c] = <double>(xp[c * S] if not channels_last else xp[c])
             if not isfinite(pivot[c]):
                 pivot[c] = 0.0
-        reduce_pass(xp, NULL, pivot, N, C, S, channels_last, False, split, threads,
+        reduce_pass(xp, <const floating*>NULL, pivot, N, C, S, channels_last, split, threads,
                     part_a, part_b)
         sum_partials(part_a, part_b, N, C, channels_last, split, sum_shifted, sum_sq)
     for c in range(C):
@@ -366,7 +280,7 @@ cdef int backward(const floating* dyp, const floating* xp, const floating* w,
     cdef bint need_sums = dw != NULL or db != NULL or (dx != NULL and training)
     cdef Split split = make_split(N, C, S, channels_last)
     cdef int threads = effective_threads(n_threads, N * C * S, split.items)
-    cdef Py_ssize_t n_partials = split.items if not channels_last else split.row_blocks * C
+    cdef Py_ssize_t n_partials = split.rows * split.inner if not channels_last else split.blocks * C
     cdef double* work = <double*>calloc(2 * n_partials + 3 * C, sizeof(double))
     cdef floating* coef = <floating*>calloc(4 * C, sizeof(floating))
     if work == NULL or coef == NULL:
@@ -386,7 +300,7 @@ cdef int backward(const floating* dyp, const floating* xp, const floating* w,
     for c in range(C):
         centre[c] = <double>save_mean[c]
     if need_sums:
-        reduce_pass(dyp, xp, centre, N, C, S, channels_last, True, split, threads,
+        reduce_pass(dyp, xp, centre, N, C, S, channels_last, split, threads,
                     part_a, part_b)
         sum_partials(part_a, part_b, N, C, channels_last, split, sum_dy, dot)
     for c in range(C):
