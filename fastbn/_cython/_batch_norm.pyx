@@ -280,18 +280,26 @@ def batch_norm_forward(const floating[:, :, ::1] x, object weight, object bias,
     cdef Py_ssize_t count = N * S, c
     cdef const floating[::1] w
     cdef const floating[::1] b
+    # Training updates the running statistics; eval mode only reads them, and they may be
+    # read-only there (a writeable memoryview refuses a read-only array).
     cdef floating[:] rm
     cdef floating[:] rv
+    cdef const floating[:] rm_eval
+    cdef const floating[:] rv_eval
     cdef bint has_w = weight is not None, has_b = bias is not None
     cdef bint has_rm = running_mean is not None, has_rv = running_var is not None
     if has_w:
         w = weight
     if has_b:
         b = bias
-    if has_rm:
-        rm = running_mean
-    if has_rv:
-        rv = running_var
+    if training:
+        if has_rm:
+            rm = running_mean
+        if has_rv:
+            rv = running_var
+    else:  # the caller checked that eval mode has both
+        rm_eval = running_mean
+        rv_eval = running_var
 
     cdef Split split = make_split(N, C, S, channels_last)
     cdef int threads = effective_threads(n_threads, N * C * S, split.items)
@@ -344,10 +352,10 @@ def batch_norm_forward(const floating[:, :, ::1] x, object weight, object bias,
                     offset[c] = <floating>((<double>b[c] if has_b else 0.0)
                                            - sum_shifted[c] / count * alpha)
                 else:
-                    mean = <double>rm[c]
-                    invstd = 1.0 / sqrt(<double>rv[c] + eps)
+                    mean = <double>rm_eval[c]
+                    invstd = 1.0 / sqrt(<double>rv_eval[c] + eps)
                     alpha = invstd * (<double>w[c] if has_w else 1.0)
-                    shift[c] = rm[c]
+                    shift[c] = rm_eval[c]
                     offset[c] = b[c] if has_b else 0.0
                 scale[c] = <floating>alpha
                 save_mean[c] = <floating>mean
