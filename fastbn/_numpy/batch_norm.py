@@ -20,8 +20,16 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
     with np.errstate(invalid="ignore", over="ignore"):
         if training:
             count = x.size // len(save_mean)  # N * S values per channel
-            mean = x64.mean(axis=axes)
-            var_sum = ((x64 - mean.reshape(per_channel)) ** 2).sum(axis=axes)
+            # Shift each channel by one of its values (x - pivot is exact for values within
+            # a factor 2 of it), so data with a large mean keeps its digits in the mean, the
+            # variance and y. A non-finite pivot would turn an inf mean into nan: use 0.
+            pivot = x64[0, 0] if channels_last else x64[0, :, 0]
+            pivot = np.where(np.isfinite(pivot), pivot, 0.0)
+            shifted = x64 - pivot.reshape(per_channel)
+            shifted_mean = shifted.mean(axis=axes)
+            centred = shifted - shifted_mean.reshape(per_channel)
+            mean = pivot + shifted_mean
+            var_sum = (centred ** 2).sum(axis=axes)
             invstd = _invstd(var_sum / count, eps)
             if running_mean is not None:
                 running_mean[...] = momentum * mean + (1 - momentum) * running_mean.astype(np.float64)
@@ -30,12 +38,12 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
                 running_var[...] = momentum * unbiased_var + (1 - momentum) * running_var.astype(np.float64)
         else:
             mean = running_mean.astype(np.float64)
+            centred = x64 - mean.reshape(per_channel)
             invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
         channels = len(save_mean)
         w = np.ones(channels) if weight is None else weight.astype(np.float64)
         b = np.zeros(channels) if bias is None else bias.astype(np.float64)
-        y[...] = ((x64 - mean.reshape(per_channel)) * (invstd * w).reshape(per_channel)
-                  + b.reshape(per_channel))
+        y[...] = centred * (invstd * w).reshape(per_channel) + b.reshape(per_channel)
     save_mean[...] = mean
     save_invstd[...] = invstd
 
