@@ -32,6 +32,11 @@ def _load_openmp_limit():
 _openmp_max_threads = _load_openmp_limit()
 
 
+def openmp_enabled():
+    """True when the compiled kernels run with OpenMP (and its limit applies)."""
+    return _openmp_max_threads is not None
+
+
 def _parse_thread_count(value, source):
     try:
         n = int(value)
