@@ -20,10 +20,9 @@ MODULES = {"cython": "fastbn._cython", "numba": "fastbn._numba", "numpy": "fastb
 
 
 @pytest.fixture(autouse=True)
-def restore_settings(monkeypatch):
-    """Each test starts from the defaults, whatever the environment running the suite says."""
-    monkeypatch.delenv("FASTBN_BACKEND", raising=False)
-    monkeypatch.delenv("FASTBN_NUM_THREADS", raising=False)
+def restore_settings():
+    """Each test leaves the settings as it found them. FASTBN_BACKEND and
+    FASTBN_NUM_THREADS are read once per process, so tests of them run a new one."""
     yield
     fastbn.set_backend(None)
     fastbn.set_num_threads(None)
@@ -89,16 +88,19 @@ def test_set_backend_is_used_by_calls_without_backend(backend):
     assert fastbn.get_backend() == fastbn.available_backends()[0]
 
 
-def test_set_backend_overrides_the_environment(monkeypatch):
-    monkeypatch.setenv("FASTBN_BACKEND", "numpy")
-    assert fastbn.get_backend() == "numpy"
-    fastbn.set_backend(other_backend("numpy"))
-    assert fastbn.get_backend() == other_backend("numpy")
+def test_set_backend_overrides_the_environment():
+    other = other_backend("numpy")
+    result = run_python("-c", "import fastbn; print(fastbn.get_backend()); "
+                              f"fastbn.set_backend({other!r}); print(fastbn.get_backend())",
+                        FASTBN_BACKEND="numpy")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["numpy", other]
 
 
-def test_empty_environment_variable_means_the_default(monkeypatch):
-    monkeypatch.setenv("FASTBN_BACKEND", "")
-    assert fastbn.get_backend() == fastbn.available_backends()[0]
+def test_empty_environment_variable_means_the_default():
+    result = run_python("-c", "import fastbn; print(fastbn.get_backend())", FASTBN_BACKEND="")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == fastbn.available_backends()[0]
 
 
 def enter_use_backend(name):
@@ -212,11 +214,12 @@ def test_bad_thread_count_is_an_error_that_changes_nothing(n, message):
     assert fastbn.get_num_threads() == 1
 
 
-def test_set_num_threads_overrides_the_environment(monkeypatch):
-    monkeypatch.setenv("FASTBN_NUM_THREADS", "1")
-    assert fastbn.get_num_threads() == 1
-    fastbn.set_num_threads(-1)
-    assert fastbn.get_num_threads() == capped(CPUS)
+def test_set_num_threads_overrides_the_environment():
+    result = run_python("-c", "import fastbn; print(fastbn.get_num_threads()); "
+                              "fastbn.set_num_threads(-1); print(fastbn.get_num_threads())",
+                        FASTBN_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", str(capped(CPUS))]
 
 
 def thread_count_in_new_process(**environment):
