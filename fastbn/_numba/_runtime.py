@@ -5,8 +5,6 @@ on the first call that uses the numba backend), with explicit float32/float64
 signatures, and cached on disk (numba's `cache=True`) so that a new process
 loads them instead of compiling again (see docs/numba.md).
 """
-import contextlib
-
 import numba
 
 # The safe part of fast-math: reassociation lets loops vectorise; no
@@ -20,20 +18,25 @@ JIT_OPTIONS = dict(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy
 HELPER_OPTIONS = dict(JIT_OPTIONS, cache=False)
 
 
-@contextlib.contextmanager
-def numba_threads(n_threads):
-    """Run the block with numba's thread count set to `n_threads`, then restore it.
+class numba_threads:
+    """Context manager: run the block with numba's thread count set to `n_threads`.
 
+    The previous count is restored on leaving the block, also when it raises.
     Numba's count is per calling thread; it is capped by NUMBA_NUM_THREADS
-    (the size of numba's pool, fixed when the pool starts).
+    (the size of numba's pool, fixed when the pool starts). A class rather than
+    a generator because it wraps every kernel call: it costs about 1 us less.
     """
-    n_threads = max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS))
-    previous = numba.get_num_threads()
-    if n_threads == previous:  # the common case: skip two calls into numba's runtime
-        yield
-        return
-    numba.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
+
+    __slots__ = ("n_threads", "previous")
+
+    def __init__(self, n_threads):
+        self.n_threads = max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS))
+
+    def __enter__(self):
+        self.previous = numba.get_num_threads()
+        if self.n_threads != self.previous:  # each call into numba's runtime costs ~1 us
+            numba.set_num_threads(self.n_threads)
+
+    def __exit__(self, *exc_info):
+        if self.n_threads != self.previous:
+            numba.set_num_threads(self.previous)
