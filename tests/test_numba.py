@@ -48,8 +48,9 @@ def test_importing_fastbn_does_not_import_numba():
         import fastbn
         loaded_on_import = "numba" in sys.modules
         x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
-        fastbn.batch_norm_forward(x, training=True, backend="numpy")
-        fastbn.available_backends()
+        for name in fastbn.available_backends():
+            if name != "numba":
+                fastbn.batch_norm_forward(x, training=True, backend=name)
         print(loaded_on_import, "numba" in sys.modules)
         fastbn.batch_norm_forward(x, training=True, backend="numba")
         print("numba" in sys.modules)
