@@ -41,7 +41,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--calls", type=int, default=3, help="calls per round (best is kept)")
+    parser.add_argument("--calls", type=int, default=5, help="calls per round (best is kept)")
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args()
     fastbn.set_num_threads(args.threads)
