@@ -1,0 +1,8 @@
+"""The Numba backend. Importing it compiles the kernels, or loads them from numba's cache.
+
+fastbn imports it on the first call that uses ``backend="numba"``; validation
+and dispatch live in fastbn/.
+"""
+from fastbn._numba.batch_norm import batch_norm_backward, batch_norm_forward
+
+__all__ = ["batch_norm_forward", "batch_norm_backward"]

@@ -1,0 +1,254 @@
+"""What only the Numba backend does: lazy import, the missing-package error, numba's
+thread setting, the kernels' Python run with the JIT off, and thread-count independence.
+
+Correctness for every backend lives in test_batch_norm.py (the `backend` fixture)."""
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import fastbn
+from conftest import tolerance
+
+try:
+    import numba
+except ImportError:  # the tests that need it are skipped; the missing-numba one still runs
+    numba = None
+needs_numba = pytest.mark.skipif(numba is None, reason="numba is not installed")
+needs_two_numba_threads = pytest.mark.skipif(
+    numba is None or numba.config.NUMBA_NUM_THREADS < 2, reason="needs numba with 2 threads")
+
+REPO_ROOT = pathlib.Path(fastbn.__file__).resolve().parent.parent
+
+
+def run_python(code, **env):
+    """Run `code` in a fresh interpreter that imports this checkout's fastbn; return stdout."""
+    environment = dict(os.environ, **env)
+    environment["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                            text=True, env=environment, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def channels_last(a):
+    return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+
+@needs_numba
+def test_importing_fastbn_does_not_import_numba():
+    out = run_python("""
+        import sys
+        import numpy as np
+        import fastbn
+        loaded_on_import = "numba" in sys.modules
+        x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+        for name in fastbn.available_backends():
+            if name != "numba":
+                fastbn.batch_norm_forward(x, training=True, backend=name)
+        print(loaded_on_import, "numba" in sys.modules)
+        fastbn.batch_norm_forward(x, training=True, backend="numba")
+        print("numba" in sys.modules)
+    """)
+    assert out.split() == ["False", "False", "True"]
+
+
+def test_missing_numba_names_the_package_and_other_backends_work():
+    # sys.modules["numba"] = None is how Python marks a module as not importable:
+    # `import numba` then raises ModuleNotFoundError, as on a machine without it.
+    out = run_python("""
+        import sys
+        sys.modules["numba"] = None
+        import numpy as np
+        import fastbn
+        print(",".join(fastbn.available_backends()))
+        x = np.random.default_rng(0).standard_normal((4, 3, 5))
+        y_numpy = fastbn.batch_norm_forward(x, training=True, backend="numpy")[0]
+        for name in fastbn.available_backends():
+            y = fastbn.batch_norm_forward(x, training=True, backend=name)[0]
+            assert np.allclose(y, y_numpy), name
+        for use in (lambda: fastbn.batch_norm_forward(x, training=True, backend="numba"),
+                    lambda: fastbn.set_backend("numba")):
+            try:
+                use()
+            except fastbn.BackendUnavailableError as exc:
+                print(exc)
+            else:
+                raise AssertionError("no error without numba")
+    """)
+    backends, *messages = out.strip().splitlines()
+    assert "numba" not in backends.split(",") and "numpy" in backends.split(",")
+    assert len(messages) == 2
+    for message in messages:
+        assert "numba" in message and "pip install numba" in message
+
+
+@pytest.fixture
+def restore_threads():
+    numba_before = numba.get_num_threads()
+    yield
+    fastbn.set_num_threads(None)
+    numba.set_num_threads(numba_before)
+
+
+@needs_two_numba_threads
+@pytest.mark.parametrize("fastbn_threads,numba_threads", [(1, 2), (2, 1)])
+def test_a_call_restores_numba_thread_count(restore_threads, rng, fastbn_threads, numba_threads):
+    # Big enough that the kernels use fastbn_threads threads, not one.
+    x = rng.standard_normal((4, 8, 64, 64)).astype(np.float32)
+    fastbn.set_num_threads(fastbn_threads)
+    numba.set_num_threads(numba_threads)
+    y, mean, invstd = fastbn.batch_norm_forward(x, training=True, backend="numba")
+    assert numba.get_num_threads() == numba_threads
+    fastbn.batch_norm_backward(x, x, None, mean, invstd, True, backend="numba")
+    assert numba.get_num_threads() == numba_threads
+
+
+@needs_two_numba_threads
+def test_thread_setting_is_restored_when_the_block_raises(restore_threads):
+    from fastbn._numba._runtime import numba_threads
+
+    numba.set_num_threads(2)
+    with pytest.raises(KeyError):
+        with numba_threads(1):
+            assert numba.get_num_threads() == 1
+            raise KeyError("inside the block")
+    assert numba.get_num_threads() == 2
+
+
+@needs_numba
+def test_thread_count_is_capped_by_numba_pool(restore_threads):
+    from fastbn._numba._runtime import numba_threads
+
+    with numba_threads(numba.config.NUMBA_NUM_THREADS + 3):
+        assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+
+
+def both_passes(x, training, threads=None, backend="numba"):
+    """Forward and backward with weight, bias and running statistics; every result."""
+    C = x.shape[1]
+    rng = np.random.default_rng(7)
+    weight, bias = rng.standard_normal(C).astype(x.dtype), rng.standard_normal(C).astype(x.dtype)
+    running_mean = rng.standard_normal(C).astype(x.dtype)
+    running_var = rng.uniform(0.5, 2, C).astype(x.dtype)
+    grad_out = rng.standard_normal(x.shape).astype(x.dtype)
+    if threads is not None:
+        fastbn.set_num_threads(threads)
+    y, mean, invstd = fastbn.batch_norm_forward(x, weight, bias, running_mean, running_var,
+                                                training, backend=backend)
+    grads = fastbn.batch_norm_backward(grad_out, x, weight, mean, invstd, training,
+                                       backend=backend)
+    return (y, mean, invstd, running_mean, running_var) + grads
+
+
+# channels-first: short rows, and rows cut into several chunks (S > 4096);
+# channels-last: one and several channel blocks (C > 256), and 2-D input.
+SHAPES = [(3, 5, 7, 9), (1, 2, 90, 100), (2, 300, 4, 5), (6, 13), (2, 3, 2, 3, 4)]
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False])
+def test_matches_reference(rng, dtype, shape, layout, training):
+    # A large mean: the pivot shift keeps float32 statistics accurate.
+    x = (rng.standard_normal(shape) * 2 + 50).astype(dtype)
+    if layout == "channels_last":
+        x = channels_last(x)
+    for got, want in zip(both_passes(x, training), both_passes(x, training, backend="numpy")):
+        np.testing.assert_allclose(got, want, **tolerance(dtype))
+
+
+@needs_two_numba_threads
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_same_bits_for_one_and_two_threads(restore_threads, rng, layout):
+    x = rng.standard_normal((3, 300, 17, 19)).astype(np.float32)
+    if layout == "channels_last":
+        x = channels_last(x)
+    one = both_passes(x, True, threads=1)
+    two = both_passes(x, True, threads=2)
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+@needs_numba
+def test_read_only_and_strided_arrays_reach_the_kernels(rng):
+    # The compiled signatures take read-only inputs and a strided running mean
+    # (updated in place); eval mode accepts read-only running statistics.
+    C = 6
+    x = rng.standard_normal((4, C, 5, 5)).astype(np.float32)
+    running_mean_memory = np.zeros(2 * C, np.float32)
+    results = {}
+    for backend in ("numba", "numpy"):
+        running_mean = running_mean_memory.copy()[::2]
+        running_var = np.ones(C, np.float32)
+        weight = np.linspace(0.5, 1.5, C).astype(np.float32)
+        for a in (x, weight):
+            a.flags.writeable = False
+        y_train, mean, invstd = fastbn.batch_norm_forward(
+            x, weight, None, running_mean, running_var, True, backend=backend)
+        running_mean.flags.writeable = False
+        running_var.flags.writeable = False
+        y_eval = fastbn.batch_norm_forward(x, weight, None, running_mean, running_var, False,
+                                           backend=backend)[0]
+        grads = fastbn.batch_norm_backward(x, x, weight, mean, invstd, True, backend=backend)
+        results[backend] = (y_train, y_eval, running_mean, running_var) + grads
+    for got, want in zip(results["numba"], results["numpy"]):
+        np.testing.assert_allclose(got, want, **tolerance(np.float32))
+
+
+@needs_numba
+def test_kernels_python_with_jit_disabled():
+    # NUMBA_DISABLE_JIT=1 runs the kernels as plain Python (prange is range), so
+    # this covers their source line by line, against the NumPy reference.
+    out = run_python("""
+        import itertools
+        import types
+        import numpy as np
+        import fastbn
+        from fastbn._numba import batch_norm
+        assert isinstance(batch_norm._forward_kernel, types.FunctionType)  # not compiled
+
+        def channels_last(a):
+            return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+        def both_passes(x, weight, training, eps, backend, mask):
+            C = x.shape[1]
+            running_mean, running_var = np.linspace(-1, 1, C), np.linspace(0.5, 2, C)
+            grad_out = np.random.default_rng(1).standard_normal(x.shape)
+            with np.errstate(all="ignore"):
+                y, mean, invstd = fastbn.batch_norm_forward(
+                    x, weight, None, running_mean, running_var, training, eps=eps,
+                    backend=backend)
+                grads = fastbn.batch_norm_backward(grad_out, x, weight, mean, invstd, training,
+                                                   output_mask=mask, backend=backend)
+            return [y, mean, invstd, running_mean, running_var] + list(grads)
+
+        rng = np.random.default_rng(0)
+        checked = 0
+        variants = [(0.0, False, (True, True, True)), (1e-5, True, (True, False, False)),
+                    (1e-5, False, (False, True, True))]  # (eps, weighted, output_mask)
+        for shape in [(2, 3, 4, 5), (2, 300, 3), (1, 2, 4100 * 2), (5, 4)]:
+            x = rng.standard_normal(shape) + 3
+            x[:, 1] = 2.0  # a constant channel: with eps = 0, invstd 0
+            x.reshape(shape[0], shape[1], -1)[-1, 0, -1] = np.nan  # channel 0 turns nan
+            for layout, training, (eps, weighted, mask) in itertools.product(
+                    ["contiguous", "channels_last"], [True, False], variants):
+                data = channels_last(x) if layout == "channels_last" else x
+                weight = np.linspace(0.5, 2, shape[1]) if weighted else None
+                got = both_passes(data, weight, training, eps, "numba", mask)
+                want = both_passes(data, weight, training, eps, "numpy", mask)
+                for a, b in zip(got, want):
+                    assert (a is None) == (b is None)
+                    if a is not None:
+                        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+                        checked += 1
+        print(checked)
+    """, NUMBA_DISABLE_JIT="1")
+    assert int(out) > 0
