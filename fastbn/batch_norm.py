@@ -95,10 +95,11 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     kernels.batch_norm_forward(x_view, weight, bias, mean_buffer, var_buffer, training,
                                momentum, eps, y_view, save_mean, save_invstd, channels_last,
                                get_num_threads())
-    if mean_buffer is not running_mean:
-        np.copyto(running_mean, mean_buffer)
-    if var_buffer is not running_var:
-        np.copyto(running_var, var_buffer)
+    if training:  # write a strided running statistic's update back (eval only reads them)
+        if mean_buffer is not running_mean:
+            np.copyto(running_mean, mean_buffer)
+        if var_buffer is not running_var:
+            np.copyto(running_var, var_buffer)
     if copy_into is not None:
         np.copyto(y, copy_into)
     return y, save_mean, save_invstd
