@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 import fastbn
+from fastbn._threads import _cpus_available
 from fastbn.benchmarks import batch_norm, shapes
 from fastbn.benchmarks.timing import alternate, bandwidth_floor
 
@@ -38,9 +39,9 @@ def environment_lines(threads):
     import threadpoolctl
     import torch
 
+    usable_cpus = _cpus_available()
     lines = [
-        f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, "
-        f"{len(os.sched_getaffinity(0))} usable)",
+        f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, {usable_cpus} usable)",
         f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
         f"fastbn {fastbn.__version__}",
         f"threads: {threads} (torch.get_num_threads() = {torch.get_num_threads()}, "
@@ -51,9 +52,20 @@ def environment_lines(threads):
     runtimes = [info["filepath"] for info in threadpoolctl.threadpool_info()
                 if info["user_api"] == "openmp"]
     lines.append(f"OpenMP runtimes loaded: {', '.join(runtimes) or 'none'}")
+    if len(runtimes) > 1:
+        lines.append("WARNING: several OpenMP runtimes: the idle threads of one spin on the "
+                     "cores the other needs; rerun with OMP_WAIT_POLICY=passive")
     wait_settings = {name: os.environ[name] for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
                      if name in os.environ}
     lines.append(f"OpenMP wait settings: {wait_settings or 'defaults'}")
+    if hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+        # OpenMP threads that must wait for a core stall every barrier: the
+        # times then measure the other processes, not the kernels.
+        busy = load + threads > usable_cpus + 0.5
+        lines.append(f"load average (1 min): {load:.2f}"
+                     + (" -- BUSY MACHINE: other processes compete for the cores, "
+                        "the timings are unreliable" if busy else ""))
     return lines
 
 
@@ -163,7 +175,8 @@ def _report(title, rows, backends):
 
 def main(argv=None):
     """Command line of bench/compare_batch_norm.py."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description="Time BatchNorm2d in torch and in fastbn's backends; print markdown tables.")
     parser.add_argument("--threads", type=int, default=2,
                         help="threads for torch and fastbn (default 2)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run")
