@@ -1,4 +1,8 @@
-"""Command line: ``python -m fastbn info`` (also installed as the ``fastbn`` command)."""
+"""Command line (also installed as the ``fastbn`` command).
+
+    python -m fastbn info     version, backends, OpenMP, threads, compiler flags
+    python -m fastbn bench    every backend against PyTorch (`bench --help` for options)
+"""
 import argparse
 import platform
 import sys
@@ -39,13 +43,21 @@ def info():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fastbn", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fastbn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="version, backends, OpenMP, threads and compiler flags")
-    args = parser.parse_args(argv)
+    commands.add_parser("bench", add_help=False,
+                        help="compare every backend with PyTorch (needs torch)")
+    args, rest = parser.parse_known_args(argv)
     if args.command == "info":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
         info()
-    return 0
+        return 0
+    from fastbn.benchmarks.compare import main as bench_main
+
+    return bench_main(rest)
 
 
 if __name__ == "__main__":

@@ -174,9 +174,9 @@ def _report(title, rows, backends):
 
 
 def main(argv=None):
-    """Command line of bench/compare_batch_norm.py."""
+    """Command line of `python -m fastbn bench` and bench/compare_batch_norm.py."""
     parser = argparse.ArgumentParser(
-        description="Time BatchNorm2d in torch and in fastbn's backends; print markdown tables.")
+        prog="fastbn bench", description="Time BatchNorm2d in torch and in fastbn's backends; print markdown tables.")
     parser.add_argument("--threads", type=int, default=2,
                         help="threads for torch and fastbn (default 2)")
     parser.add_argument("--quick", action="store_true", help="a fast smoke run")
