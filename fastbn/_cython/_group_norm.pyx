@@ -1,0 +1,632 @@
+"""GroupNorm forward and backward kernels (Cython + OpenMP); instance norm uses them too.
+
+The caller (fastbn/group_norm.py) has validated every argument and hands over
+3-D C-contiguous views: (N, C, S) for channels-first memory, (N, S, C) for
+channels-last memory (and for 2-D input, where S = 1). Group g of sample n is
+channels g * D ... (g + 1) * D - 1, D = C / G.
+
+Two fixed work splits, chosen from the shape alone (never from the thread
+count), so the result is the same to the bit for any number of threads:
+
+- Whole groups (channels-first, at least MIN_GROUP_ITEMS groups of at most
+  MAX_GROUP_ELEMENTS values): one item per (n, g), a contiguous block of D * S
+  values. The item computes its statistics and then normalizes the block
+  while it is still in cache (backward: per-channel sums, then grad_x), so x
+  comes from memory once instead of twice.
+- Chunks (everything else: few or huge groups, channels-last): per-(n, c)
+  partial sums over fixed pieces -- channels-first, whole rows of S values
+  or, for long rows, fixed chunks of a row; channels-last, tiles of
+  (rows of one sample) x (block of channels), read row by row -- then the
+  partials are added in a fixed order to per-(n, c) and per-(n, g) totals,
+  and an elementwise pass over the same pieces applies per-(n, c)
+  coefficients. N = 1 with few groups still gives every thread work.
+
+Statistics are float64 sums (blocks of a few hundred values summed in vector
+lanes of x's type, then added to float64; see FASTBN_DEFINE_SUMS) over values
+shifted by a per-group pivot (the group's first value), which keeps the
+one-pass sum / sum-of-squares accurate on data with a large mean;
+y = (x - pivot) * scale + offset keeps that accuracy in the output.
+
+Backward, per group with A = sum_c w_c sum(dy_c), B = sum_c w_c sum((x_c - mean) dy_c)
+and n = D * S (as ATen's GroupNormBackward):
+  grad_x = dy * rstd * w_c + (x - mean) * (-B rstd^3 / n) + (-A rstd / n),
+and with statistics that do not depend on x (instance norm on running
+statistics) grad_x = dy * rstd * w_c.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt, isfinite
+from libc.stdlib cimport calloc, free
+
+# Values in one chunk-split item: big enough to amortise the per-item overhead,
+# small enough that N = 1 with few groups still gives every thread work.
+cdef Py_ssize_t CHUNK_ELEMENTS = 4096
+# Channels in one channels-last column block.
+cdef Py_ssize_t CHANNEL_BLOCK = 256
+# Below this many values per thread, extra threads cost more than they bring.
+cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD = 16384
+# Whole-group items need enough groups to share out, each small enough to stay in
+# cache between its two passes (backward touches dy, x and dx: 3 x 128 KiB in float32).
+cdef Py_ssize_t MIN_GROUP_ITEMS = 16
+cdef Py_ssize_t MAX_GROUP_ELEMENTS = 32768
+
+
+cdef struct Split:
+    bint whole_groups
+    Py_ssize_t items
+    # channels-first chunks: `rows_per_item` rows (n, c) of S values per item, or
+    # (rows_per_item = 1) each row cut into `chunks` pieces.
+    Py_ssize_t rows_per_item
+    Py_ssize_t chunks
+    # channels-last: per sample, row_blocks x channel_blocks tiles.
+    Py_ssize_t rows_per_block
+    Py_ssize_t row_blocks
+    Py_ssize_t channel_blocks
+    Py_ssize_t n_partials
+
+
+cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                      bint channels_last) noexcept nogil:
+    cdef Split split
+    cdef Py_ssize_t width
+    split.whole_groups = (not channels_last and N * G >= MIN_GROUP_ITEMS
+                          and (C // G) * S <= MAX_GROUP_ELEMENTS)
+    split.rows_per_item = 0
+    split.chunks = 0
+    split.rows_per_block = 0
+    split.row_blocks = 0
+    split.channel_blocks = 0
+    split.n_partials = 0
+    if split.whole_groups:
+        split.items = N * G
+    elif not channels_last:
+        if S >= CHUNK_ELEMENTS:
+            split.rows_per_item = 1
+            split.chunks = (S + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
+        else:
+            split.rows_per_item = CHUNK_ELEMENTS // S
+            split.chunks = 1
+        split.items = (N * C + split.rows_per_item - 1) // split.rows_per_item * split.chunks
+        split.n_partials = N * C * split.chunks
+    else:
+        width = C if C < CHANNEL_BLOCK else CHANNEL_BLOCK
+        split.rows_per_block = CHUNK_ELEMENTS // width
+        if split.rows_per_block < 1:
+            split.rows_per_block = 1
+        split.row_blocks = (S + split.rows_per_block - 1) // split.rows_per_block
+        split.channel_blocks = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+        split.items = N * split.row_blocks * split.channel_blocks
+        split.n_partials = N * split.row_blocks * C
+    return split
+
+
+cdef int effective_threads(int n_threads, Py_ssize_t n_elements, Py_ssize_t items) noexcept nogil:
+    cdef Py_ssize_t useful = n_elements // MIN_ELEMENTS_PER_THREAD
+    if useful < n_threads:
+        n_threads = <int>useful
+    if items < n_threads:
+        n_threads = <int>items
+    return n_threads if n_threads > 1 else 1
+
+
+# ---------------------------------------------------------------------------
+# Inner loops over one contiguous run of values.
+
+cdef extern from *:
+    """
+    /* Blocked float64 sums. BLOCK values at a time are summed in LANES
+       accumulators of the data's type, then added to float64. `omp simd` on the
+       lane loop lets the compiler keep the lanes in vector registers at full
+       width (also for float32) without reassociating anything, so the bits do
+       not depend on the vector width, nor on whether OpenMP is on. */
+    #define FASTBN_LANES 16
+    #define FASTBN_BLOCK 256
+    #define FASTBN_DEFINE_SUMS(NAME, T, TERM_A, TERM_B)                                   \
+    static inline void NAME(const T* x, const T* y, Py_ssize_t n, T centre,             \
+                            double* sum_a, double* sum_b) {                             \
+        T lane_a[FASTBN_LANES], lane_b[FASTBN_LANES];                                   \
+        double total_a = 0.0, total_b = 0.0;                                            \
+        Py_ssize_t n_main = n - n % FASTBN_LANES, start, stop, i, j;                    \
+        (void)y;                                                                        \
+        for (start = 0; start < n_main; start = stop) {                                 \
+            stop = start + FASTBN_BLOCK < n_main ? start + FASTBN_BLOCK : n_main;       \
+            for (j = 0; j < FASTBN_LANES; j++) { lane_a[j] = 0; lane_b[j] = 0; }        \
+            for (i = start; i < stop; i += FASTBN_LANES) {                              \
+                _Pragma("omp simd")                                                     \
+                for (j = 0; j < FASTBN_LANES; j++) {                                    \
+                    lane_a[j] += TERM_A(i + j);                                         \
+                    lane_b[j] += TERM_B(i + j);                                         \
+                }                                                                       \
+            }                                                                           \
+            for (j = 0; j < FASTBN_LANES; j++) { total_a += lane_a[j]; total_b += lane_b[j]; } \
+        }                                                                               \
+        for (i = n_main; i < n; i++) { total_a += TERM_A(i); total_b += TERM_B(i); }    \
+        *sum_a = total_a;                                                               \
+        *sum_b = total_b;                                                               \
+    }
+    /* x - centre and its square */
+    #define FASTBN_SHIFTED(i) (x[i] - centre)
+    #define FASTBN_SHIFTED_SQ(i) ((x[i] - centre) * (x[i] - centre))
+    /* dy (as y) and (x - centre) * dy */
+    #define FASTBN_DY(i) (y[i])
+    #define FASTBN_CENTRED_DY(i) ((x[i] - centre) * y[i])
+    FASTBN_DEFINE_SUMS(fastbn_shifted_sums_float, float, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
+    FASTBN_DEFINE_SUMS(fastbn_shifted_sums_double, double, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
+    FASTBN_DEFINE_SUMS(fastbn_grad_sums_float, float, FASTBN_DY, FASTBN_CENTRED_DY)
+    FASTBN_DEFINE_SUMS(fastbn_grad_sums_double, double, FASTBN_DY, FASTBN_CENTRED_DY)
+    """
+    void shifted_sums_float "fastbn_shifted_sums_float"(
+        const float* x, const float* unused, Py_ssize_t n, float centre,
+        double* sum_a, double* sum_b) noexcept nogil
+    void shifted_sums_double "fastbn_shifted_sums_double"(
+        const double* x, const double* unused, Py_ssize_t n, double centre,
+        double* sum_a, double* sum_b) noexcept nogil
+    void grad_sums_float "fastbn_grad_sums_float"(
+        const float* x, const float* dy, Py_ssize_t n, float centre,
+        double* sum_a, double* sum_b) noexcept nogil
+    void grad_sums_double "fastbn_grad_sums_double"(
+        const double* x, const double* dy, Py_ssize_t n, double centre,
+        double* sum_a, double* sum_b) noexcept nogil
+
+
+cdef inline void shifted_sums(const floating* x, Py_ssize_t n, floating pivot,
+                              double* sum_out, double* sum_sq_out) noexcept nogil:
+    """sum(x - pivot) and sum((x - pivot)**2) in float64.
+
+    The pivot is a value of x's type, so x - pivot is exact for values near it.
+    """
+    if floating is float:
+        shifted_sums_float(x, NULL, n, pivot, sum_out, sum_sq_out)
+    else:
+        shifted_sums_double(x, NULL, n, pivot, sum_out, sum_sq_out)
+
+
+cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t n, double mean,
+                           double* sum_dy_out, double* dot_out) noexcept nogil:
+    """sum(dy) and sum((x - mean) * dy) in float64.
+
+    The lanes use the mean rounded to x's type, m; the rounding is corrected
+    exactly at the end: sum((x - mean) dy) = sum((x - m) dy) + (m - mean) sum(dy).
+    """
+    cdef floating m = <floating>mean
+    if floating is float:
+        grad_sums_float(x, dy, n, m, sum_dy_out, dot_out)
+    else:
+        grad_sums_double(x, dy, n, m, sum_dy_out, dot_out)
+    dot_out[0] += (<double>m - mean) * sum_dy_out[0]
+
+
+cdef inline void affine_run(const floating* x, floating* y, Py_ssize_t n,
+                            floating shift, floating scale, floating offset) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = (x[i] - shift) * scale + offset
+
+
+cdef inline void grad_input_run(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
+                                floating mean, floating a, floating b, floating d) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = dy[i] * a + (x[i] - mean) * b + d
+
+
+cdef inline double group_rstd(double sum_shifted, double sum_sq, Py_ssize_t count, double eps,
+                              double* var_out) noexcept nogil:
+    """1 / sqrt(var + eps) from shifted sums; the biased variance goes to var_out."""
+    cdef double var = (sum_sq - sum_shifted * sum_shifted / count) / count
+    if var < 0.0:  # rounding only; keeps nan as nan
+        var = 0.0
+    var_out[0] = var
+    # As ATen's group norm: var 0 with eps 0 gives inf.
+    return 1.0 / sqrt(var + eps)
+
+
+cdef inline double group_pivot(floating value) noexcept nogil:
+    # A non-finite pivot would turn an inf mean into nan; 0 keeps PyTorch's result.
+    return <double>value if isfinite(<double>value) else 0.0
+
+
+# ---------------------------------------------------------------------------
+# Whole-group items (channels-first): x, y, dy, dx point at the group's first
+# value, w and b at its first channel's parameter (NULL when absent).
+
+cdef void forward_group(const floating* x, floating* y, Py_ssize_t D, Py_ssize_t S,
+                        const floating* w, const floating* b, bint compute_stats, double eps,
+                        floating* mean_out, floating* rstd_out, double* var_out) noexcept nogil:
+    cdef Py_ssize_t c, count = D * S
+    cdef double pivot, sum_shifted, sum_sq, var, rstd, centre_offset = 0.0, alpha
+    cdef floating shift
+    if compute_stats:
+        pivot = group_pivot(x[0])
+        shifted_sums(x, count, <floating>pivot, &sum_shifted, &sum_sq)
+        rstd = group_rstd(sum_shifted, sum_sq, count, eps, &var)
+        centre_offset = sum_shifted / count  # mean - pivot
+        mean_out[0] = <floating>(pivot + centre_offset)
+        rstd_out[0] = <floating>rstd
+        if var_out != NULL:
+            var_out[0] = var
+        shift = <floating>pivot
+    else:
+        shift = mean_out[0]
+        rstd = <double>rstd_out[0]
+    for c in range(D):
+        alpha = rstd * (<double>w[c] if w != NULL else 1.0)
+        affine_run(x + c * S, y + c * S, S, shift, <floating>alpha,
+                   <floating>((<double>b[c] if b != NULL else 0.0) - centre_offset * alpha))
+
+
+cdef void backward_group(const floating* dy, const floating* x, floating* dx,
+                         Py_ssize_t D, Py_ssize_t S, const floating* w, double mean, double rstd,
+                         bint stats_from_input, bint need_sums,
+                         double* sum_dy, double* dot) noexcept nogil:
+    """Per-channel sums into sum_dy[0:D], dot[0:D]; then grad_x unless dx is NULL."""
+    cdef Py_ssize_t c
+    cdef double weighted_sum_dy = 0.0, weighted_dot = 0.0, w_c, scale_x = 0.0, offset = 0.0
+    if need_sums:
+        for c in range(D):
+            grad_sums(dy + c * S, x + c * S, S, mean, &sum_dy[c], &dot[c])
+            w_c = <double>w[c] if w != NULL else 1.0
+            weighted_sum_dy += w_c * sum_dy[c]
+            weighted_dot += w_c * dot[c]
+    if dx == NULL:
+        return
+    if stats_from_input:
+        scale_x = -weighted_dot * rstd * rstd * rstd / (D * S)
+        offset = -weighted_sum_dy * rstd / (D * S)
+    for c in range(D):
+        w_c = <double>w[c] if w != NULL else 1.0
+        grad_input_run(dy + c * S, x + c * S, dx + c * S, S, <floating>mean,
+                       <floating>(rstd * w_c), <floating>scale_x, <floating>offset)
+
+
+# ---------------------------------------------------------------------------
+# Chunk items: passes over the whole tensor with per-(n, c) partials and coefficients.
+
+cdef void reduce_pass(const floating* first, const floating* second, const double* centre,
+                      Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
+                      bint gradient, Split split, int n_threads,
+                      double* part_a, double* part_b) noexcept nogil:
+    """Per-item partial sums: shifted_sums(first) or, when gradient, grad_sums(first=dy, second=x),
+    around centre[n * C + c]."""
+    cdef Py_ssize_t item, row, row0, row1, chunk, start, stop, n, c, r, rb, c0, c1, r0, r1, t
+    cdef Py_ssize_t part, off
+    cdef const floating* base
+    cdef const floating* base2
+    cdef const double* centre_n
+    cdef double d, g
+    for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
+        if not channels_last:
+            chunk = item % split.chunks
+            row0 = item // split.chunks * split.rows_per_item
+            row1 = row0 + split.rows_per_item
+            if row1 > N * C:
+                row1 = N * C
+            start = chunk * S // split.chunks
+            stop = (chunk + 1) * S // split.chunks
+            for row in range(row0, row1):
+                part = row * split.chunks + chunk
+                if gradient:
+                    grad_sums(first + row * S + start, second + row * S + start, stop - start,
+                              centre[row], &part_a[part], &part_b[part])
+                else:
+                    shifted_sums(first + row * S + start, stop - start, <floating>centre[row],
+                                 &part_a[part], &part_b[part])
+        else:
+            c0 = item % split.channel_blocks * CHANNEL_BLOCK
+            c1 = c0 + CHANNEL_BLOCK
+            if c1 > C:
+                c1 = C
+            t = item // split.channel_blocks
+            rb = t % split.row_blocks
+            n = t // split.row_blocks
+            r0 = rb * split.rows_per_block
+            r1 = r0 + split.rows_per_block
+            if r1 > S:
+                r1 = S
+            part = t * C
+            centre_n = centre + n * C
+            for c in range(c0, c1):
+                part_a[part + c] = 0.0
+                part_b[part + c] = 0.0
+            # Rows outer, channels inner: contiguous reads, and the channel loop vectorises.
+            for r in range(r0, r1):
+                off = (n * S + r) * C
+                base = first + off
+                if gradient:
+                    base2 = second + off
+                    for c in range(c0, c1):
+                        g = <double>base[c]
+                        part_a[part + c] += g
+                        part_b[part + c] += (<double>base2[c] - centre_n[c]) * g
+                else:
+                    for c in range(c0, c1):
+                        d = <double>base[c] - centre_n[c]
+                        part_a[part + c] += d
+                        part_b[part + c] += d * d
+
+
+cdef void sum_partials(const double* part_a, const double* part_b, Py_ssize_t N, Py_ssize_t C,
+                       bint channels_last, Split split,
+                       double* total_a, double* total_b) noexcept nogil:
+    """Per-(n, c) totals of the partials, added in a fixed order (thread-count independent)."""
+    cdef Py_ssize_t row, k, n, c, rb, base
+    for row in range(N * C):
+        total_a[row] = 0.0
+        total_b[row] = 0.0
+    if not channels_last:
+        for row in range(N * C):
+            for k in range(split.chunks):
+                total_a[row] += part_a[row * split.chunks + k]
+                total_b[row] += part_b[row * split.chunks + k]
+    else:
+        for n in range(N):
+            for rb in range(split.row_blocks):
+                base = (n * split.row_blocks + rb) * C
+                for c in range(C):
+                    total_a[n * C + c] += part_a[base + c]
+                    total_b[n * C + c] += part_b[base + c]
+
+
+cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
+                           const floating* shift, const floating* scale, const floating* offset,
+                           const floating* scale2,
+                           Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
+                           Split split, int n_threads) noexcept nogil:
+    """y = (x - shift) * scale + offset, or with x2 given (backward):
+    y = x * scale + (x2 - shift) * scale2 + offset; coefficients per (n, c)."""
+    cdef Py_ssize_t item, row, row0, row1, chunk, start, stop, n, c, r, rb, c0, c1, r0, r1, t
+    cdef Py_ssize_t off, k
+    for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
+        if not channels_last:
+            chunk = item % split.chunks
+            row0 = item // split.chunks * split.rows_per_item
+            row1 = row0 + split.rows_per_item
+            if row1 > N * C:
+                row1 = N * C
+            start = chunk * S // split.chunks
+            stop = (chunk + 1) * S // split.chunks
+            for row in range(row0, row1):
+                off = row * S + start
+                if x2 == NULL:
+                    affine_run(x + off, y + off, stop - start, shift[row], scale[row], offset[row])
+                else:
+                    grad_input_run(x + off, x2 + off, y + off, stop - start,
+                                   shift[row], scale[row], scale2[row], offset[row])
+        else:
+            c0 = item % split.channel_blocks * CHANNEL_BLOCK
+            c1 = c0 + CHANNEL_BLOCK
+            if c1 > C:
+                c1 = C
+            t = item // split.channel_blocks
+            rb = t % split.row_blocks
+            n = t // split.row_blocks
+            r0 = rb * split.rows_per_block
+            r1 = r0 + split.rows_per_block
+            if r1 > S:
+                r1 = S
+            for r in range(r0, r1):
+                off = (n * S + r) * C
+                if x2 == NULL:
+                    for c in range(c0, c1):
+                        k = n * C + c
+                        y[off + c] = (x[off + c] - shift[k]) * scale[k] + offset[k]
+                else:
+                    for c in range(c0, c1):
+                        k = n * C + c
+                        y[off + c] = (x[off + c] * scale[k] + (x2[off + c] - shift[k]) * scale2[k]
+                                      + offset[k])
+
+
+# ---------------------------------------------------------------------------
+# Entry points (argument checks are the caller's job).
+
+def group_norm_forward(const floating[:, :, ::1] x, object weight, object bias, double eps,
+                       bint compute_stats, floating[:, :, ::1] y,
+                       floating[:, ::1] mean, floating[:, ::1] rstd, object variance,
+                       bint channels_last, int n_threads):
+    cdef Py_ssize_t N = x.shape[0]
+    cdef Py_ssize_t C = x.shape[1] if not channels_last else x.shape[2]
+    cdef Py_ssize_t S = x.shape[2] if not channels_last else x.shape[1]
+    cdef Py_ssize_t G = mean.shape[1], D = C // G
+    cdef Py_ssize_t item, n, g, c, k
+    cdef const floating[::1] w
+    cdef const floating[::1] b
+    cdef double[:, ::1] var_view
+    cdef const floating* wp = NULL
+    cdef const floating* bp = NULL
+    cdef double* varp = NULL
+    if weight is not None:
+        w = weight
+        wp = &w[0]
+    if bias is not None:
+        b = bias
+        bp = &b[0]
+    if variance is not None:
+        var_view = variance
+        varp = &var_view[0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* yp = &y[0, 0, 0]
+    cdef floating* meanp = &mean[0, 0]
+    cdef floating* rstdp = &rstd[0, 0]
+    cdef Split split = make_split(N, C, S, G, channels_last)
+    cdef int threads = effective_threads(n_threads, N * C * S, split.items)
+
+    if split.whole_groups:
+        with nogil:
+            for item in prange(N * G, num_threads=threads, schedule="static"):
+                g = item % G
+                forward_group(xp + item * D * S, yp + item * D * S, D, S,
+                              wp + g * D if wp != NULL else NULL,
+                              bp + g * D if bp != NULL else NULL,
+                              compute_stats, eps, meanp + item, rstdp + item,
+                              varp + item if varp != NULL else NULL)
+        return
+
+    # One allocation for every temporary: partials, per-(n, c) centres and totals, coefficients.
+    cdef double* work = <double*>calloc(2 * split.n_partials + 3 * N * C, sizeof(double))
+    cdef floating* coef = <floating*>calloc(3 * N * C, sizeof(floating))
+    if work == NULL or coef == NULL:
+        free(work)
+        free(coef)
+        raise MemoryError()
+    cdef double* part_a = work
+    cdef double* part_b = work + split.n_partials
+    cdef double* centre = part_b + split.n_partials
+    cdef double* sum_shifted = centre + N * C
+    cdef double* sum_sq = sum_shifted + N * C
+    cdef floating* shift = coef
+    cdef floating* scale = coef + N * C
+    cdef floating* offset = coef + 2 * N * C
+    cdef double pivot, group_shifted, group_sq, var, rstd_g, centre_offset, alpha
+    cdef Py_ssize_t count = D * S
+    try:
+        with nogil:
+            if compute_stats:
+                for n in range(N):
+                    for g in range(G):
+                        pivot = group_pivot(xp[(n * C + g * D) * S] if not channels_last
+                                            else xp[n * S * C + g * D])
+                        for c in range(g * D, (g + 1) * D):
+                            centre[n * C + c] = pivot
+                reduce_pass(xp, NULL, centre, N, C, S, channels_last, False, split, threads,
+                            part_a, part_b)
+                sum_partials(part_a, part_b, N, C, channels_last, split, sum_shifted, sum_sq)
+            for n in range(N):
+                for g in range(G):
+                    k = n * G + g
+                    if compute_stats:
+                        group_shifted = 0.0
+                        group_sq = 0.0
+                        for c in range(n * C + g * D, n * C + (g + 1) * D):
+                            group_shifted += sum_shifted[c]
+                            group_sq += sum_sq[c]
+                        pivot = centre[n * C + g * D]
+                        rstd_g = group_rstd(group_shifted, group_sq, count, eps, &var)
+                        centre_offset = group_shifted / count
+                        meanp[k] = <floating>(pivot + centre_offset)
+                        rstdp[k] = <floating>rstd_g
+                        if varp != NULL:
+                            varp[k] = var
+                    else:
+                        pivot = <double>meanp[k]
+                        rstd_g = <double>rstdp[k]
+                        centre_offset = 0.0
+                    for c in range(g * D, (g + 1) * D):
+                        alpha = rstd_g * (<double>wp[c] if wp != NULL else 1.0)
+                        shift[n * C + c] = <floating>pivot
+                        scale[n * C + c] = <floating>alpha
+                        offset[n * C + c] = <floating>((<double>bp[c] if bp != NULL else 0.0)
+                                                       - centre_offset * alpha)
+            elementwise_pass(xp, NULL, yp, shift, scale, offset, NULL,
+                             N, C, S, channels_last, split, threads)
+    finally:
+        free(work)
+        free(coef)
+
+
+def group_norm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, ::1] x,
+                        object weight, const floating[:, ::1] mean, const floating[:, ::1] rstd,
+                        bint stats_from_input, object grad_x, object grad_weight,
+                        object grad_bias, bint channels_last, int n_threads):
+    cdef Py_ssize_t N = x.shape[0]
+    cdef Py_ssize_t C = x.shape[1] if not channels_last else x.shape[2]
+    cdef Py_ssize_t S = x.shape[2] if not channels_last else x.shape[1]
+    cdef Py_ssize_t G = mean.shape[1], D = C // G
+    cdef Py_ssize_t item, n, g, c, k
+    cdef const floating[::1] w
+    cdef floating[:, :, ::1] dx
+    cdef floating[::1] dw
+    cdef floating[::1] db
+    cdef const floating* wp = NULL
+    cdef floating* dxp = NULL
+    if weight is not None:
+        w = weight
+        wp = &w[0]
+    if grad_x is not None:
+        dx = grad_x
+        dxp = &dx[0, 0, 0]
+    cdef bint want_dw = grad_weight is not None, want_db = grad_bias is not None
+    if want_dw:
+        dw = grad_weight
+    if want_db:
+        db = grad_bias
+    cdef bint need_sums = want_dw or want_db or (dxp != NULL and stats_from_input)
+    cdef const floating* dyp = &grad_out[0, 0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef const floating* meanp = &mean[0, 0]
+    cdef const floating* rstdp = &rstd[0, 0]
+    cdef Split split = make_split(N, C, S, G, channels_last)
+    cdef int threads = effective_threads(n_threads, N * C * S, split.items)
+
+    # Per-(n, c) sum(dy) and sum((x - mean) * dy), then per-(n, c) coefficients of grad_x.
+    cdef double* work = <double*>calloc(2 * split.n_partials + 3 * N * C, sizeof(double))
+    cdef floating* coef = <floating*>calloc(4 * N * C, sizeof(floating))
+    if work == NULL or coef == NULL:
+        free(work)
+        free(coef)
+        raise MemoryError()
+    cdef double* part_a = work
+    cdef double* part_b = work + split.n_partials
+    cdef double* centre = part_b + split.n_partials
+    cdef double* sum_dy = centre + N * C
+    cdef double* dot = sum_dy + N * C
+    cdef floating* shift = coef
+    cdef floating* scale_dy = coef + N * C
+    cdef floating* scale_x = coef + 2 * N * C
+    cdef floating* offset = coef + 3 * N * C
+    cdef double rstd_g, w_c, weighted_sum_dy, weighted_dot, total
+    try:
+        with nogil:
+            if split.whole_groups:
+                for item in prange(N * G, num_threads=threads, schedule="static"):
+                    g = item % G
+                    backward_group(dyp + item * D * S, xp + item * D * S,
+                                   dxp + item * D * S if dxp != NULL else NULL, D, S,
+                                   wp + g * D if wp != NULL else NULL,
+                                   <double>meanp[item], <double>rstdp[item],
+                                   stats_from_input, need_sums,
+                                   sum_dy + item * D, dot + item * D)
+            else:
+                if need_sums:
+                    for n in range(N):
+                        for c in range(C):
+                            centre[n * C + c] = <double>meanp[n * G + c // D]
+                    reduce_pass(dyp, xp, centre, N, C, S, channels_last, True, split, threads,
+                                part_a, part_b)
+                    sum_partials(part_a, part_b, N, C, channels_last, split, sum_dy, dot)
+                if dxp != NULL:
+                    for n in range(N):
+                        for g in range(G):
+                            k = n * G + g
+                            rstd_g = <double>rstdp[k]
+                            weighted_sum_dy = 0.0
+                            weighted_dot = 0.0
+                            for c in range(g * D, (g + 1) * D):
+                                w_c = <double>wp[c] if wp != NULL else 1.0
+                                weighted_sum_dy += w_c * sum_dy[n * C + c]
+                                weighted_dot += w_c * dot[n * C + c]
+                            for c in range(g * D, (g + 1) * D):
+                                w_c = <double>wp[c] if wp != NULL else 1.0
+                                shift[n * C + c] = meanp[k]
+                                scale_dy[n * C + c] = <floating>(rstd_g * w_c)
+                                if stats_from_input:
+                                    scale_x[n * C + c] = <floating>(
+                                        -weighted_dot * rstd_g * rstd_g * rstd_g / (D * S))
+                                    offset[n * C + c] = <floating>(-weighted_sum_dy * rstd_g / (D * S))
+                    elementwise_pass(dyp, xp, dxp, shift, scale_dy, offset, scale_x,
+                                     N, C, S, channels_last, split, threads)
+            # Parameter gradients: sums over the batch in a fixed order.
+            for c in range(C):
+                if want_dw:
+                    total = 0.0
+                    for n in range(N):
+                        total += dot[n * C + c] * <double>rstdp[n * G + c // D]
+                    dw[c] = <floating>total
+                if want_db:
+                    total = 0.0
+                    for n in range(N):
+                        total += sum_dy[n * C + c]
+                    db[c] = <floating>total
+    finally:
+        free(work)
+        free(coef)

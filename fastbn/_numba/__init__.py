@@ -1,0 +1,8 @@
+"""The Numba backend. Importing it compiles the kernels, or loads them from numba's cache.
+
+fastbn imports it on the first call that uses ``backend="numba"``; validation
+and dispatch live in fastbn/.
+"""
+from fastbn._numba.group_norm import group_norm_backward, group_norm_forward
+
+__all__ = ["group_norm_forward", "group_norm_backward"]
