@@ -110,104 +110,294 @@ cdef int effective_threads(int n_threads, Py_ssize_t n_elements, Py_ssize_t item
 
 
 # ---------------------------------------------------------------------------
-# Inner loops over one contiguous run of values.
+# Inner loops, in C: one definition per loop, instantiated for float and double.
+#
+# Sums are float64, but each block of BLOCK values of a run is first summed in
+# the data's type in a 64-byte vector (16 float32 or 8 float64 lanes, GCC/clang
+# vector extensions) that is then added up pairwise: full vector width also
+# for float32, and a short horizontal sum (runs can be as short as 49 values).
+# Other compilers get plain loops summing in float64.
+# Where GCC or clang can dispatch on the CPU at run time (x86-64 Linux), each
+# loop is also compiled for AVX2 and AVX-512 and the widest the CPU has runs;
+# elsewhere the build's baseline (SSE2 on x86-64) does. Results are the same
+# for any thread count; they may differ in the last bits between CPUs.
 
 cdef extern from *:
     """
-    /* Blocked float64 sums. BLOCK values at a time are summed in LANES
-       accumulators of the data's type, then added to float64. `omp simd` on the
-       lane loop lets the compiler keep the lanes in vector registers at full
-       width (also for float32) without reassociating anything, so the bits do
-       not depend on the vector width, nor on whether OpenMP is on. */
-    #define FASTBN_LANES 16
+    #include <string.h>
+    #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__INTEL_COMPILER)
+    #define FASTBN_DISPATCH __attribute__((target_clones("avx512f", "avx2", "default")))
+    #else
+    #define FASTBN_DISPATCH
+    #endif
     #define FASTBN_BLOCK 256
-    #define FASTBN_DEFINE_SUMS(NAME, T, TERM_A, TERM_B)                                   \
-    static inline void NAME(const T* x, const T* y, Py_ssize_t n, T centre,             \
-                            double* sum_a, double* sum_b) {                             \
-        T lane_a[FASTBN_LANES], lane_b[FASTBN_LANES];                                   \
-        double total_a = 0.0, total_b = 0.0;                                            \
-        Py_ssize_t n_main = n - n % FASTBN_LANES, start, stop, i, j;                    \
-        (void)y;                                                                        \
-        for (start = 0; start < n_main; start = stop) {                                 \
-            stop = start + FASTBN_BLOCK < n_main ? start + FASTBN_BLOCK : n_main;       \
-            for (j = 0; j < FASTBN_LANES; j++) { lane_a[j] = 0; lane_b[j] = 0; }        \
-            for (i = start; i < stop; i += FASTBN_LANES) {                              \
-                _Pragma("omp simd")                                                     \
-                for (j = 0; j < FASTBN_LANES; j++) {                                    \
-                    lane_a[j] += TERM_A(i + j);                                         \
-                    lane_b[j] += TERM_B(i + j);                                         \
-                }                                                                       \
-            }                                                                           \
-            for (j = 0; j < FASTBN_LANES; j++) { total_a += lane_a[j]; total_b += lane_b[j]; } \
-        }                                                                               \
-        for (i = n_main; i < n; i++) { total_a += TERM_A(i); total_b += TERM_B(i); }    \
-        *sum_a = total_a;                                                               \
-        *sum_b = total_b;                                                               \
-    }
-    /* x - centre and its square */
-    #define FASTBN_SHIFTED(i) (x[i] - centre)
-    #define FASTBN_SHIFTED_SQ(i) ((x[i] - centre) * (x[i] - centre))
-    /* dy (as y) and (x - centre) * dy */
-    #define FASTBN_DY(i) (y[i])
-    #define FASTBN_CENTRED_DY(i) ((x[i] - centre) * y[i])
-    FASTBN_DEFINE_SUMS(fastbn_shifted_sums_float, float, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
-    FASTBN_DEFINE_SUMS(fastbn_shifted_sums_double, double, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
-    FASTBN_DEFINE_SUMS(fastbn_grad_sums_float, float, FASTBN_DY, FASTBN_CENTRED_DY)
-    FASTBN_DEFINE_SUMS(fastbn_grad_sums_double, double, FASTBN_DY, FASTBN_CENTRED_DY)
-    """
-    void shifted_sums_float "fastbn_shifted_sums_float"(
-        const float* x, const float* unused, Py_ssize_t n, float centre,
-        double* sum_a, double* sum_b) noexcept nogil
-    void shifted_sums_double "fastbn_shifted_sums_double"(
-        const double* x, const double* unused, Py_ssize_t n, double centre,
-        double* sum_a, double* sum_b) noexcept nogil
-    void grad_sums_float "fastbn_grad_sums_float"(
-        const float* x, const float* dy, Py_ssize_t n, float centre,
-        double* sum_a, double* sum_b) noexcept nogil
-    void grad_sums_double "fastbn_grad_sums_double"(
-        const double* x, const double* dy, Py_ssize_t n, double centre,
-        double* sum_a, double* sum_b) noexcept nogil
+    /* Rows of a channels-last tile summed in the data's type before float64. */
+    #define FASTBN_ROW_BLOCK 16
+    /* Widest channels-last tile (the kernels' CHANNEL_BLOCK). */
+    #define FASTBN_MAX_WIDTH 256
 
+    /* Terms of the sums, on values (scalars or vectors): (x - m, (x - m)^2) and (dy, (x - m) dy). */
+    #define FASTBN_SHIFTED(x, dy, m) ((x) - (m))
+    #define FASTBN_SHIFTED_SQ(x, dy, m) (((x) - (m)) * ((x) - (m)))
+    #define FASTBN_DY(x, dy, m) (dy)
+    #define FASTBN_CENTRED_DY(x, dy, m) (((x) - (m)) * (dy))
+
+    #if defined(__GNUC__)
+    typedef float fastbn_vec_float __attribute__((vector_size(64)));
+    typedef double fastbn_vec_double __attribute__((vector_size(64)));
+    typedef float fastbn_float_x8 __attribute__((vector_size(32)));
+    typedef float fastbn_float_x4 __attribute__((vector_size(16)));
+    typedef double fastbn_double_x4 __attribute__((vector_size(32)));
+    typedef double fastbn_double_x2 __attribute__((vector_size(16)));
+    /* Horizontal sums by halving (the compiler keeps the halves in registers). */
+    static inline float fastbn_hsum_float(const fastbn_vec_float* v) {
+        fastbn_float_x8 lo8, hi8, s8;
+        fastbn_float_x4 lo4, hi4, s4;
+        memcpy(&lo8, v, 32); memcpy(&hi8, (const char*)v + 32, 32); s8 = lo8 + hi8;
+        memcpy(&lo4, &s8, 16); memcpy(&hi4, (char*)&s8 + 16, 16); s4 = lo4 + hi4;
+        return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    }
+    static inline double fastbn_hsum_double(const fastbn_vec_double* v) {
+        fastbn_double_x4 lo4, hi4, s4;
+        fastbn_double_x2 lo2, hi2, s2;
+        memcpy(&lo4, v, 32); memcpy(&hi4, (const char*)v + 32, 32); s4 = lo4 + hi4;
+        memcpy(&lo2, &s4, 16); memcpy(&hi2, (char*)&s4 + 16, 16); s2 = lo2 + hi2;
+        return s2[0] + s2[1];
+    }
+    /* fastbn_KIND_T: sum_a = sum(TERM_A), sum_b = sum(TERM_B) over x[0:n], dy[0:n], centre m. */
+    #define FASTBN_DEFINE_RUN_SUMS(KIND, T, TERM_A, TERM_B) \
+    FASTBN_DISPATCH static void fastbn_##KIND##_##T(const T* x, const T* dy, Py_ssize_t n, \
+                                                    T m, double* sum_a, double* sum_b) { \
+        enum { LANES = sizeof(fastbn_vec_##T) / sizeof(T) }; \
+        double total_a = 0.0, total_b = 0.0; \
+        Py_ssize_t n_main = n - n % LANES, start, stop, i; \
+        for (start = 0; start < n_main; start = stop) { \
+            fastbn_vec_##T block_a = {0}, block_b = {0}, xv, dyv; \
+            stop = start + FASTBN_BLOCK < n_main ? start + FASTBN_BLOCK : n_main; \
+            for (i = start; i < stop; i += LANES) { \
+                memcpy(&xv, x + i, sizeof xv); \
+                memcpy(&dyv, dy + i, sizeof dyv); \
+                block_a += TERM_A(xv, dyv, m); \
+                block_b += TERM_B(xv, dyv, m); \
+            } \
+            total_a += fastbn_hsum_##T(&block_a); \
+            total_b += fastbn_hsum_##T(&block_b); \
+        } \
+        for (i = n_main; i < n; i++) { \
+            total_a += TERM_A(x[i], dy[i], m); \
+            total_b += TERM_B(x[i], dy[i], m); \
+        } \
+        *sum_a = total_a; \
+        *sum_b = total_b; \
+    }
+    #else
+    #define FASTBN_DEFINE_RUN_SUMS(KIND, T, TERM_A, TERM_B) \
+    static void fastbn_##KIND##_##T(const T* x, const T* dy, Py_ssize_t n, T m, \
+                                    double* sum_a, double* sum_b) { \
+        double total_a = 0.0, total_b = 0.0; \
+        Py_ssize_t i; \
+        for (i = 0; i < n; i++) { \
+            total_a += TERM_A((double)x[i], (double)dy[i], (double)m); \
+            total_b += TERM_B((double)x[i], (double)dy[i], (double)m); \
+        } \
+        *sum_a = total_a; \
+        *sum_b = total_b; \
+    }
+    #endif
+
+    /* fastbn_rows_KIND_T: per column c < width of `rows` rows (row r at x + r * stride,
+       dy + r * stride), sum_a[c] += sum(TERM_A), sum_b[c] += sum(TERM_B), centre m[c].
+       Elementwise across columns, so `omp simd` vectorises it without reassociating. */
+    #define FASTBN_DEFINE_ROW_SUMS(KIND, T, TERM_A, TERM_B) \
+    FASTBN_DISPATCH static void fastbn_rows_##KIND##_##T( \
+            const T* x, const T* dy, Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width, \
+            const T* m, double* sum_a, double* sum_b) { \
+        T part_a[FASTBN_MAX_WIDTH], part_b[FASTBN_MAX_WIDTH]; \
+        Py_ssize_t r0, r, r1, c; \
+        for (r0 = 0; r0 < rows; r0 = r1) { \
+            r1 = r0 + FASTBN_ROW_BLOCK < rows ? r0 + FASTBN_ROW_BLOCK : rows; \
+            for (c = 0; c < width; c++) { part_a[c] = 0; part_b[c] = 0; } \
+            for (r = r0; r < r1; r++) { \
+                const T* x_row = x + r * stride; \
+                const T* dy_row = dy + r * stride; \
+                (void)dy_row; \
+                _Pragma("omp simd") \
+                for (c = 0; c < width; c++) { \
+                    part_a[c] += TERM_A(x_row[c], dy_row[c], m[c]); \
+                    part_b[c] += TERM_B(x_row[c], dy_row[c], m[c]); \
+                } \
+            } \
+            for (c = 0; c < width; c++) { sum_a[c] += part_a[c]; sum_b[c] += part_b[c]; } \
+        } \
+    }
+
+    #define FASTBN_DEFINE_ELEMENTWISE(T) \
+    /* y = (x - shift) * scale + offset over a run */ \
+    FASTBN_DISPATCH static void fastbn_affine_##T(const T* x, T* y, Py_ssize_t n, \
+                                                  T shift, T scale, T offset) { \
+        Py_ssize_t i; \
+        for (i = 0; i < n; i++) y[i] = (x[i] - shift) * scale + offset; \
+    } \
+    /* dx = dy * a + (x - mean) * b + d over a run */ \
+    FASTBN_DISPATCH static void fastbn_grad_input_##T(const T* dy, const T* x, T* dx, \
+                                                      Py_ssize_t n, T mean, T a, T b, T d) { \
+        Py_ssize_t i; \
+        for (i = 0; i < n; i++) dx[i] = dy[i] * a + (x[i] - mean) * b + d; \
+    } \
+    /* The same on rows (row r at offset r * stride), coefficients per column */ \
+    FASTBN_DISPATCH static void fastbn_rows_affine_##T( \
+            const T* x, T* y, Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width, \
+            const T* shift, const T* scale, const T* offset) { \
+        Py_ssize_t r, c; \
+        for (r = 0; r < rows; r++) { \
+            const T* x_row = x + r * stride; \
+            T* y_row = y + r * stride; \
+            for (c = 0; c < width; c++) \
+                y_row[c] = (x_row[c] - shift[c]) * scale[c] + offset[c]; \
+        } \
+    } \
+    FASTBN_DISPATCH static void fastbn_rows_grad_input_##T( \
+            const T* dy, const T* x, T* dx, Py_ssize_t rows, Py_ssize_t stride, \
+            Py_ssize_t width, const T* mean, const T* a, const T* b, const T* d) { \
+        Py_ssize_t r, c; \
+        for (r = 0; r < rows; r++) { \
+            const T* dy_row = dy + r * stride; \
+            const T* x_row = x + r * stride; \
+            T* dx_row = dx + r * stride; \
+            for (c = 0; c < width; c++) \
+                dx_row[c] = dy_row[c] * a[c] + (x_row[c] - mean[c]) * b[c] + d[c]; \
+        } \
+    }
+
+    FASTBN_DEFINE_RUN_SUMS(shifted_sums, float, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
+    FASTBN_DEFINE_RUN_SUMS(shifted_sums, double, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
+    FASTBN_DEFINE_RUN_SUMS(grad_sums, float, FASTBN_DY, FASTBN_CENTRED_DY)
+    FASTBN_DEFINE_RUN_SUMS(grad_sums, double, FASTBN_DY, FASTBN_CENTRED_DY)
+    FASTBN_DEFINE_ROW_SUMS(shifted_sums, float, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
+    FASTBN_DEFINE_ROW_SUMS(shifted_sums, double, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
+    FASTBN_DEFINE_ROW_SUMS(grad_sums, float, FASTBN_DY, FASTBN_CENTRED_DY)
+    FASTBN_DEFINE_ROW_SUMS(grad_sums, double, FASTBN_DY, FASTBN_CENTRED_DY)
+    FASTBN_DEFINE_ELEMENTWISE(float)
+    FASTBN_DEFINE_ELEMENTWISE(double)
+    """
+    # The sums read x and dy; shifted sums only x (pass x again as dy).
+    void fastbn_shifted_sums_float(const float* x, const float* dy, Py_ssize_t n, float m,
+                                   double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_shifted_sums_double(const double* x, const double* dy, Py_ssize_t n, double m,
+                                    double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_grad_sums_float(const float* x, const float* dy, Py_ssize_t n, float m,
+                                double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_grad_sums_double(const double* x, const double* dy, Py_ssize_t n, double m,
+                                 double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_rows_shifted_sums_float(const float* x, const float* dy, Py_ssize_t rows,
+                                        Py_ssize_t stride, Py_ssize_t width, const float* m,
+                                        double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_rows_shifted_sums_double(const double* x, const double* dy, Py_ssize_t rows,
+                                         Py_ssize_t stride, Py_ssize_t width, const double* m,
+                                         double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_rows_grad_sums_float(const float* x, const float* dy, Py_ssize_t rows,
+                                     Py_ssize_t stride, Py_ssize_t width, const float* m,
+                                     double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_rows_grad_sums_double(const double* x, const double* dy, Py_ssize_t rows,
+                                      Py_ssize_t stride, Py_ssize_t width, const double* m,
+                                      double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_affine_float(const float* x, float* y, Py_ssize_t n,
+                             float shift, float scale, float offset) noexcept nogil
+    void fastbn_affine_double(const double* x, double* y, Py_ssize_t n,
+                              double shift, double scale, double offset) noexcept nogil
+    void fastbn_grad_input_float(const float* dy, const float* x, float* dx, Py_ssize_t n,
+                                 float mean, float a, float b, float d) noexcept nogil
+    void fastbn_grad_input_double(const double* dy, const double* x, double* dx, Py_ssize_t n,
+                                  double mean, double a, double b, double d) noexcept nogil
+    void fastbn_rows_affine_float(const float* x, float* y, Py_ssize_t rows, Py_ssize_t stride,
+                                  Py_ssize_t width, const float* shift, const float* scale,
+                                  const float* offset) noexcept nogil
+    void fastbn_rows_affine_double(const double* x, double* y, Py_ssize_t rows,
+                                   Py_ssize_t stride, Py_ssize_t width, const double* shift,
+                                   const double* scale, const double* offset) noexcept nogil
+    void fastbn_rows_grad_input_float(const float* dy, const float* x, float* dx,
+                                      Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
+                                      const float* mean, const float* a, const float* b,
+                                      const float* d) noexcept nogil
+    void fastbn_rows_grad_input_double(const double* dy, const double* x, double* dx,
+                                       Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
+                                       const double* mean, const double* a, const double* b,
+                                       const double* d) noexcept nogil
+
+
+# Fused-type front ends of the C loops.
 
 cdef inline void shifted_sums(const floating* x, Py_ssize_t n, floating pivot,
                               double* sum_out, double* sum_sq_out) noexcept nogil:
-    """sum(x - pivot) and sum((x - pivot)**2) in float64.
-
-    The pivot is a value of x's type, so x - pivot is exact for values near it.
-    """
+    """sum(x - pivot) and sum((x - pivot)**2) over a run, in float64.
+    The pivot is a value of x's type, so x - pivot is exact for values near it."""
     if floating is float:
-        shifted_sums_float(x, NULL, n, pivot, sum_out, sum_sq_out)
+        fastbn_shifted_sums_float(x, x, n, pivot, sum_out, sum_sq_out)
     else:
-        shifted_sums_double(x, NULL, n, pivot, sum_out, sum_sq_out)
+        fastbn_shifted_sums_double(x, x, n, pivot, sum_out, sum_sq_out)
 
 
-cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t n, double mean,
+cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t n, floating mean,
                            double* sum_dy_out, double* dot_out) noexcept nogil:
-    """sum(dy) and sum((x - mean) * dy) in float64.
-
-    The lanes use the mean rounded to x's type, m; the rounding is corrected
-    exactly at the end: sum((x - mean) dy) = sum((x - m) dy) + (m - mean) sum(dy).
-    """
-    cdef floating m = <floating>mean
+    """sum(dy) and sum((x - mean) * dy) over a run, in float64."""
     if floating is float:
-        grad_sums_float(x, dy, n, m, sum_dy_out, dot_out)
+        fastbn_grad_sums_float(x, dy, n, mean, sum_dy_out, dot_out)
     else:
-        grad_sums_double(x, dy, n, m, sum_dy_out, dot_out)
-    dot_out[0] += (<double>m - mean) * sum_dy_out[0]
+        fastbn_grad_sums_double(x, dy, n, mean, sum_dy_out, dot_out)
+
+
+cdef inline void rows_sums(const floating* first, const floating* second, bint gradient,
+                           Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
+                           const floating* centre, double* sum_a, double* sum_b) noexcept nogil:
+    """Per column of a channels-last tile, add to sum_a, sum_b the sums of
+    shifted_sums(first) or, when gradient, grad_sums(dy=first, x=second)."""
+    if floating is float:
+        if gradient:
+            fastbn_rows_grad_sums_float(second, first, rows, stride, width, centre, sum_a, sum_b)
+        else:
+            fastbn_rows_shifted_sums_float(first, first, rows, stride, width, centre, sum_a, sum_b)
+    else:
+        if gradient:
+            fastbn_rows_grad_sums_double(second, first, rows, stride, width, centre, sum_a, sum_b)
+        else:
+            fastbn_rows_shifted_sums_double(first, first, rows, stride, width, centre, sum_a,
+                                            sum_b)
 
 
 cdef inline void affine_run(const floating* x, floating* y, Py_ssize_t n,
                             floating shift, floating scale, floating offset) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        y[i] = (x[i] - shift) * scale + offset
+    if floating is float:
+        fastbn_affine_float(x, y, n, shift, scale, offset)
+    else:
+        fastbn_affine_double(x, y, n, shift, scale, offset)
 
 
 cdef inline void grad_input_run(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
                                 floating mean, floating a, floating b, floating d) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
-        dx[i] = dy[i] * a + (x[i] - mean) * b + d
+    if floating is float:
+        fastbn_grad_input_float(dy, x, dx, n, mean, a, b, d)
+    else:
+        fastbn_grad_input_double(dy, x, dx, n, mean, a, b, d)
+
+
+cdef inline void rows_elementwise(const floating* x, const floating* x2, floating* y,
+                                  Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
+                                  const floating* shift, const floating* scale,
+                                  const floating* offset, const floating* scale2) noexcept nogil:
+    """Rows of a channels-last tile: y = (x - shift) * scale + offset or, with x2 (backward),
+    y = x * scale + (x2 - shift) * scale2 + offset; coefficients per column."""
+    if floating is float:
+        if x2 == NULL:
+            fastbn_rows_affine_float(x, y, rows, stride, width, shift, scale, offset)
+        else:
+            fastbn_rows_grad_input_float(x, x2, y, rows, stride, width, shift, scale, scale2,
+                                         offset)
+    else:
+        if x2 == NULL:
+            fastbn_rows_affine_double(x, y, rows, stride, width, shift, scale, offset)
+        else:
+            fastbn_rows_grad_input_double(x, x2, y, rows, stride, width, shift, scale, scale2,
+                                          offset)
 
 
 cdef inline double group_rstd(double sum_shifted, double sum_sq, Py_ssize_t count, double eps,
@@ -256,8 +446,8 @@ cdef void forward_group(const floating* x, floating* y, Py_ssize_t D, Py_ssize_t
 
 
 cdef void backward_group(const floating* dy, const floating* x, floating* dx,
-                         Py_ssize_t D, Py_ssize_t S, const floating* w, double mean, double rstd,
-                         bint stats_from_input, bint need_sums,
+                         Py_ssize_t D, Py_ssize_t S, const floating* w, floating mean,
+                         double rstd, bint stats_from_input, bint need_sums,
                          double* sum_dy, double* dot) noexcept nogil:
     """Per-channel sums into sum_dy[0:D], dot[0:D]; then grad_x unless dx is NULL."""
     cdef Py_ssize_t c
@@ -275,25 +465,20 @@ cdef void backward_group(const floating* dy, const floating* x, floating* dx,
         offset = -weighted_sum_dy * rstd / (D * S)
     for c in range(D):
         w_c = <double>w[c] if w != NULL else 1.0
-        grad_input_run(dy + c * S, x + c * S, dx + c * S, S, <floating>mean,
+        grad_input_run(dy + c * S, x + c * S, dx + c * S, S, mean,
                        <floating>(rstd * w_c), <floating>scale_x, <floating>offset)
 
 
 # ---------------------------------------------------------------------------
 # Chunk items: passes over the whole tensor with per-(n, c) partials and coefficients.
 
-cdef void reduce_pass(const floating* first, const floating* second, const double* centre,
+cdef void reduce_pass(const floating* first, const floating* second, const floating* centre,
                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
                       bint gradient, Split split, int n_threads,
                       double* part_a, double* part_b) noexcept nogil:
-    """Per-item partial sums: shifted_sums(first) or, when gradient, grad_sums(first=dy, second=x),
+    """Per-item partial sums: shifted_sums(first) or, when gradient, grad_sums(dy=first, x=second),
     around centre[n * C + c]."""
-    cdef Py_ssize_t item, row, row0, row1, chunk, start, stop, n, c, r, rb, c0, c1, r0, r1, t
-    cdef Py_ssize_t part, off
-    cdef const floating* base
-    cdef const floating* base2
-    cdef const double* centre_n
-    cdef double d, g
+    cdef Py_ssize_t item, row, row0, row1, chunk, start, stop, n, c, rb, c0, c1, r0, r1, t, part
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
         if not channels_last:
             chunk = item % split.chunks
@@ -309,7 +494,7 @@ cdef void reduce_pass(const floating* first, const floating* second, const doubl
                     grad_sums(first + row * S + start, second + row * S + start, stop - start,
                               centre[row], &part_a[part], &part_b[part])
                 else:
-                    shifted_sums(first + row * S + start, stop - start, <floating>centre[row],
+                    shifted_sums(first + row * S + start, stop - start, centre[row],
                                  &part_a[part], &part_b[part])
         else:
             c0 = item % split.channel_blocks * CHANNEL_BLOCK
@@ -323,26 +508,13 @@ cdef void reduce_pass(const floating* first, const floating* second, const doubl
             r1 = r0 + split.rows_per_block
             if r1 > S:
                 r1 = S
-            part = t * C
-            centre_n = centre + n * C
-            for c in range(c0, c1):
+            part = t * C + c0
+            for c in range(c1 - c0):
                 part_a[part + c] = 0.0
                 part_b[part + c] = 0.0
-            # Rows outer, channels inner: contiguous reads, and the channel loop vectorises.
-            for r in range(r0, r1):
-                off = (n * S + r) * C
-                base = first + off
-                if gradient:
-                    base2 = second + off
-                    for c in range(c0, c1):
-                        g = <double>base[c]
-                        part_a[part + c] += g
-                        part_b[part + c] += (<double>base2[c] - centre_n[c]) * g
-                else:
-                    for c in range(c0, c1):
-                        d = <double>base[c] - centre_n[c]
-                        part_a[part + c] += d
-                        part_b[part + c] += d * d
+            rows_sums(first + (n * S + r0) * C + c0,
+                      second + (n * S + r0) * C + c0 if gradient else NULL, gradient,
+                      r1 - r0, C, c1 - c0, centre + n * C + c0, part_a + part, part_b + part)
 
 
 cdef void sum_partials(const double* part_a, const double* part_b, Py_ssize_t N, Py_ssize_t C,
@@ -374,7 +546,7 @@ cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
                            Split split, int n_threads) noexcept nogil:
     """y = (x - shift) * scale + offset, or with x2 given (backward):
     y = x * scale + (x2 - shift) * scale2 + offset; coefficients per (n, c)."""
-    cdef Py_ssize_t item, row, row0, row1, chunk, start, stop, n, c, r, rb, c0, c1, r0, r1, t
+    cdef Py_ssize_t item, row, row0, row1, chunk, start, stop, n, rb, c0, c1, r0, r1, t
     cdef Py_ssize_t off, k
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
         if not channels_last:
@@ -404,17 +576,11 @@ cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
             r1 = r0 + split.rows_per_block
             if r1 > S:
                 r1 = S
-            for r in range(r0, r1):
-                off = (n * S + r) * C
-                if x2 == NULL:
-                    for c in range(c0, c1):
-                        k = n * C + c
-                        y[off + c] = (x[off + c] - shift[k]) * scale[k] + offset[k]
-                else:
-                    for c in range(c0, c1):
-                        k = n * C + c
-                        y[off + c] = (x[off + c] * scale[k] + (x2[off + c] - shift[k]) * scale2[k]
-                                      + offset[k])
+            off = (n * S + r0) * C + c0
+            k = n * C + c0
+            rows_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, r1 - r0, C,
+                             c1 - c0, shift + k, scale + k, offset + k,
+                             scale2 + k if scale2 != NULL else NULL)
 
 
 # ---------------------------------------------------------------------------
@@ -462,8 +628,8 @@ def group_norm_forward(const floating[:, :, ::1] x, object weight, object bias, 
                               varp + item if varp != NULL else NULL)
         return
 
-    # One allocation for every temporary: partials, per-(n, c) centres and totals, coefficients.
-    cdef double* work = <double*>calloc(2 * split.n_partials + 3 * N * C, sizeof(double))
+    # One allocation for the partials and per-(n, c) totals, one for per-(n, c) coefficients.
+    cdef double* work = <double*>calloc(2 * split.n_partials + 2 * N * C, sizeof(double))
     cdef floating* coef = <floating*>calloc(3 * N * C, sizeof(floating))
     if work == NULL or coef == NULL:
         free(work)
@@ -471,10 +637,9 @@ def group_norm_forward(const floating[:, :, ::1] x, object weight, object bias, 
         raise MemoryError()
     cdef double* part_a = work
     cdef double* part_b = work + split.n_partials
-    cdef double* centre = part_b + split.n_partials
-    cdef double* sum_shifted = centre + N * C
+    cdef double* sum_shifted = part_b + split.n_partials
     cdef double* sum_sq = sum_shifted + N * C
-    cdef floating* shift = coef
+    cdef floating* shift = coef  # the group's pivot or mean, also the centre of the sums
     cdef floating* scale = coef + N * C
     cdef floating* offset = coef + 2 * N * C
     cdef double pivot, group_shifted, group_sq, var, rstd_g, centre_offset, alpha
@@ -487,8 +652,8 @@ def group_norm_forward(const floating[:, :, ::1] x, object weight, object bias, 
                         pivot = group_pivot(xp[(n * C + g * D) * S] if not channels_last
                                             else xp[n * S * C + g * D])
                         for c in range(g * D, (g + 1) * D):
-                            centre[n * C + c] = pivot
-                reduce_pass(xp, NULL, centre, N, C, S, channels_last, False, split, threads,
+                            shift[n * C + c] = <floating>pivot
+                reduce_pass(xp, NULL, shift, N, C, S, channels_last, False, split, threads,
                             part_a, part_b)
                 sum_partials(part_a, part_b, N, C, channels_last, split, sum_shifted, sum_sq)
             for n in range(N):
@@ -500,7 +665,7 @@ def group_norm_forward(const floating[:, :, ::1] x, object weight, object bias, 
                         for c in range(n * C + g * D, n * C + (g + 1) * D):
                             group_shifted += sum_shifted[c]
                             group_sq += sum_sq[c]
-                        pivot = centre[n * C + g * D]
+                        pivot = <double>shift[n * C + g * D]
                         rstd_g = group_rstd(group_shifted, group_sq, count, eps, &var)
                         centre_offset = group_shifted / count
                         meanp[k] = <floating>(pivot + centre_offset)
@@ -559,7 +724,7 @@ def group_norm_backward(const floating[:, :, ::1] grad_out, const floating[:, :,
     cdef int threads = effective_threads(n_threads, N * C * S, split.items)
 
     # Per-(n, c) sum(dy) and sum((x - mean) * dy), then per-(n, c) coefficients of grad_x.
-    cdef double* work = <double*>calloc(2 * split.n_partials + 3 * N * C, sizeof(double))
+    cdef double* work = <double*>calloc(2 * split.n_partials + 2 * N * C, sizeof(double))
     cdef floating* coef = <floating*>calloc(4 * N * C, sizeof(floating))
     if work == NULL or coef == NULL:
         free(work)
@@ -567,10 +732,9 @@ def group_norm_backward(const floating[:, :, ::1] grad_out, const floating[:, :,
         raise MemoryError()
     cdef double* part_a = work
     cdef double* part_b = work + split.n_partials
-    cdef double* centre = part_b + split.n_partials
-    cdef double* sum_dy = centre + N * C
+    cdef double* sum_dy = part_b + split.n_partials
     cdef double* dot = sum_dy + N * C
-    cdef floating* shift = coef
+    cdef floating* shift = coef  # the group's mean, also the centre of the sums
     cdef floating* scale_dy = coef + N * C
     cdef floating* scale_x = coef + 2 * N * C
     cdef floating* offset = coef + 3 * N * C
@@ -583,15 +747,15 @@ def group_norm_backward(const floating[:, :, ::1] grad_out, const floating[:, :,
                     backward_group(dyp + item * D * S, xp + item * D * S,
                                    dxp + item * D * S if dxp != NULL else NULL, D, S,
                                    wp + g * D if wp != NULL else NULL,
-                                   <double>meanp[item], <double>rstdp[item],
+                                   meanp[item], <double>rstdp[item],
                                    stats_from_input, need_sums,
                                    sum_dy + item * D, dot + item * D)
             else:
                 if need_sums:
                     for n in range(N):
                         for c in range(C):
-                            centre[n * C + c] = <double>meanp[n * G + c // D]
-                    reduce_pass(dyp, xp, centre, N, C, S, channels_last, True, split, threads,
+                            shift[n * C + c] = meanp[n * G + c // D]
+                    reduce_pass(dyp, xp, shift, N, C, S, channels_last, True, split, threads,
                                 part_a, part_b)
                     sum_partials(part_a, part_b, N, C, channels_last, split, sum_dy, dot)
                 if dxp != NULL:
