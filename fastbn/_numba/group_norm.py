@@ -21,6 +21,7 @@ float64 when this module is imported (or loaded from numba's on-disk cache).
 """
 import numpy as np
 from numba import njit, prange, types
+from numba.extending import overload
 
 from fastbn._numba._runtime import JIT_OPTIONS, numba_threads
 
@@ -34,6 +35,9 @@ CHANNEL_BLOCK = 256
 MIN_ELEMENTS_PER_THREAD = 16384
 MIN_GROUP_ITEMS = 16
 MAX_GROUP_ELEMENTS = 32768
+# Values summed in x's type before the sums go to float64 (LLVM spreads them over
+# 4 vectors of 16 float32 lanes: 16 values per lane, as in the Cython kernels).
+BLOCK = 1024
 
 
 def _split(N, C, S, G, channels_last):
@@ -56,13 +60,44 @@ def _split(N, C, S, G, channels_last):
 # ---------------------------------------------------------------------------
 # Loops over one run of values.
 
+def _zero_like(x):
+    """0 in the dtype of the array x."""
+
+
+@overload(_zero_like, jit_options=HELPER_OPTIONS)
+def _zero_like_overload(x):
+    if x.dtype == types.float32:
+        return lambda x: np.float32(0.0)
+    return lambda x: np.float64(0.0)
+
+
 @njit(**HELPER_OPTIONS)
 def _shifted_sums(x, pivot):
-    """sum(x - pivot) and sum((x - pivot)**2) over a run, in float64."""
+    """sum(x - pivot) and sum((x - pivot)**2) over a run, in float64.
+
+    Whole blocks of BLOCK values are summed in x's type (LLVM vectorises that
+    at full width, also for float32), then added in float64; the rest is summed
+    in float64 directly (for short runs LLVM's handling of a float32 remainder
+    costs more than it saves). The pivot is a value of x's type, so x - pivot
+    is exact for values near it.
+    """
     s1 = 0.0
     s2 = 0.0
-    for i in range(x.size):
-        d = np.float64(x[i]) - pivot
+    n_blocked = x.size - x.size % BLOCK
+    for start in range(0, n_blocked, BLOCK):
+        # A slice, so that indices start at 0: LLVM drops numba's negative-index checks.
+        block = x[start:start + BLOCK]
+        block1 = _zero_like(x)
+        block2 = _zero_like(x)
+        for i in range(BLOCK):
+            d = block[i] - pivot
+            block1 += d
+            block2 += d * d
+        s1 += block1
+        s2 += block2
+    rest = x[n_blocked:]
+    for i in range(rest.size):
+        d = np.float64(rest[i]) - np.float64(pivot)
         s1 += d
         s2 += d * d
     return s1, s2
@@ -70,13 +105,27 @@ def _shifted_sums(x, pivot):
 
 @njit(**HELPER_OPTIONS)
 def _grad_sums(dy, x, mean):
-    """sum(dy) and sum((x - mean) * dy) over a run, in float64."""
+    """sum(dy) and sum((x - mean) * dy) over a run, in float64, blocked as _shifted_sums;
+    mean is a value of x's type."""
     s1 = 0.0
     s2 = 0.0
-    for i in range(dy.size):
-        g = np.float64(dy[i])
+    n_blocked = x.size - x.size % BLOCK
+    for start in range(0, n_blocked, BLOCK):
+        dy_block = dy[start:start + BLOCK]
+        x_block = x[start:start + BLOCK]
+        block1 = _zero_like(x)
+        block2 = _zero_like(x)
+        for i in range(BLOCK):
+            block1 += dy_block[i]
+            block2 += (x_block[i] - mean) * dy_block[i]
+        s1 += block1
+        s2 += block2
+    dy_rest = dy[n_blocked:]
+    x_rest = x[n_blocked:]
+    for i in range(x_rest.size):
+        g = np.float64(dy_rest[i])
         s1 += g
-        s2 += (np.float64(x[i]) - mean) * g
+        s2 += (np.float64(x_rest[i]) - np.float64(mean)) * g
     return s1, s2
 
 
@@ -130,15 +179,14 @@ def _forward_groups(x, y, G, weight, bias, eps, compute_stats, mean, rstd, varia
         g = item % G
         row = x[item]
         if compute_stats:
-            pivot = _pivot(row[0])
-            sum_shifted, sum_sq = _shifted_sums(row, pivot)
+            shift[item] = _pivot(row[0])
+            sum_shifted, sum_sq = _shifted_sums(row, shift[item])
             rstd_g, var = _rstd(sum_shifted, sum_sq, row.size, eps)
             centre_offset = sum_shifted / row.size  # mean - pivot
-            mean[item] = pivot + centre_offset
+            mean[item] = np.float64(shift[item]) + centre_offset
             rstd[item] = rstd_g
             if variance.size > 0:
                 variance[item] = var
-            shift[item] = pivot
         else:
             rstd_g = np.float64(rstd[item])
             centre_offset = 0.0
@@ -160,13 +208,13 @@ def _backward_groups(dy, x, dx, G, weight, mean, rstd, stats_from_input, need_su
     S = x.shape[1] // D
     for item in prange(items):
         g = item % G
-        mean_g = np.float64(mean[item])
         rstd_g = np.float64(rstd[item])
         weighted_sum_dy = 0.0
         weighted_dot = 0.0
         if need_sums:
             for c in range(D):
-                s, t = _grad_sums(dy[item, c * S:(c + 1) * S], x[item, c * S:(c + 1) * S], mean_g)
+                s, t = _grad_sums(dy[item, c * S:(c + 1) * S], x[item, c * S:(c + 1) * S],
+                                  mean[item])
                 sum_dy[item, c] = s
                 dot[item, c] = t
                 w_c = _param(weight, g * D + c, 1.0)
@@ -377,8 +425,9 @@ def _forward_kernel(x, weight, bias, eps, compute_stats, y, mean, rstd, variance
                         variance.reshape(variance.size), np.empty(N * G, x.dtype),
                         np.empty((N * G, D), x.dtype), np.empty((N * G, D), x.dtype))
         return
-    centre = np.empty((N, C))
-    sum_shifted = sum_sq = centre
+    # The sums' centres: each group's pivot, a value of x's type.
+    centre = np.empty((N, C), x.dtype)
+    sum_shifted = sum_sq = np.zeros((N, C))
     if compute_stats:
         for n in range(N):
             for g in range(G):
@@ -396,7 +445,7 @@ def _forward_kernel(x, weight, bias, eps, compute_stats, y, mean, rstd, variance
                 for c in range(g * D, (g + 1) * D):
                     group_shifted += sum_shifted[n, c]
                     group_sq += sum_sq[n, c]
-                pivot = centre[n, g * D]
+                pivot = np.float64(centre[n, g * D])
                 rstd_g, var = _rstd(group_shifted, group_sq, D * S, eps)
                 centre_offset = group_shifted / (D * S)
                 mean[n, g] = pivot + centre_offset
@@ -439,7 +488,7 @@ def _backward_kernel(grad_out, x, weight, mean, rstd, stats_from_input, grad_x, 
         sum_dy = np.zeros((N, C))
         dot = np.zeros((N, C))
         if need_sums:
-            centre = np.empty((N, C))
+            centre = np.empty((N, C), x.dtype)
             for n in range(N):
                 for c in range(C):
                     centre[n, c] = mean[n, c // D]
