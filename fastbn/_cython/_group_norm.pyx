@@ -22,7 +22,7 @@ count), so the result is the same to the bit for any number of threads:
   coefficients. N = 1 with few groups still gives every thread work.
 
 Statistics are float64 sums (blocks of a few hundred values summed in vector
-lanes of x's type, then added to float64; see FASTBN_DEFINE_SUMS) over values
+lanes of x's type, then added to float64; see the C loops below) over values
 shifted by a per-group pivot (the group's first value), which keeps the
 one-pass sum / sum-of-squares accurate on data with a large mean;
 y = (x - pivot) * scale + offset keeps that accuracy in the output.
