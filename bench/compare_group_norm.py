@@ -1,7 +1,8 @@
 """Compare fastbn's GroupNorm and InstanceNorm with PyTorch's on the CPU (training forward + backward).
 
     PYTHONPATH=$PWD python bench/compare_group_norm.py [--op group|instance] [--threads 2]
-        [--backends cython numba] [--channels-last] [--dtype float32] [--rounds 15] [--quick]
+        [--backends cython numba] [--channels-last] [--dtype float32] [--rounds 15]
+        [--clock wall|thread] [--quick]
 
 For N in {1, 2, 4, 8} and the ResNet-stage shapes (C, H, W) in SHAPES it prints
 a markdown row: the time of one training step (forward + backward) of torch and
@@ -19,12 +20,19 @@ faster); then per backend the geometric mean and the worst shape.
 
 Method
 - The same thread count for both (torch.set_num_threads, fastbn.set_num_threads).
+  It is set again before every sample: numba's OpenMP threading layer sets the
+  calling thread's OpenMP thread count to NUMBA_NUM_THREADS whenever it runs a
+  parallel loop, and torch takes its thread count from there.
 - Every backend's results are checked against torch's before anything is timed.
 - Zero copy: torch's tensors are torch.from_numpy views of fastbn's arrays.
 - Interleaved timing: a warm-up, then `--rounds` rounds in which torch and each
   backend run in turn, the order rotating each round; each sample times a loop
   of calls lasting about 2 ms; the table shows the median over the rounds.
   On a shared, busy machine the ratios are steadier than the times.
+- `--clock thread` (with --threads 1 only) times with the CPU time of the
+  calling thread (time.thread_time) instead of the wall clock: time spent
+  descheduled by other processes then does not count, which makes single-thread
+  ratios usable on a machine other jobs are loading.
 """
 import argparse
 import itertools
@@ -96,14 +104,14 @@ def check(torch_step, fastbn_step, backend, dtype):
         np.testing.assert_allclose(got, want.numpy(), err_msg=f"{backend}: {name}", **tolerance)
 
 
-def sample(fn, calls):
-    start = time.perf_counter()
+def sample(fn, calls, clock=time.perf_counter):
+    start = clock()
     for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / calls
+    return (clock() - start) / calls
 
 
-def alternate(functions, rounds):
+def alternate(functions, rounds, threads, clock=time.perf_counter):
     """Median time per call of each function, timed in rotating order."""
     for fn in functions.values():  # warm-up (and a first estimate for the loop length)
         fn()
@@ -112,7 +120,8 @@ def alternate(functions, rounds):
     names = list(functions)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            times[name].append(sample(functions[name], calls[name]))
+            torch.set_num_threads(threads)
+            times[name].append(sample(functions[name], calls[name], clock))
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
@@ -124,8 +133,12 @@ def main(argv=None):
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall")
     parser.add_argument("--quick", action="store_true", help="N = 1 and 8 only, 5 rounds")
     args = parser.parse_args(argv)
+    if args.clock == "thread" and args.threads != 1:
+        parser.error("--clock thread measures one thread: use it with --threads 1")
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     dtype = np.dtype(args.dtype)
     batches = [1, 8] if args.quick else BATCHES
     rounds = 5 if args.quick else args.rounds
@@ -135,7 +148,8 @@ def main(argv=None):
 
     layout = "channels-last" if args.channels_last else "contiguous"
     print(f"# {args.op} norm, training forward + backward, {args.dtype}, {layout}, "
-          f"{args.threads} threads, torch {torch.__version__}, median of {rounds} rounds\n")
+          f"{args.threads} threads, {args.clock} clock, torch {torch.__version__}, "
+          f"median of {rounds} rounds\n")
     header = ["N", "C, H, W", "torch us"] + [f"{b} us" for b in args.backends] + \
              [f"{b} speedup" for b in args.backends]
     print("| " + " | ".join(header) + " |")
@@ -147,7 +161,7 @@ def main(argv=None):
         for backend in args.backends:
             check(torch_step, fastbn_step, backend, dtype)
             functions[backend] = lambda backend=backend: fastbn_step(backend)
-        times = alternate(functions, rounds)
+        times = alternate(functions, rounds, args.threads, clock)
         row = [str(N), f"{C}, {H}, {W}", f"{times['torch'] * 1e6:.1f}"]
         row += [f"{times[b] * 1e6:.1f}" for b in args.backends]
         for backend in args.backends:
