@@ -164,44 +164,52 @@ cdef extern from *:
         memcpy(&lo2, &s4, 16); memcpy(&hi2, (char*)&s4 + 16, 16); s2 = lo2 + hi2;
         return s2[0] + s2[1];
     }
-    /* fastbn_KIND_T: sum_a = sum(TERM_A), sum_b = sum(TERM_B) over x[0:n], dy[0:n], centre m. */
+    /* fastbn_KIND_T: for each of `runs` runs of n values (run j at x + j * n, dy + j * n,
+       centre m[j]): sum_a[j] = sum(TERM_A), sum_b[j] = sum(TERM_B). One call does a whole
+       group's rows: per-call costs matter when rows are as short as 49 values. */
     #define FASTBN_DEFINE_RUN_SUMS(KIND, T, TERM_A, TERM_B) \
-    FASTBN_DISPATCH static void fastbn_##KIND##_##T(const T* x, const T* dy, Py_ssize_t n, \
-                                                    T m, double* sum_a, double* sum_b) { \
+    FASTBN_DISPATCH static void fastbn_##KIND##_##T( \
+            const T* x, const T* dy, Py_ssize_t runs, Py_ssize_t n, const T* m, \
+            double* sum_a, double* sum_b) { \
         enum { LANES = sizeof(fastbn_vec_##T) / sizeof(T) }; \
-        double total_a = 0.0, total_b = 0.0; \
-        Py_ssize_t n_main = n - n % LANES, start, stop, i; \
-        for (start = 0; start < n_main; start = stop) { \
-            fastbn_vec_##T block_a = {0}, block_b = {0}, xv, dyv; \
-            stop = start + FASTBN_BLOCK < n_main ? start + FASTBN_BLOCK : n_main; \
-            for (i = start; i < stop; i += LANES) { \
-                memcpy(&xv, x + i, sizeof xv); \
-                memcpy(&dyv, dy + i, sizeof dyv); \
-                block_a += TERM_A(xv, dyv, m); \
-                block_b += TERM_B(xv, dyv, m); \
+        Py_ssize_t n_main = n - n % LANES, run, start, stop, i; \
+        for (run = 0; run < runs; run++, x += n, dy += n) { \
+            double total_a = 0.0, total_b = 0.0; \
+            T centre = m[run]; \
+            for (start = 0; start < n_main; start = stop) { \
+                fastbn_vec_##T block_a = {0}, block_b = {0}, xv, dyv; \
+                stop = start + FASTBN_BLOCK < n_main ? start + FASTBN_BLOCK : n_main; \
+                for (i = start; i < stop; i += LANES) { \
+                    memcpy(&xv, x + i, sizeof xv); \
+                    memcpy(&dyv, dy + i, sizeof dyv); \
+                    block_a += TERM_A(xv, dyv, centre); \
+                    block_b += TERM_B(xv, dyv, centre); \
+                } \
+                total_a += fastbn_hsum_##T(&block_a); \
+                total_b += fastbn_hsum_##T(&block_b); \
             } \
-            total_a += fastbn_hsum_##T(&block_a); \
-            total_b += fastbn_hsum_##T(&block_b); \
+            for (i = n_main; i < n; i++) { \
+                total_a += TERM_A(x[i], dy[i], centre); \
+                total_b += TERM_B(x[i], dy[i], centre); \
+            } \
+            sum_a[run] = total_a; \
+            sum_b[run] = total_b; \
         } \
-        for (i = n_main; i < n; i++) { \
-            total_a += TERM_A(x[i], dy[i], m); \
-            total_b += TERM_B(x[i], dy[i], m); \
-        } \
-        *sum_a = total_a; \
-        *sum_b = total_b; \
     }
     #else
     #define FASTBN_DEFINE_RUN_SUMS(KIND, T, TERM_A, TERM_B) \
-    static void fastbn_##KIND##_##T(const T* x, const T* dy, Py_ssize_t n, T m, \
-                                    double* sum_a, double* sum_b) { \
-        double total_a = 0.0, total_b = 0.0; \
-        Py_ssize_t i; \
-        for (i = 0; i < n; i++) { \
-            total_a += TERM_A((double)x[i], (double)dy[i], (double)m); \
-            total_b += TERM_B((double)x[i], (double)dy[i], (double)m); \
+    static void fastbn_##KIND##_##T(const T* x, const T* dy, Py_ssize_t runs, Py_ssize_t n, \
+                                    const T* m, double* sum_a, double* sum_b) { \
+        Py_ssize_t run, i; \
+        for (run = 0; run < runs; run++, x += n, dy += n) { \
+            double total_a = 0.0, total_b = 0.0; \
+            for (i = 0; i < n; i++) { \
+                total_a += TERM_A((double)x[i], (double)dy[i], (double)m[run]); \
+                total_b += TERM_B((double)x[i], (double)dy[i], (double)m[run]); \
+            } \
+            sum_a[run] = total_a; \
+            sum_b[run] = total_b; \
         } \
-        *sum_a = total_a; \
-        *sum_b = total_b; \
     }
     #endif
 
@@ -232,17 +240,25 @@ cdef extern from *:
     }
 
     #define FASTBN_DEFINE_ELEMENTWISE(T) \
-    /* y = (x - shift) * scale + offset over a run */ \
-    FASTBN_DISPATCH static void fastbn_affine_##T(const T* x, T* y, Py_ssize_t n, \
-                                                  T shift, T scale, T offset) { \
-        Py_ssize_t i; \
-        for (i = 0; i < n; i++) y[i] = (x[i] - shift) * scale + offset; \
+    /* y = (x - shift) * scale + offset over `runs` runs of n values, coefficients per run */ \
+    FASTBN_DISPATCH static void fastbn_affine_##T( \
+            const T* x, T* y, Py_ssize_t runs, Py_ssize_t n, \
+            const T* shift, const T* scale, const T* offset) { \
+        Py_ssize_t run, i; \
+        for (run = 0; run < runs; run++, x += n, y += n) { \
+            T s = shift[run], a = scale[run], b = offset[run]; \
+            for (i = 0; i < n; i++) y[i] = (x[i] - s) * a + b; \
+        } \
     } \
-    /* dx = dy * a + (x - mean) * b + d over a run */ \
-    FASTBN_DISPATCH static void fastbn_grad_input_##T(const T* dy, const T* x, T* dx, \
-                                                      Py_ssize_t n, T mean, T a, T b, T d) { \
-        Py_ssize_t i; \
-        for (i = 0; i < n; i++) dx[i] = dy[i] * a + (x[i] - mean) * b + d; \
+    /* dx = dy * a + (x - mean) * b + d over `runs` runs of n values, coefficients per run */ \
+    FASTBN_DISPATCH static void fastbn_grad_input_##T( \
+            const T* dy, const T* x, T* dx, Py_ssize_t runs, Py_ssize_t n, \
+            const T* mean, const T* a, const T* b, const T* d) { \
+        Py_ssize_t run, i; \
+        for (run = 0; run < runs; run++, dy += n, x += n, dx += n) { \
+            T m = mean[run], ar = a[run], br = b[run], dr = d[run]; \
+            for (i = 0; i < n; i++) dx[i] = dy[i] * ar + (x[i] - m) * br + dr; \
+        } \
     } \
     /* The same on rows (row r at offset r * stride), coefficients per column */ \
     FASTBN_DISPATCH static void fastbn_rows_affine_##T( \
@@ -281,13 +297,17 @@ cdef extern from *:
     FASTBN_DEFINE_ELEMENTWISE(double)
     """
     # The sums read x and dy; shifted sums only x (pass x again as dy).
-    void fastbn_shifted_sums_float(const float* x, const float* dy, Py_ssize_t n, float m,
+    void fastbn_shifted_sums_float(const float* x, const float* dy, Py_ssize_t runs,
+                                   Py_ssize_t n, const float* m,
                                    double* sum_a, double* sum_b) noexcept nogil
-    void fastbn_shifted_sums_double(const double* x, const double* dy, Py_ssize_t n, double m,
+    void fastbn_shifted_sums_double(const double* x, const double* dy, Py_ssize_t runs,
+                                    Py_ssize_t n, const double* m,
                                     double* sum_a, double* sum_b) noexcept nogil
-    void fastbn_grad_sums_float(const float* x, const float* dy, Py_ssize_t n, float m,
+    void fastbn_grad_sums_float(const float* x, const float* dy, Py_ssize_t runs,
+                                Py_ssize_t n, const float* m,
                                 double* sum_a, double* sum_b) noexcept nogil
-    void fastbn_grad_sums_double(const double* x, const double* dy, Py_ssize_t n, double m,
+    void fastbn_grad_sums_double(const double* x, const double* dy, Py_ssize_t runs,
+                                 Py_ssize_t n, const double* m,
                                  double* sum_a, double* sum_b) noexcept nogil
     void fastbn_rows_shifted_sums_float(const float* x, const float* dy, Py_ssize_t rows,
                                         Py_ssize_t stride, Py_ssize_t width, const float* m,
@@ -301,14 +321,19 @@ cdef extern from *:
     void fastbn_rows_grad_sums_double(const double* x, const double* dy, Py_ssize_t rows,
                                       Py_ssize_t stride, Py_ssize_t width, const double* m,
                                       double* sum_a, double* sum_b) noexcept nogil
-    void fastbn_affine_float(const float* x, float* y, Py_ssize_t n,
-                             float shift, float scale, float offset) noexcept nogil
-    void fastbn_affine_double(const double* x, double* y, Py_ssize_t n,
-                              double shift, double scale, double offset) noexcept nogil
-    void fastbn_grad_input_float(const float* dy, const float* x, float* dx, Py_ssize_t n,
-                                 float mean, float a, float b, float d) noexcept nogil
-    void fastbn_grad_input_double(const double* dy, const double* x, double* dx, Py_ssize_t n,
-                                  double mean, double a, double b, double d) noexcept nogil
+    void fastbn_affine_float(const float* x, float* y, Py_ssize_t runs, Py_ssize_t n,
+                             const float* shift, const float* scale,
+                             const float* offset) noexcept nogil
+    void fastbn_affine_double(const double* x, double* y, Py_ssize_t runs, Py_ssize_t n,
+                              const double* shift, const double* scale,
+                              const double* offset) noexcept nogil
+    void fastbn_grad_input_float(const float* dy, const float* x, float* dx, Py_ssize_t runs,
+                                 Py_ssize_t n, const float* mean, const float* a,
+                                 const float* b, const float* d) noexcept nogil
+    void fastbn_grad_input_double(const double* dy, const double* x, double* dx,
+                                  Py_ssize_t runs, Py_ssize_t n, const double* mean,
+                                  const double* a, const double* b,
+                                  const double* d) noexcept nogil
     void fastbn_rows_affine_float(const float* x, float* y, Py_ssize_t rows, Py_ssize_t stride,
                                   Py_ssize_t width, const float* shift, const float* scale,
                                   const float* offset) noexcept nogil
@@ -327,23 +352,26 @@ cdef extern from *:
 
 # Fused-type front ends of the C loops.
 
-cdef inline void shifted_sums(const floating* x, Py_ssize_t n, floating pivot,
-                              double* sum_out, double* sum_sq_out) noexcept nogil:
-    """sum(x - pivot) and sum((x - pivot)**2) over a run, in float64.
-    The pivot is a value of x's type, so x - pivot is exact for values near it."""
+cdef inline void shifted_sums(const floating* x, Py_ssize_t runs, Py_ssize_t n,
+                              const floating* pivot, double* sum_out,
+                              double* sum_sq_out) noexcept nogil:
+    """Per run j of `runs` consecutive runs of n values: sum(x - pivot[j]) and
+    sum((x - pivot[j])**2), in float64. Pivots are values of x's type, so x - pivot
+    is exact for values near them."""
     if floating is float:
-        fastbn_shifted_sums_float(x, x, n, pivot, sum_out, sum_sq_out)
+        fastbn_shifted_sums_float(x, x, runs, n, pivot, sum_out, sum_sq_out)
     else:
-        fastbn_shifted_sums_double(x, x, n, pivot, sum_out, sum_sq_out)
+        fastbn_shifted_sums_double(x, x, runs, n, pivot, sum_out, sum_sq_out)
 
 
-cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t n, floating mean,
-                           double* sum_dy_out, double* dot_out) noexcept nogil:
-    """sum(dy) and sum((x - mean) * dy) over a run, in float64."""
+cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t runs, Py_ssize_t n,
+                           const floating* mean, double* sum_dy_out,
+                           double* dot_out) noexcept nogil:
+    """Per run j: sum(dy) and sum((x - mean[j]) * dy), in float64."""
     if floating is float:
-        fastbn_grad_sums_float(x, dy, n, mean, sum_dy_out, dot_out)
+        fastbn_grad_sums_float(x, dy, runs, n, mean, sum_dy_out, dot_out)
     else:
-        fastbn_grad_sums_double(x, dy, n, mean, sum_dy_out, dot_out)
+        fastbn_grad_sums_double(x, dy, runs, n, mean, sum_dy_out, dot_out)
 
 
 cdef inline void rows_sums(const floating* first, const floating* second, bint gradient,
@@ -364,20 +392,22 @@ cdef inline void rows_sums(const floating* first, const floating* second, bint g
                                             sum_b)
 
 
-cdef inline void affine_run(const floating* x, floating* y, Py_ssize_t n,
-                            floating shift, floating scale, floating offset) noexcept nogil:
+cdef inline void runs_elementwise(const floating* x, const floating* x2, floating* y,
+                                  Py_ssize_t runs, Py_ssize_t n,
+                                  const floating* shift, const floating* scale,
+                                  const floating* offset, const floating* scale2) noexcept nogil:
+    """Per run j of `runs` consecutive runs of n values: y = (x - shift) * scale + offset or,
+    with x2 (backward), y = x * scale + (x2 - shift) * scale2 + offset; coefficients [j]."""
     if floating is float:
-        fastbn_affine_float(x, y, n, shift, scale, offset)
+        if x2 == NULL:
+            fastbn_affine_float(x, y, runs, n, shift, scale, offset)
+        else:
+            fastbn_grad_input_float(x, x2, y, runs, n, shift, scale, scale2, offset)
     else:
-        fastbn_affine_double(x, y, n, shift, scale, offset)
-
-
-cdef inline void grad_input_run(const floating* dy, const floating* x, floating* dx, Py_ssize_t n,
-                                floating mean, floating a, floating b, floating d) noexcept nogil:
-    if floating is float:
-        fastbn_grad_input_float(dy, x, dx, n, mean, a, b, d)
-    else:
-        fastbn_grad_input_double(dy, x, dx, n, mean, a, b, d)
+        if x2 == NULL:
+            fastbn_affine_double(x, y, runs, n, shift, scale, offset)
+        else:
+            fastbn_grad_input_double(x, x2, y, runs, n, shift, scale, scale2, offset)
 
 
 cdef inline void rows_elementwise(const floating* x, const floating* x2, floating* y,
@@ -418,55 +448,61 @@ cdef inline double group_pivot(floating value) noexcept nogil:
 
 # ---------------------------------------------------------------------------
 # Whole-group items (channels-first): x, y, dy, dx point at the group's first
-# value, w and b at its first channel's parameter (NULL when absent).
+# value, w and b at its first channel's parameter (NULL when absent), and the
+# coefficient arrays (shift, scale, ...) at the group's D per-channel slots.
 
 cdef void forward_group(const floating* x, floating* y, Py_ssize_t D, Py_ssize_t S,
                         const floating* w, const floating* b, bint compute_stats, double eps,
-                        floating* mean_out, floating* rstd_out, double* var_out) noexcept nogil:
+                        floating* mean_out, floating* rstd_out, double* var_out,
+                        floating* shift, floating* scale, floating* offset) noexcept nogil:
     cdef Py_ssize_t c, count = D * S
-    cdef double pivot, sum_shifted, sum_sq, var, rstd, centre_offset = 0.0, alpha
-    cdef floating shift
+    cdef double sum_shifted, sum_sq, var, rstd, centre_offset = 0.0, alpha
     if compute_stats:
-        pivot = group_pivot(x[0])
-        shifted_sums(x, count, <floating>pivot, &sum_shifted, &sum_sq)
+        shift[0] = <floating>group_pivot(x[0])
+        shifted_sums(x, 1, count, shift, &sum_shifted, &sum_sq)
         rstd = group_rstd(sum_shifted, sum_sq, count, eps, &var)
         centre_offset = sum_shifted / count  # mean - pivot
-        mean_out[0] = <floating>(pivot + centre_offset)
+        mean_out[0] = <floating>(<double>shift[0] + centre_offset)
         rstd_out[0] = <floating>rstd
         if var_out != NULL:
             var_out[0] = var
-        shift = <floating>pivot
     else:
-        shift = mean_out[0]
+        shift[0] = mean_out[0]
         rstd = <double>rstd_out[0]
     for c in range(D):
         alpha = rstd * (<double>w[c] if w != NULL else 1.0)
-        affine_run(x + c * S, y + c * S, S, shift, <floating>alpha,
-                   <floating>((<double>b[c] if b != NULL else 0.0) - centre_offset * alpha))
+        shift[c] = shift[0]
+        scale[c] = <floating>alpha
+        offset[c] = <floating>((<double>b[c] if b != NULL else 0.0) - centre_offset * alpha)
+    runs_elementwise(x, NULL, y, D, S, shift, scale, offset, NULL)
 
 
 cdef void backward_group(const floating* dy, const floating* x, floating* dx,
                          Py_ssize_t D, Py_ssize_t S, const floating* w, floating mean,
                          double rstd, bint stats_from_input, bint need_sums,
-                         double* sum_dy, double* dot) noexcept nogil:
+                         double* sum_dy, double* dot, floating* shift, floating* scale_dy,
+                         floating* scale_x, floating* offset) noexcept nogil:
     """Per-channel sums into sum_dy[0:D], dot[0:D]; then grad_x unless dx is NULL."""
     cdef Py_ssize_t c
-    cdef double weighted_sum_dy = 0.0, weighted_dot = 0.0, w_c, scale_x = 0.0, offset = 0.0
+    cdef double weighted_sum_dy = 0.0, weighted_dot = 0.0, w_c, b = 0.0, d = 0.0
+    for c in range(D):
+        shift[c] = mean
     if need_sums:
+        grad_sums(dy, x, D, S, shift, sum_dy, dot)
         for c in range(D):
-            grad_sums(dy + c * S, x + c * S, S, mean, &sum_dy[c], &dot[c])
             w_c = <double>w[c] if w != NULL else 1.0
             weighted_sum_dy += w_c * sum_dy[c]
             weighted_dot += w_c * dot[c]
     if dx == NULL:
         return
     if stats_from_input:
-        scale_x = -weighted_dot * rstd * rstd * rstd / (D * S)
-        offset = -weighted_sum_dy * rstd / (D * S)
+        b = -weighted_dot * rstd * rstd * rstd / (D * S)
+        d = -weighted_sum_dy * rstd / (D * S)
     for c in range(D):
-        w_c = <double>w[c] if w != NULL else 1.0
-        grad_input_run(dy + c * S, x + c * S, dx + c * S, S, mean,
-                       <floating>(rstd * w_c), <floating>scale_x, <floating>offset)
+        scale_dy[c] = <floating>(rstd * (<double>w[c] if w != NULL else 1.0))
+        scale_x[c] = <floating>b
+        offset[c] = <floating>d
+    runs_elementwise(dy, x, dx, D, S, shift, scale_dy, offset, scale_x)
 
 
 # ---------------------------------------------------------------------------
@@ -478,7 +514,7 @@ cdef void reduce_pass(const floating* first, const floating* second, const float
                       double* part_a, double* part_b) noexcept nogil:
     """Per-item partial sums: shifted_sums(first) or, when gradient, grad_sums(dy=first, x=second),
     around centre[n * C + c]."""
-    cdef Py_ssize_t item, row, row0, row1, chunk, start, stop, n, c, rb, c0, c1, r0, r1, t, part
+    cdef Py_ssize_t item, row0, row1, chunk, start, stop, n, c, rb, c0, c1, r0, r1, t, part, off
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
         if not channels_last:
             chunk = item % split.chunks
@@ -488,14 +524,16 @@ cdef void reduce_pass(const floating* first, const floating* second, const float
                 row1 = N * C
             start = chunk * S // split.chunks
             stop = (chunk + 1) * S // split.chunks
-            for row in range(row0, row1):
-                part = row * split.chunks + chunk
-                if gradient:
-                    grad_sums(first + row * S + start, second + row * S + start, stop - start,
-                              centre[row], &part_a[part], &part_b[part])
-                else:
-                    shifted_sums(first + row * S + start, stop - start, centre[row],
-                                 &part_a[part], &part_b[part])
+            # Several whole rows (chunks == 1), or a piece of one row: consecutive runs,
+            # and their partials consecutive too.
+            off = row0 * S + start
+            part = row0 * split.chunks + chunk
+            if gradient:
+                grad_sums(first + off, second + off, row1 - row0, stop - start, centre + row0,
+                          &part_a[part], &part_b[part])
+            else:
+                shifted_sums(first + off, row1 - row0, stop - start, centre + row0,
+                             &part_a[part], &part_b[part])
         else:
             c0 = item % split.channel_blocks * CHANNEL_BLOCK
             c1 = c0 + CHANNEL_BLOCK
@@ -546,8 +584,7 @@ cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
                            Split split, int n_threads) noexcept nogil:
     """y = (x - shift) * scale + offset, or with x2 given (backward):
     y = x * scale + (x2 - shift) * scale2 + offset; coefficients per (n, c)."""
-    cdef Py_ssize_t item, row, row0, row1, chunk, start, stop, n, rb, c0, c1, r0, r1, t
-    cdef Py_ssize_t off, k
+    cdef Py_ssize_t item, row0, row1, chunk, start, stop, n, rb, c0, c1, r0, r1, t, off, k
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
         if not channels_last:
             chunk = item % split.chunks
@@ -557,13 +594,10 @@ cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
                 row1 = N * C
             start = chunk * S // split.chunks
             stop = (chunk + 1) * S // split.chunks
-            for row in range(row0, row1):
-                off = row * S + start
-                if x2 == NULL:
-                    affine_run(x + off, y + off, stop - start, shift[row], scale[row], offset[row])
-                else:
-                    grad_input_run(x + off, x2 + off, y + off, stop - start,
-                                   shift[row], scale[row], scale2[row], offset[row])
+            off = row0 * S + start
+            runs_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, row1 - row0,
+                             stop - start, shift + row0, scale + row0, offset + row0,
+                             scale2 + row0 if scale2 != NULL else NULL)
         else:
             c0 = item % split.channel_blocks * CHANNEL_BLOCK
             c1 = c0 + CHANNEL_BLOCK
@@ -617,17 +651,6 @@ def group_norm_forward(const floating[:, :, ::1] x, object weight, object bias, 
     cdef Split split = make_split(N, C, S, G, channels_last)
     cdef int threads = effective_threads(n_threads, N * C * S, split.items)
 
-    if split.whole_groups:
-        with nogil:
-            for item in prange(N * G, num_threads=threads, schedule="static"):
-                g = item % G
-                forward_group(xp + item * D * S, yp + item * D * S, D, S,
-                              wp + g * D if wp != NULL else NULL,
-                              bp + g * D if bp != NULL else NULL,
-                              compute_stats, eps, meanp + item, rstdp + item,
-                              varp + item if varp != NULL else NULL)
-        return
-
     # One allocation for the partials and per-(n, c) totals, one for per-(n, c) coefficients.
     cdef double* work = <double*>calloc(2 * split.n_partials + 2 * N * C, sizeof(double))
     cdef floating* coef = <floating*>calloc(3 * N * C, sizeof(floating))
@@ -646,44 +669,54 @@ def group_norm_forward(const floating[:, :, ::1] x, object weight, object bias, 
     cdef Py_ssize_t count = D * S
     try:
         with nogil:
-            if compute_stats:
+            if split.whole_groups:
+                for item in prange(N * G, num_threads=threads, schedule="static"):
+                    g = item % G
+                    forward_group(xp + item * D * S, yp + item * D * S, D, S,
+                                  wp + g * D if wp != NULL else NULL,
+                                  bp + g * D if bp != NULL else NULL,
+                                  compute_stats, eps, meanp + item, rstdp + item,
+                                  varp + item if varp != NULL else NULL,
+                                  shift + item * D, scale + item * D, offset + item * D)
+            else:
+                if compute_stats:
+                    for n in range(N):
+                        for g in range(G):
+                            pivot = group_pivot(xp[(n * C + g * D) * S] if not channels_last
+                                                else xp[n * S * C + g * D])
+                            for c in range(g * D, (g + 1) * D):
+                                shift[n * C + c] = <floating>pivot
+                    reduce_pass(xp, NULL, shift, N, C, S, channels_last, False, split, threads,
+                                part_a, part_b)
+                    sum_partials(part_a, part_b, N, C, channels_last, split, sum_shifted, sum_sq)
                 for n in range(N):
                     for g in range(G):
-                        pivot = group_pivot(xp[(n * C + g * D) * S] if not channels_last
-                                            else xp[n * S * C + g * D])
+                        k = n * G + g
+                        if compute_stats:
+                            group_shifted = 0.0
+                            group_sq = 0.0
+                            for c in range(n * C + g * D, n * C + (g + 1) * D):
+                                group_shifted += sum_shifted[c]
+                                group_sq += sum_sq[c]
+                            pivot = <double>shift[n * C + g * D]
+                            rstd_g = group_rstd(group_shifted, group_sq, count, eps, &var)
+                            centre_offset = group_shifted / count
+                            meanp[k] = <floating>(pivot + centre_offset)
+                            rstdp[k] = <floating>rstd_g
+                            if varp != NULL:
+                                varp[k] = var
+                        else:
+                            pivot = <double>meanp[k]
+                            rstd_g = <double>rstdp[k]
+                            centre_offset = 0.0
                         for c in range(g * D, (g + 1) * D):
+                            alpha = rstd_g * (<double>wp[c] if wp != NULL else 1.0)
                             shift[n * C + c] = <floating>pivot
-                reduce_pass(xp, NULL, shift, N, C, S, channels_last, False, split, threads,
-                            part_a, part_b)
-                sum_partials(part_a, part_b, N, C, channels_last, split, sum_shifted, sum_sq)
-            for n in range(N):
-                for g in range(G):
-                    k = n * G + g
-                    if compute_stats:
-                        group_shifted = 0.0
-                        group_sq = 0.0
-                        for c in range(n * C + g * D, n * C + (g + 1) * D):
-                            group_shifted += sum_shifted[c]
-                            group_sq += sum_sq[c]
-                        pivot = <double>shift[n * C + g * D]
-                        rstd_g = group_rstd(group_shifted, group_sq, count, eps, &var)
-                        centre_offset = group_shifted / count
-                        meanp[k] = <floating>(pivot + centre_offset)
-                        rstdp[k] = <floating>rstd_g
-                        if varp != NULL:
-                            varp[k] = var
-                    else:
-                        pivot = <double>meanp[k]
-                        rstd_g = <double>rstdp[k]
-                        centre_offset = 0.0
-                    for c in range(g * D, (g + 1) * D):
-                        alpha = rstd_g * (<double>wp[c] if wp != NULL else 1.0)
-                        shift[n * C + c] = <floating>pivot
-                        scale[n * C + c] = <floating>alpha
-                        offset[n * C + c] = <floating>((<double>bp[c] if bp != NULL else 0.0)
-                                                       - centre_offset * alpha)
-            elementwise_pass(xp, NULL, yp, shift, scale, offset, NULL,
-                             N, C, S, channels_last, split, threads)
+                            scale[n * C + c] = <floating>alpha
+                            offset[n * C + c] = <floating>((<double>bp[c] if bp != NULL else 0.0)
+                                                           - centre_offset * alpha)
+                elementwise_pass(xp, NULL, yp, shift, scale, offset, NULL,
+                                 N, C, S, channels_last, split, threads)
     finally:
         free(work)
         free(coef)
@@ -749,7 +782,9 @@ def group_norm_backward(const floating[:, :, ::1] grad_out, const floating[:, :,
                                    wp + g * D if wp != NULL else NULL,
                                    meanp[item], <double>rstdp[item],
                                    stats_from_input, need_sums,
-                                   sum_dy + item * D, dot + item * D)
+                                   sum_dy + item * D, dot + item * D,
+                                   shift + item * D, scale_dy + item * D,
+                                   scale_x + item * D, offset + item * D)
             else:
                 if need_sums:
                     for n in range(N):
