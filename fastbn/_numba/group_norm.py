@@ -11,9 +11,9 @@ shape alone:
     rows x a block of channels (channels-last); the partials are added in a
     fixed order, then an elementwise pass applies per-(n, c) coefficients.
 Inside `prange` each item writes only its own slots, so the result is the same
-to the bit for any number of threads. Sums are float64 over values shifted by
-a per-group pivot (the group's first value); fast-math "reassoc" lets LLVM
-vectorise them.
+to the bit for any number of threads. Sums are float64 (whole blocks of BLOCK
+values first summed in x's type) over values shifted by a per-group pivot (the
+group's first value); fast-math "reassoc" lets LLVM vectorise them.
 
 The `prange` drivers are `parallel=True` functions and the per-item loops plain
 `@njit` helpers, all called from two entry points compiled for float32 and
