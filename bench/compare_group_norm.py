@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python bench/compare_group_norm.py [--op group|instance] [--threads 2]
         [--backends cython numba] [--channels-last] [--dtype float32] [--rounds 15]
-        [--clock wall|thread] [--quick]
+        [--clock wall|thread] [--estimate median|min] [--quick]
 
 For N in {1, 2, 4, 8} and the ResNet-stage shapes (C, H, W) in SHAPES it prints
 a markdown row: the time of one training step (forward + backward) of torch and
@@ -27,8 +27,12 @@ Method
 - Zero copy: torch's tensors are torch.from_numpy views of fastbn's arrays.
 - Interleaved timing: a warm-up, then `--rounds` rounds in which torch and each
   backend run in turn, the order rotating each round; each sample times a loop
-  of calls lasting about 2 ms; the table shows the median over the rounds.
-  On a shared, busy machine the ratios are steadier than the times.
+  of calls lasting about 2 ms (`--sample-ms`); the table shows the median over
+  the rounds. On a shared, busy machine the ratios are steadier than the times;
+  where other jobs stall most samples (another process pausing this one, more
+  runnable threads than cores), `--estimate min --sample-ms 0.3` reports the
+  fastest sample of each implementation instead, as timeit advises: stalls
+  only ever add time.
 - `--clock thread` (with --threads 1 only) times with the CPU time of the
   calling thread (time.thread_time) instead of the wall clock: time spent
   descheduled by other processes then does not count, which makes single-thread
@@ -111,18 +115,20 @@ def sample(fn, calls, clock=time.perf_counter):
     return (clock() - start) / calls
 
 
-def alternate(functions, rounds, threads, clock=time.perf_counter):
-    """Median time per call of each function, timed in rotating order."""
+def alternate(functions, rounds, threads, clock=time.perf_counter, sample_s=2e-3,
+              estimate=np.median):
+    """Time per call of each function (`estimate` over the rounds), timed in rotating order."""
     for fn in functions.values():  # warm-up (and a first estimate for the loop length)
         fn()
-    calls = {name: max(1, int(2e-3 / max(sample(fn, 3), 1e-7))) for name, fn in functions.items()}
+    calls = {name: max(1, int(sample_s / max(sample(fn, 3), 1e-7)))
+             for name, fn in functions.items()}
     times = {name: [] for name in functions}
     names = list(functions)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             torch.set_num_threads(threads)
             times[name].append(sample(functions[name], calls[name], clock))
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return {name: float(estimate(t)) for name, t in times.items()}
 
 
 def main(argv=None):
@@ -134,6 +140,8 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--clock", choices=["wall", "thread"], default="wall")
+    parser.add_argument("--estimate", choices=["median", "min"], default="median")
+    parser.add_argument("--sample-ms", type=float, default=2.0)
     parser.add_argument("--quick", action="store_true", help="N = 1 and 8 only, 5 rounds")
     args = parser.parse_args(argv)
     if args.clock == "thread" and args.threads != 1:
@@ -149,7 +157,7 @@ def main(argv=None):
     layout = "channels-last" if args.channels_last else "contiguous"
     print(f"# {args.op} norm, training forward + backward, {args.dtype}, {layout}, "
           f"{args.threads} threads, {args.clock} clock, torch {torch.__version__}, "
-          f"median of {rounds} rounds\n")
+          f"{args.estimate} of {rounds} rounds of {args.sample_ms:g} ms samples\n")
     header = ["N", "C, H, W", "torch us"] + [f"{b} us" for b in args.backends] + \
              [f"{b} speedup" for b in args.backends]
     print("| " + " | ".join(header) + " |")
@@ -161,7 +169,8 @@ def main(argv=None):
         for backend in args.backends:
             check(torch_step, fastbn_step, backend, dtype)
             functions[backend] = lambda backend=backend: fastbn_step(backend)
-        times = alternate(functions, rounds, args.threads, clock)
+        times = alternate(functions, rounds, args.threads, clock, args.sample_ms * 1e-3,
+                          np.median if args.estimate == "median" else np.min)
         row = [str(N), f"{C}, {H}, {W}", f"{times['torch'] * 1e6:.1f}"]
         row += [f"{times[b] * 1e6:.1f}" for b in args.backends]
         for backend in args.backends:
