@@ -118,7 +118,7 @@ def extensions():
         "initializedcheck": env_flag("FASTBN_CYTHON_DEBUG"),
         "cdivision": True,
     }
-    modules = ["_openmp_helpers", "_batch_norm", "_memory"]
+    modules = ["_openmp_helpers", "_memory", "_batch_norm", "_group_norm"]
     exts = [
         Extension(
             f"fastbn._cython.{name}",

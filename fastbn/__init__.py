@@ -13,6 +13,8 @@ from fastbn._backends import (
 )
 from fastbn._threads import get_num_threads, set_num_threads
 from fastbn.batch_norm import batch_norm_backward, batch_norm_forward
+from fastbn.group_norm import group_norm_backward, group_norm_forward
+from fastbn.instance_norm import instance_norm_backward, instance_norm_forward
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,10 @@ __all__ = [
     "batch_norm_forward",
     "get_backend",
     "get_num_threads",
+    "group_norm_backward",
+    "group_norm_forward",
+    "instance_norm_backward",
+    "instance_norm_forward",
     "set_backend",
     "set_num_threads",
     "use_backend",

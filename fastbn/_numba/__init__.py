@@ -4,5 +4,7 @@ fastbn imports it on the first call that uses ``backend="numba"``; validation
 and dispatch live in fastbn/.
 """
 from fastbn._numba.batch_norm import batch_norm_backward, batch_norm_forward
+from fastbn._numba.group_norm import group_norm_backward, group_norm_forward
 
-__all__ = ["batch_norm_forward", "batch_norm_backward"]
+__all__ = ["batch_norm_forward", "batch_norm_backward", "group_norm_forward",
+           "group_norm_backward"]

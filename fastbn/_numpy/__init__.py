@@ -12,5 +12,7 @@ kernel functions with the same calling convention:
 - `n_threads` is the thread count to use (ignored here).
 """
 from fastbn._numpy.batch_norm import batch_norm_backward, batch_norm_forward
+from fastbn._numpy.group_norm import group_norm_backward, group_norm_forward
 
-__all__ = ["batch_norm_forward", "batch_norm_backward"]
+__all__ = ["batch_norm_forward", "batch_norm_backward", "group_norm_forward",
+           "group_norm_backward"]

@@ -1,0 +1,831 @@
+"""GroupNorm forward and backward kernels (Cython + OpenMP); instance norm uses them too.
+
+The caller (fastbn/group_norm.py) has validated every argument and hands over
+3-D C-contiguous views: (N, C, S) for channels-first memory, (N, S, C) for
+channels-last memory (and for 2-D input, where S = 1). Group g of sample n is
+channels g * D ... (g + 1) * D - 1, D = C / G.
+
+Two fixed work splits, chosen from the shape alone (never from the thread
+count), so the result is the same to the bit for any number of threads:
+
+- Whole groups (channels-first, at least MIN_GROUP_ITEMS groups of at most
+  MAX_GROUP_ELEMENTS values): one item per (n, g), a contiguous block of D * S
+  values. The item computes its statistics and then normalizes the block
+  while it is still in cache (backward: per-channel sums, then grad_x), so x
+  comes from memory once instead of twice.
+- Chunks (everything else: few or huge groups, channels-last): per-(n, c)
+  partial sums over fixed pieces -- channels-first, whole rows of S values
+  or, for long rows, fixed chunks of a row; channels-last, tiles of
+  (rows of one sample) x (block of channels), read row by row -- then the
+  partials are added in a fixed order to per-(n, c) and per-(n, g) totals,
+  and an elementwise pass over the same pieces applies per-(n, c)
+  coefficients. N = 1 with few groups still gives every thread work.
+
+Statistics are float64 sums (blocks of a few hundred values summed in vector
+lanes of x's type, then added to float64; see the C loops below) over values
+shifted by a per-group pivot (the group's first value), which keeps the
+one-pass sum / sum-of-squares accurate on data with a large mean;
+y = (x - pivot) * scale + offset keeps that accuracy in the output.
+
+Backward, per group with A = sum_c w_c sum(dy_c), B = sum_c w_c sum((x_c - mean) dy_c)
+and n = D * S (as ATen's GroupNormBackward):
+  grad_x = dy * rstd * w_c + (x - mean) * (-B rstd^3 / n) + (-A rstd / n),
+and with statistics that do not depend on x (instance norm on running
+statistics) grad_x = dy * rstd * w_c.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt, isfinite
+from libc.stdlib cimport calloc, free
+
+# Values in one chunk-split item: big enough to amortise the per-item overhead,
+# small enough that N = 1 with few groups still gives every thread work.
+cdef Py_ssize_t CHUNK_ELEMENTS = 4096
+# Channels in one channels-last column block.
+cdef Py_ssize_t CHANNEL_BLOCK = 256
+# Below this many values per thread, extra threads cost more than they bring.
+cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD = 16384
+# Whole-group items need enough groups to share out, each small enough to stay in
+# cache between its two passes (backward touches dy, x and dx: 3 x 128 KiB in float32).
+cdef Py_ssize_t MIN_GROUP_ITEMS = 16
+cdef Py_ssize_t MAX_GROUP_ELEMENTS = 32768
+
+
+cdef struct Split:
+    bint whole_groups
+    Py_ssize_t items
+    # channels-first chunks: `rows_per_item` rows (n, c) of S values per item, or
+    # (rows_per_item = 1) each row cut into `chunks` pieces.
+    Py_ssize_t rows_per_item
+    Py_ssize_t chunks
+    # channels-last: per sample, row_blocks x channel_blocks tiles.
+    Py_ssize_t rows_per_block
+    Py_ssize_t row_blocks
+    Py_ssize_t channel_blocks
+    Py_ssize_t n_partials
+
+
+cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                      bint channels_last) noexcept nogil:
+    cdef Split split
+    cdef Py_ssize_t width
+    split.whole_groups = (not channels_last and N * G >= MIN_GROUP_ITEMS
+                          and (C // G) * S <= MAX_GROUP_ELEMENTS)
+    split.rows_per_item = 0
+    split.chunks = 0
+    split.rows_per_block = 0
+    split.row_blocks = 0
+    split.channel_blocks = 0
+    split.n_partials = 0
+    if split.whole_groups:
+        split.items = N * G
+    elif not channels_last:
+        if S >= CHUNK_ELEMENTS:
+            split.rows_per_item = 1
+            split.chunks = (S + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
+        else:
+            split.rows_per_item = CHUNK_ELEMENTS // S
+            split.chunks = 1
+        split.items = (N * C + split.rows_per_item - 1) // split.rows_per_item * split.chunks
+        split.n_partials = N * C * split.chunks
+    else:
+        width = C if C < CHANNEL_BLOCK else CHANNEL_BLOCK
+        split.rows_per_block = CHUNK_ELEMENTS // width
+        if split.rows_per_block < 1:
+            split.rows_per_block = 1
+        split.row_blocks = (S + split.rows_per_block - 1) // split.rows_per_block
+        split.channel_blocks = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+        split.items = N * split.row_blocks * split.channel_blocks
+        split.n_partials = N * split.row_blocks * C
+    return split
+
+
+cdef int effective_threads(int n_threads, Py_ssize_t n_elements, Py_ssize_t items) noexcept nogil:
+    cdef Py_ssize_t useful = n_elements // MIN_ELEMENTS_PER_THREAD
+    if useful < n_threads:
+        n_threads = <int>useful
+    if items < n_threads:
+        n_threads = <int>items
+    return n_threads if n_threads > 1 else 1
+
+
+# ---------------------------------------------------------------------------
+# Inner loops, in C: one definition per loop, instantiated for float and double.
+#
+# Sums are float64, but each block of BLOCK values of a run is first summed in
+# the data's type in a 64-byte vector (16 float32 or 8 float64 lanes, GCC/clang
+# vector extensions) that is then added up pairwise: full vector width also
+# for float32, and a short horizontal sum (runs can be as short as 49 values).
+# Other compilers get plain loops summing in float64.
+# Where GCC or clang can dispatch on the CPU at run time (x86-64 Linux), each
+# loop is also compiled for AVX2 and AVX-512 and the widest the CPU has runs;
+# elsewhere the build's baseline (SSE2 on x86-64) does. Results are the same
+# for any thread count; they may differ in the last bits between CPUs.
+
+cdef extern from *:
+    """
+    #include <string.h>
+    #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__INTEL_COMPILER)
+    #define FASTBN_DISPATCH __attribute__((target_clones("avx512f", "avx2", "default")))
+    #else
+    #define FASTBN_DISPATCH
+    #endif
+    #define FASTBN_BLOCK 256
+    /* Rows of a channels-last tile summed in the data's type before float64. */
+    #define FASTBN_ROW_BLOCK 16
+    /* Widest channels-last tile (the kernels' CHANNEL_BLOCK). */
+    #define FASTBN_MAX_WIDTH 256
+
+    /* Terms of the sums, on values (scalars or vectors): (x - m, (x - m)^2) and (dy, (x - m) dy). */
+    #define FASTBN_SHIFTED(x, dy, m) ((x) - (m))
+    #define FASTBN_SHIFTED_SQ(x, dy, m) (((x) - (m)) * ((x) - (m)))
+    #define FASTBN_DY(x, dy, m) (dy)
+    #define FASTBN_CENTRED_DY(x, dy, m) (((x) - (m)) * (dy))
+
+    #if defined(__GNUC__)
+    typedef float fastbn_vec_float __attribute__((vector_size(64)));
+    typedef double fastbn_vec_double __attribute__((vector_size(64)));
+    typedef float fastbn_float_x8 __attribute__((vector_size(32)));
+    typedef float fastbn_float_x4 __attribute__((vector_size(16)));
+    typedef double fastbn_double_x4 __attribute__((vector_size(32)));
+    typedef double fastbn_double_x2 __attribute__((vector_size(16)));
+    /* Horizontal sums by halving (the compiler keeps the halves in registers). */
+    static inline float fastbn_hsum_float(const fastbn_vec_float* v) {
+        fastbn_float_x8 lo8, hi8, s8;
+        fastbn_float_x4 lo4, hi4, s4;
+        memcpy(&lo8, v, 32); memcpy(&hi8, (const char*)v + 32, 32); s8 = lo8 + hi8;
+        memcpy(&lo4, &s8, 16); memcpy(&hi4, (char*)&s8 + 16, 16); s4 = lo4 + hi4;
+        return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+    }
+    static inline double fastbn_hsum_double(const fastbn_vec_double* v) {
+        fastbn_double_x4 lo4, hi4, s4;
+        fastbn_double_x2 lo2, hi2, s2;
+        memcpy(&lo4, v, 32); memcpy(&hi4, (const char*)v + 32, 32); s4 = lo4 + hi4;
+        memcpy(&lo2, &s4, 16); memcpy(&hi2, (char*)&s4 + 16, 16); s2 = lo2 + hi2;
+        return s2[0] + s2[1];
+    }
+    /* fastbn_KIND_T: for each of `runs` runs of n values (run j at x + j * n, dy + j * n,
+       centre m[j]): sum_a[j] = sum(TERM_A), sum_b[j] = sum(TERM_B). One call does a whole
+       group's rows: per-call costs matter when rows are as short as 49 values. */
+    #define FASTBN_DEFINE_RUN_SUMS(KIND, T, TERM_A, TERM_B) \
+    FASTBN_DISPATCH static void fastbn_##KIND##_##T( \
+            const T* x, const T* dy, Py_ssize_t runs, Py_ssize_t n, const T* m, \
+            double* sum_a, double* sum_b) { \
+        enum { LANES = sizeof(fastbn_vec_##T) / sizeof(T) }; \
+        Py_ssize_t n_main = n - n % LANES, run, start, stop, i; \
+        for (run = 0; run < runs; run++, x += n, dy += n) { \
+            double total_a = 0.0, total_b = 0.0; \
+            T centre = m[run]; \
+            for (start = 0; start < n_main; start = stop) { \
+                fastbn_vec_##T block_a = {0}, block_b = {0}, xv, dyv; \
+                stop = start + FASTBN_BLOCK < n_main ? start + FASTBN_BLOCK : n_main; \
+                for (i = start; i < stop; i += LANES) { \
+                    memcpy(&xv, x + i, sizeof xv); \
+                    memcpy(&dyv, dy + i, sizeof dyv); \
+                    block_a += TERM_A(xv, dyv, centre); \
+                    block_b += TERM_B(xv, dyv, centre); \
+                } \
+                total_a += fastbn_hsum_##T(&block_a); \
+                total_b += fastbn_hsum_##T(&block_b); \
+            } \
+            for (i = n_main; i < n; i++) { \
+                total_a += TERM_A(x[i], dy[i], centre); \
+                total_b += TERM_B(x[i], dy[i], centre); \
+            } \
+            sum_a[run] = total_a; \
+            sum_b[run] = total_b; \
+        } \
+    }
+    #else
+    #define FASTBN_DEFINE_RUN_SUMS(KIND, T, TERM_A, TERM_B) \
+    static void fastbn_##KIND##_##T(const T* x, const T* dy, Py_ssize_t runs, Py_ssize_t n, \
+                                    const T* m, double* sum_a, double* sum_b) { \
+        Py_ssize_t run, i; \
+        for (run = 0; run < runs; run++, x += n, dy += n) { \
+            double total_a = 0.0, total_b = 0.0; \
+            for (i = 0; i < n; i++) { \
+                total_a += TERM_A((double)x[i], (double)dy[i], (double)m[run]); \
+                total_b += TERM_B((double)x[i], (double)dy[i], (double)m[run]); \
+            } \
+            sum_a[run] = total_a; \
+            sum_b[run] = total_b; \
+        } \
+    }
+    #endif
+
+    /* fastbn_rows_KIND_T: per column c < width of `rows` rows (row r at x + r * stride,
+       dy + r * stride), sum_a[c] += sum(TERM_A), sum_b[c] += sum(TERM_B), centre m[c].
+       Elementwise across columns, so `omp simd` vectorises it without reassociating. */
+    #define FASTBN_DEFINE_ROW_SUMS(KIND, T, TERM_A, TERM_B) \
+    FASTBN_DISPATCH static void fastbn_rows_##KIND##_##T( \
+            const T* x, const T* dy, Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width, \
+            const T* m, double* sum_a, double* sum_b) { \
+        T part_a[FASTBN_MAX_WIDTH], part_b[FASTBN_MAX_WIDTH]; \
+        Py_ssize_t r0, r, r1, c; \
+        for (r0 = 0; r0 < rows; r0 = r1) { \
+            r1 = r0 + FASTBN_ROW_BLOCK < rows ? r0 + FASTBN_ROW_BLOCK : rows; \
+            for (c = 0; c < width; c++) { part_a[c] = 0; part_b[c] = 0; } \
+            for (r = r0; r < r1; r++) { \
+                const T* x_row = x + r * stride; \
+                const T* dy_row = dy + r * stride; \
+                (void)dy_row; \
+                _Pragma("omp simd") \
+                for (c = 0; c < width; c++) { \
+                    part_a[c] += TERM_A(x_row[c], dy_row[c], m[c]); \
+                    part_b[c] += TERM_B(x_row[c], dy_row[c], m[c]); \
+                } \
+            } \
+            for (c = 0; c < width; c++) { sum_a[c] += part_a[c]; sum_b[c] += part_b[c]; } \
+        } \
+    }
+
+    #define FASTBN_DEFINE_ELEMENTWISE(T) \
+    /* y = (x - shift) * scale + offset over `runs` runs of n values, coefficients per run */ \
+    FASTBN_DISPATCH static void fastbn_affine_##T( \
+            const T* x, T* y, Py_ssize_t runs, Py_ssize_t n, \
+            const T* shift, const T* scale, const T* offset) { \
+        Py_ssize_t run, i; \
+        for (run = 0; run < runs; run++, x += n, y += n) { \
+            T s = shift[run], a = scale[run], b = offset[run]; \
+            for (i = 0; i < n; i++) y[i] = (x[i] - s) * a + b; \
+        } \
+    } \
+    /* dx = dy * a + (x - mean) * b + d over `runs` runs of n values, coefficients per run */ \
+    FASTBN_DISPATCH static void fastbn_grad_input_##T( \
+            const T* dy, const T* x, T* dx, Py_ssize_t runs, Py_ssize_t n, \
+            const T* mean, const T* a, const T* b, const T* d) { \
+        Py_ssize_t run, i; \
+        for (run = 0; run < runs; run++, dy += n, x += n, dx += n) { \
+            T m = mean[run], ar = a[run], br = b[run], dr = d[run]; \
+            for (i = 0; i < n; i++) dx[i] = dy[i] * ar + (x[i] - m) * br + dr; \
+        } \
+    } \
+    /* The same on rows (row r at offset r * stride), coefficients per column */ \
+    FASTBN_DISPATCH static void fastbn_rows_affine_##T( \
+            const T* x, T* y, Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width, \
+            const T* shift, const T* scale, const T* offset) { \
+        Py_ssize_t r, c; \
+        for (r = 0; r < rows; r++) { \
+            const T* x_row = x + r * stride; \
+            T* y_row = y + r * stride; \
+            for (c = 0; c < width; c++) \
+                y_row[c] = (x_row[c] - shift[c]) * scale[c] + offset[c]; \
+        } \
+    } \
+    FASTBN_DISPATCH static void fastbn_rows_grad_input_##T( \
+            const T* dy, const T* x, T* dx, Py_ssize_t rows, Py_ssize_t stride, \
+            Py_ssize_t width, const T* mean, const T* a, const T* b, const T* d) { \
+        Py_ssize_t r, c; \
+        for (r = 0; r < rows; r++) { \
+            const T* dy_row = dy + r * stride; \
+            const T* x_row = x + r * stride; \
+            T* dx_row = dx + r * stride; \
+            for (c = 0; c < width; c++) \
+                dx_row[c] = dy_row[c] * a[c] + (x_row[c] - mean[c]) * b[c] + d[c]; \
+        } \
+    }
+
+    FASTBN_DEFINE_RUN_SUMS(shifted_sums, float, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
+    FASTBN_DEFINE_RUN_SUMS(shifted_sums, double, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
+    FASTBN_DEFINE_RUN_SUMS(grad_sums, float, FASTBN_DY, FASTBN_CENTRED_DY)
+    FASTBN_DEFINE_RUN_SUMS(grad_sums, double, FASTBN_DY, FASTBN_CENTRED_DY)
+    FASTBN_DEFINE_ROW_SUMS(shifted_sums, float, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
+    FASTBN_DEFINE_ROW_SUMS(shifted_sums, double, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
+    FASTBN_DEFINE_ROW_SUMS(grad_sums, float, FASTBN_DY, FASTBN_CENTRED_DY)
+    FASTBN_DEFINE_ROW_SUMS(grad_sums, double, FASTBN_DY, FASTBN_CENTRED_DY)
+    FASTBN_DEFINE_ELEMENTWISE(float)
+    FASTBN_DEFINE_ELEMENTWISE(double)
+    """
+    # The sums read x and dy; shifted sums only x (pass x again as dy).
+    void fastbn_shifted_sums_float(const float* x, const float* dy, Py_ssize_t runs,
+                                   Py_ssize_t n, const float* m,
+                                   double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_shifted_sums_double(const double* x, const double* dy, Py_ssize_t runs,
+                                    Py_ssize_t n, const double* m,
+                                    double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_grad_sums_float(const float* x, const float* dy, Py_ssize_t runs,
+                                Py_ssize_t n, const float* m,
+                                double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_grad_sums_double(const double* x, const double* dy, Py_ssize_t runs,
+                                 Py_ssize_t n, const double* m,
+                                 double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_rows_shifted_sums_float(const float* x, const float* dy, Py_ssize_t rows,
+                                        Py_ssize_t stride, Py_ssize_t width, const float* m,
+                                        double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_rows_shifted_sums_double(const double* x, const double* dy, Py_ssize_t rows,
+                                         Py_ssize_t stride, Py_ssize_t width, const double* m,
+                                         double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_rows_grad_sums_float(const float* x, const float* dy, Py_ssize_t rows,
+                                     Py_ssize_t stride, Py_ssize_t width, const float* m,
+                                     double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_rows_grad_sums_double(const double* x, const double* dy, Py_ssize_t rows,
+                                      Py_ssize_t stride, Py_ssize_t width, const double* m,
+                                      double* sum_a, double* sum_b) noexcept nogil
+    void fastbn_affine_float(const float* x, float* y, Py_ssize_t runs, Py_ssize_t n,
+                             const float* shift, const float* scale,
+                             const float* offset) noexcept nogil
+    void fastbn_affine_double(const double* x, double* y, Py_ssize_t runs, Py_ssize_t n,
+                              const double* shift, const double* scale,
+                              const double* offset) noexcept nogil
+    void fastbn_grad_input_float(const float* dy, const float* x, float* dx, Py_ssize_t runs,
+                                 Py_ssize_t n, const float* mean, const float* a,
+                                 const float* b, const float* d) noexcept nogil
+    void fastbn_grad_input_double(const double* dy, const double* x, double* dx,
+                                  Py_ssize_t runs, Py_ssize_t n, const double* mean,
+                                  const double* a, const double* b,
+                                  const double* d) noexcept nogil
+    void fastbn_rows_affine_float(const float* x, float* y, Py_ssize_t rows, Py_ssize_t stride,
+                                  Py_ssize_t width, const float* shift, const float* scale,
+                                  const float* offset) noexcept nogil
+    void fastbn_rows_affine_double(const double* x, double* y, Py_ssize_t rows,
+                                   Py_ssize_t stride, Py_ssize_t width, const double* shift,
+                                   const double* scale, const double* offset) noexcept nogil
+    void fastbn_rows_grad_input_float(const float* dy, const float* x, float* dx,
+                                      Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
+                                      const float* mean, const float* a, const float* b,
+                                      const float* d) noexcept nogil
+    void fastbn_rows_grad_input_double(const double* dy, const double* x, double* dx,
+                                       Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
+                                       const double* mean, const double* a, const double* b,
+                                       const double* d) noexcept nogil
+
+
+# Fused-type front ends of the C loops.
+
+cdef inline void shifted_sums(const floating* x, Py_ssize_t runs, Py_ssize_t n,
+                              const floating* pivot, double* sum_out,
+                              double* sum_sq_out) noexcept nogil:
+    """Per run j of `runs` consecutive runs of n values: sum(x - pivot[j]) and
+    sum((x - pivot[j])**2), in float64. Pivots are values of x's type, so x - pivot
+    is exact for values near them."""
+    if floating is float:
+        fastbn_shifted_sums_float(x, x, runs, n, pivot, sum_out, sum_sq_out)
+    else:
+        fastbn_shifted_sums_double(x, x, runs, n, pivot, sum_out, sum_sq_out)
+
+
+cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t runs, Py_ssize_t n,
+                           const floating* mean, double* sum_dy_out,
+                           double* dot_out) noexcept nogil:
+    """Per run j: sum(dy) and sum((x - mean[j]) * dy), in float64."""
+    if floating is float:
+        fastbn_grad_sums_float(x, dy, runs, n, mean, sum_dy_out, dot_out)
+    else:
+        fastbn_grad_sums_double(x, dy, runs, n, mean, sum_dy_out, dot_out)
+
+
+cdef inline void rows_sums(const floating* first, const floating* second, bint gradient,
+                           Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
+                           const floating* centre, double* sum_a, double* sum_b) noexcept nogil:
+    """Per column of a channels-last tile, add to sum_a, sum_b the sums of
+    shifted_sums(first) or, when gradient, grad_sums(dy=first, x=second)."""
+    if floating is float:
+        if gradient:
+            fastbn_rows_grad_sums_float(second, first, rows, stride, width, centre, sum_a, sum_b)
+        else:
+            fastbn_rows_shifted_sums_float(first, first, rows, stride, width, centre, sum_a, sum_b)
+    else:
+        if gradient:
+            fastbn_rows_grad_sums_double(second, first, rows, stride, width, centre, sum_a, sum_b)
+        else:
+            fastbn_rows_shifted_sums_double(first, first, rows, stride, width, centre, sum_a,
+                                            sum_b)
+
+
+cdef inline void runs_elementwise(const floating* x, const floating* x2, floating* y,
+                                  Py_ssize_t runs, Py_ssize_t n,
+                                  const floating* shift, const floating* scale,
+                                  const floating* offset, const floating* scale2) noexcept nogil:
+    """Per run j of `runs` consecutive runs of n values: y = (x - shift) * scale + offset or,
+    with x2 (backward), y = x * scale + (x2 - shift) * scale2 + offset; coefficients [j]."""
+    if floating is float:
+        if x2 == NULL:
+            fastbn_affine_float(x, y, runs, n, shift, scale, offset)
+        else:
+            fastbn_grad_input_float(x, x2, y, runs, n, shift, scale, scale2, offset)
+    else:
+        if x2 == NULL:
+            fastbn_affine_double(x, y, runs, n, shift, scale, offset)
+        else:
+            fastbn_grad_input_double(x, x2, y, runs, n, shift, scale, scale2, offset)
+
+
+cdef inline void rows_elementwise(const floating* x, const floating* x2, floating* y,
+                                  Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
+                                  const floating* shift, const floating* scale,
+                                  const floating* offset, const floating* scale2) noexcept nogil:
+    """Rows of a channels-last tile: y = (x - shift) * scale + offset or, with x2 (backward),
+    y = x * scale + (x2 - shift) * scale2 + offset; coefficients per column."""
+    if floating is float:
+        if x2 == NULL:
+            fastbn_rows_affine_float(x, y, rows, stride, width, shift, scale, offset)
+        else:
+            fastbn_rows_grad_input_float(x, x2, y, rows, stride, width, shift, scale, scale2,
+                                         offset)
+    else:
+        if x2 == NULL:
+            fastbn_rows_affine_double(x, y, rows, stride, width, shift, scale, offset)
+        else:
+            fastbn_rows_grad_input_double(x, x2, y, rows, stride, width, shift, scale, scale2,
+                                          offset)
+
+
+cdef inline double group_rstd(double sum_shifted, double sum_sq, Py_ssize_t count, double eps,
+                              double* var_out) noexcept nogil:
+    """1 / sqrt(var + eps) from shifted sums; the biased variance goes to var_out."""
+    cdef double var = (sum_sq - sum_shifted * sum_shifted / count) / count
+    if var < 0.0:  # rounding only; keeps nan as nan
+        var = 0.0
+    var_out[0] = var
+    # As ATen's group norm: var 0 with eps 0 gives inf.
+    return 1.0 / sqrt(var + eps)
+
+
+cdef inline double group_pivot(floating value) noexcept nogil:
+    # A non-finite pivot would turn an inf mean into nan; 0 keeps PyTorch's result.
+    return <double>value if isfinite(<double>value) else 0.0
+
+
+# ---------------------------------------------------------------------------
+# Whole-group items (channels-first): x, y, dy, dx point at the group's first
+# value, w and b at its first channel's parameter (NULL when absent), and the
+# coefficient arrays (shift, scale, ...) at the group's D per-channel slots.
+
+cdef void forward_group(const floating* x, floating* y, Py_ssize_t D, Py_ssize_t S,
+                        const floating* w, const floating* b, bint compute_stats, double eps,
+                        floating* mean_out, floating* rstd_out, double* var_out,
+                        floating* shift, floating* scale, floating* offset) noexcept nogil:
+    cdef Py_ssize_t c, count = D * S
+    cdef double sum_shifted, sum_sq, var, rstd, centre_offset = 0.0, alpha
+    if compute_stats:
+        shift[0] = <floating>group_pivot(x[0])
+        shifted_sums(x, 1, count, shift, &sum_shifted, &sum_sq)
+        rstd = group_rstd(sum_shifted, sum_sq, count, eps, &var)
+        centre_offset = sum_shifted / count  # mean - pivot
+        mean_out[0] = <floating>(<double>shift[0] + centre_offset)
+        rstd_out[0] = <floating>rstd
+        if var_out != NULL:
+            var_out[0] = var
+    else:
+        shift[0] = mean_out[0]
+        rstd = <double>rstd_out[0]
+    for c in range(D):
+        alpha = rstd * (<double>w[c] if w != NULL else 1.0)
+        shift[c] = shift[0]
+        scale[c] = <floating>alpha
+        offset[c] = <floating>((<double>b[c] if b != NULL else 0.0) - centre_offset * alpha)
+    runs_elementwise(x, NULL, y, D, S, shift, scale, offset, NULL)
+
+
+cdef void backward_group(const floating* dy, const floating* x, floating* dx,
+                         Py_ssize_t D, Py_ssize_t S, const floating* w, floating mean,
+                         double rstd, bint stats_from_input, bint need_sums,
+                         double* sum_dy, double* dot, floating* shift, floating* scale_dy,
+                         floating* scale_x, floating* offset) noexcept nogil:
+    """Per-channel sums into sum_dy[0:D], dot[0:D]; then grad_x unless dx is NULL."""
+    cdef Py_ssize_t c
+    cdef double weighted_sum_dy = 0.0, weighted_dot = 0.0, w_c, b = 0.0, d = 0.0
+    for c in range(D):
+        shift[c] = mean
+    if need_sums:
+        grad_sums(dy, x, D, S, shift, sum_dy, dot)
+        for c in range(D):
+            w_c = <double>w[c] if w != NULL else 1.0
+            weighted_sum_dy += w_c * sum_dy[c]
+            weighted_dot += w_c * dot[c]
+    if dx == NULL:
+        return
+    if stats_from_input:
+        b = -weighted_dot * rstd * rstd * rstd / (D * S)
+        d = -weighted_sum_dy * rstd / (D * S)
+    for c in range(D):
+        scale_dy[c] = <floating>(rstd * (<double>w[c] if w != NULL else 1.0))
+        scale_x[c] = <floating>b
+        offset[c] = <floating>d
+    runs_elementwise(dy, x, dx, D, S, shift, scale_dy, offset, scale_x)
+
+
+# ---------------------------------------------------------------------------
+# Chunk items: passes over the whole tensor with per-(n, c) partials and coefficients.
+
+cdef void reduce_pass(const floating* first, const floating* second, const floating* centre,
+                      Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
+                      bint gradient, Split split, int n_threads,
+                      double* part_a, double* part_b) noexcept nogil:
+    """Per-item partial sums: shifted_sums(first) or, when gradient, grad_sums(dy=first, x=second),
+    around centre[n * C + c]."""
+    cdef Py_ssize_t item, row0, row1, chunk, start, stop, n, c, rb, c0, c1, r0, r1, t, part, off
+    for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
+        if not channels_last:
+            chunk = item % split.chunks
+            row0 = item // split.chunks * split.rows_per_item
+            row1 = row0 + split.rows_per_item
+            if row1 > N * C:
+                row1 = N * C
+            start = chunk * S // split.chunks
+            stop = (chunk + 1) * S // split.chunks
+            # Several whole rows (chunks == 1), or a piece of one row: consecutive runs,
+            # and their partials consecutive too.
+            off = row0 * S + start
+            part = row0 * split.chunks + chunk
+            if gradient:
+                grad_sums(first + off, second + off, row1 - row0, stop - start, centre + row0,
+                          &part_a[part], &part_b[part])
+            else:
+                shifted_sums(first + off, row1 - row0, stop - start, centre + row0,
+                             &part_a[part], &part_b[part])
+        else:
+            c0 = item % split.channel_blocks * CHANNEL_BLOCK
+            c1 = c0 + CHANNEL_BLOCK
+            if c1 > C:
+                c1 = C
+            t = item // split.channel_blocks
+            rb = t % split.row_blocks
+            n = t // split.row_blocks
+            r0 = rb * split.rows_per_block
+            r1 = r0 + split.rows_per_block
+            if r1 > S:
+                r1 = S
+            part = t * C + c0
+            for c in range(c1 - c0):
+                part_a[part + c] = 0.0
+                part_b[part + c] = 0.0
+            rows_sums(first + (n * S + r0) * C + c0,
+                      second + (n * S + r0) * C + c0 if gradient else NULL, gradient,
+                      r1 - r0, C, c1 - c0, centre + n * C + c0, part_a + part, part_b + part)
+
+
+cdef void sum_partials(const double* part_a, const double* part_b, Py_ssize_t N, Py_ssize_t C,
+                       bint channels_last, Split split,
+                       double* total_a, double* total_b) noexcept nogil:
+    """Per-(n, c) totals of the partials, added in a fixed order (thread-count independent)."""
+    cdef Py_ssize_t row, k, n, c, rb, base
+    for row in range(N * C):
+        total_a[row] = 0.0
+        total_b[row] = 0.0
+    if not channels_last:
+        for row in range(N * C):
+            for k in range(split.chunks):
+                total_a[row] += part_a[row * split.chunks + k]
+                total_b[row] += part_b[row * split.chunks + k]
+    else:
+        for n in range(N):
+            for rb in range(split.row_blocks):
+                base = (n * split.row_blocks + rb) * C
+                for c in range(C):
+                    total_a[n * C + c] += part_a[base + c]
+                    total_b[n * C + c] += part_b[base + c]
+
+
+cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
+                           const floating* shift, const floating* scale, const floating* offset,
+                           const floating* scale2,
+                           Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
+                           Split split, int n_threads) noexcept nogil:
+    """y = (x - shift) * scale + offset, or with x2 given (backward):
+    y = x * scale + (x2 - shift) * scale2 + offset; coefficients per (n, c)."""
+    cdef Py_ssize_t item, row0, row1, chunk, start, stop, n, rb, c0, c1, r0, r1, t, off, k
+    for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
+        if not channels_last:
+            chunk = item % split.chunks
+            row0 = item // split.chunks * split.rows_per_item
+            row1 = row0 + split.rows_per_item
+            if row1 > N * C:
+                row1 = N * C
+            start = chunk * S // split.chunks
+            stop = (chunk + 1) * S // split.chunks
+            off = row0 * S + start
+            runs_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, row1 - row0,
+                             stop - start, shift + row0, scale + row0, offset + row0,
+                             scale2 + row0 if scale2 != NULL else NULL)
+        else:
+            c0 = item % split.channel_blocks * CHANNEL_BLOCK
+            c1 = c0 + CHANNEL_BLOCK
+            if c1 > C:
+                c1 = C
+            t = item // split.channel_blocks
+            rb = t % split.row_blocks
+            n = t // split.row_blocks
+            r0 = rb * split.rows_per_block
+            r1 = r0 + split.rows_per_block
+            if r1 > S:
+                r1 = S
+            off = (n * S + r0) * C + c0
+            k = n * C + c0
+            rows_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, r1 - r0, C,
+                             c1 - c0, shift + k, scale + k, offset + k,
+                             scale2 + k if scale2 != NULL else NULL)
+
+
+# ---------------------------------------------------------------------------
+# Entry points (argument checks are the caller's job).
+
+def group_norm_forward(const floating[:, :, ::1] x, object weight, object bias, double eps,
+                       bint compute_stats, floating[:, :, ::1] y,
+                       floating[:, ::1] mean, floating[:, ::1] rstd, object variance,
+                       bint channels_last, int n_threads):
+    cdef Py_ssize_t N = x.shape[0]
+    cdef Py_ssize_t C = x.shape[1] if not channels_last else x.shape[2]
+    cdef Py_ssize_t S = x.shape[2] if not channels_last else x.shape[1]
+    cdef Py_ssize_t G = mean.shape[1], D = C // G
+    cdef Py_ssize_t item, n, g, c, k
+    cdef const floating[::1] w
+    cdef const floating[::1] b
+    cdef double[:, ::1] var_view
+    cdef const floating* wp = NULL
+    cdef const floating* bp = NULL
+    cdef double* varp = NULL
+    if weight is not None:
+        w = weight
+        wp = &w[0]
+    if bias is not None:
+        b = bias
+        bp = &b[0]
+    if variance is not None:
+        var_view = variance
+        varp = &var_view[0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* yp = &y[0, 0, 0]
+    cdef floating* meanp = &mean[0, 0]
+    cdef floating* rstdp = &rstd[0, 0]
+    cdef Split split = make_split(N, C, S, G, channels_last)
+    cdef int threads = effective_threads(n_threads, N * C * S, split.items)
+
+    # One allocation for the partials and per-(n, c) totals, one for per-(n, c) coefficients.
+    cdef double* work = <double*>calloc(2 * split.n_partials + 2 * N * C, sizeof(double))
+    cdef floating* coef = <floating*>calloc(3 * N * C, sizeof(floating))
+    if work == NULL or coef == NULL:
+        free(work)
+        free(coef)
+        raise MemoryError()
+    cdef double* part_a = work
+    cdef double* part_b = work + split.n_partials
+    cdef double* sum_shifted = part_b + split.n_partials
+    cdef double* sum_sq = sum_shifted + N * C
+    cdef floating* shift = coef  # the group's pivot or mean, also the centre of the sums
+    cdef floating* scale = coef + N * C
+    cdef floating* offset = coef + 2 * N * C
+    cdef double pivot, group_shifted, group_sq, var, rstd_g, centre_offset, alpha
+    cdef Py_ssize_t count = D * S
+    try:
+        with nogil:
+            if split.whole_groups:
+                for item in prange(N * G, num_threads=threads, schedule="static"):
+                    g = item % G
+                    forward_group(xp + item * D * S, yp + item * D * S, D, S,
+                                  wp + g * D if wp != NULL else NULL,
+                                  bp + g * D if bp != NULL else NULL,
+                                  compute_stats, eps, meanp + item, rstdp + item,
+                                  varp + item if varp != NULL else NULL,
+                                  shift + item * D, scale + item * D, offset + item * D)
+            else:
+                if compute_stats:
+                    for n in range(N):
+                        for g in range(G):
+                            pivot = group_pivot(xp[(n * C + g * D) * S] if not channels_last
+                                                else xp[n * S * C + g * D])
+                            for c in range(g * D, (g + 1) * D):
+                                shift[n * C + c] = <floating>pivot
+                    reduce_pass(xp, NULL, shift, N, C, S, channels_last, False, split, threads,
+                                part_a, part_b)
+                    sum_partials(part_a, part_b, N, C, channels_last, split, sum_shifted, sum_sq)
+                for n in range(N):
+                    for g in range(G):
+                        k = n * G + g
+                        if compute_stats:
+                            group_shifted = 0.0
+                            group_sq = 0.0
+                            for c in range(n * C + g * D, n * C + (g + 1) * D):
+                                group_shifted += sum_shifted[c]
+                                group_sq += sum_sq[c]
+                            pivot = <double>shift[n * C + g * D]
+                            rstd_g = group_rstd(group_shifted, group_sq, count, eps, &var)
+                            centre_offset = group_shifted / count
+                            meanp[k] = <floating>(pivot + centre_offset)
+                            rstdp[k] = <floating>rstd_g
+                            if varp != NULL:
+                                varp[k] = var
+                        else:
+                            pivot = <double>meanp[k]
+                            rstd_g = <double>rstdp[k]
+                            centre_offset = 0.0
+                        for c in range(g * D, (g + 1) * D):
+                            alpha = rstd_g * (<double>wp[c] if wp != NULL else 1.0)
+                            shift[n * C + c] = <floating>pivot
+                            scale[n * C + c] = <floating>alpha
+                            offset[n * C + c] = <floating>((<double>bp[c] if bp != NULL else 0.0)
+                                                           - centre_offset * alpha)
+                elementwise_pass(xp, NULL, yp, shift, scale, offset, NULL,
+                                 N, C, S, channels_last, split, threads)
+    finally:
+        free(work)
+        free(coef)
+
+
+def group_norm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, ::1] x,
+                        object weight, const floating[:, ::1] mean, const floating[:, ::1] rstd,
+                        bint stats_from_input, object grad_x, object grad_weight,
+                        object grad_bias, bint channels_last, int n_threads):
+    cdef Py_ssize_t N = x.shape[0]
+    cdef Py_ssize_t C = x.shape[1] if not channels_last else x.shape[2]
+    cdef Py_ssize_t S = x.shape[2] if not channels_last else x.shape[1]
+    cdef Py_ssize_t G = mean.shape[1], D = C // G
+    cdef Py_ssize_t item, n, g, c, k
+    cdef const floating[::1] w
+    cdef floating[:, :, ::1] dx
+    cdef floating[::1] dw
+    cdef floating[::1] db
+    cdef const floating* wp = NULL
+    cdef floating* dxp = NULL
+    if weight is not None:
+        w = weight
+        wp = &w[0]
+    if grad_x is not None:
+        dx = grad_x
+        dxp = &dx[0, 0, 0]
+    cdef bint want_dw = grad_weight is not None, want_db = grad_bias is not None
+    if want_dw:
+        dw = grad_weight
+    if want_db:
+        db = grad_bias
+    cdef bint need_sums = want_dw or want_db or (dxp != NULL and stats_from_input)
+    cdef const floating* dyp = &grad_out[0, 0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef const floating* meanp = &mean[0, 0]
+    cdef const floating* rstdp = &rstd[0, 0]
+    cdef Split split = make_split(N, C, S, G, channels_last)
+    cdef int threads = effective_threads(n_threads, N * C * S, split.items)
+
+    # Per-(n, c) sum(dy) and sum((x - mean) * dy), then per-(n, c) coefficients of grad_x.
+    cdef double* work = <double*>calloc(2 * split.n_partials + 2 * N * C, sizeof(double))
+    cdef floating* coef = <floating*>calloc(4 * N * C, sizeof(floating))
+    if work == NULL or coef == NULL:
+        free(work)
+        free(coef)
+        raise MemoryError()
+    cdef double* part_a = work
+    cdef double* part_b = work + split.n_partials
+    cdef double* sum_dy = part_b + split.n_partials
+    cdef double* dot = sum_dy + N * C
+    cdef floating* shift = coef  # the group's mean, also the centre of the sums
+    cdef floating* scale_dy = coef + N * C
+    cdef floating* scale_x = coef + 2 * N * C
+    cdef floating* offset = coef + 3 * N * C
+    cdef double rstd_g, w_c, weighted_sum_dy, weighted_dot, total
+    try:
+        with nogil:
+            if split.whole_groups:
+                for item in prange(N * G, num_threads=threads, schedule="static"):
+                    g = item % G
+                    backward_group(dyp + item * D * S, xp + item * D * S,
+                                   dxp + item * D * S if dxp != NULL else NULL, D, S,
+                                   wp + g * D if wp != NULL else NULL,
+                                   meanp[item], <double>rstdp[item],
+                                   stats_from_input, need_sums,
+                                   sum_dy + item * D, dot + item * D,
+                                   shift + item * D, scale_dy + item * D,
+                                   scale_x + item * D, offset + item * D)
+            else:
+                if need_sums:
+                    for n in range(N):
+                        for c in range(C):
+                            shift[n * C + c] = meanp[n * G + c // D]
+                    reduce_pass(dyp, xp, shift, N, C, S, channels_last, True, split, threads,
+                                part_a, part_b)
+                    sum_partials(part_a, part_b, N, C, channels_last, split, sum_dy, dot)
+                if dxp != NULL:
+                    for n in range(N):
+                        for g in range(G):
+                            k = n * G + g
+                            rstd_g = <double>rstdp[k]
+                            weighted_sum_dy = 0.0
+                            weighted_dot = 0.0
+                            for c in range(g * D, (g + 1) * D):
+                                w_c = <double>wp[c] if wp != NULL else 1.0
+                                weighted_sum_dy += w_c * sum_dy[n * C + c]
+                                weighted_dot += w_c * dot[n * C + c]
+                            for c in range(g * D, (g + 1) * D):
+                                w_c = <double>wp[c] if wp != NULL else 1.0
+                                shift[n * C + c] = meanp[k]
+                                scale_dy[n * C + c] = <floating>(rstd_g * w_c)
+                                if stats_from_input:
+                                    scale_x[n * C + c] = <floating>(
+                                        -weighted_dot * rstd_g * rstd_g * rstd_g / (D * S))
+                                    offset[n * C + c] = <floating>(-weighted_sum_dy * rstd_g / (D * S))
+                    elementwise_pass(dyp, xp, dxp, shift, scale_dy, offset, scale_x,
+                                     N, C, S, channels_last, split, threads)
+            # Parameter gradients: sums over the batch in a fixed order.
+            for c in range(C):
+                if want_dw:
+                    total = 0.0
+                    for n in range(N):
+                        total += dot[n * C + c] * <double>rstdp[n * G + c // D]
+                    dw[c] = <floating>total
+                if want_db:
+                    total = 0.0
+                    for n in range(N):
+                        total += sum_dy[n * C + c]
+                    db[c] = <floating>total
+    finally:
+        free(work)
+        free(coef)
