@@ -13,6 +13,8 @@ from fastbn._backends import (
 )
 from fastbn._threads import get_num_threads, set_num_threads
 from fastbn.batch_norm import batch_norm_backward, batch_norm_forward
+from fastbn.layer_norm import layer_norm_backward, layer_norm_forward
+from fastbn.rms_norm import rms_norm_backward, rms_norm_forward
 
 __version__ = "0.1.0"
 
@@ -23,6 +25,10 @@ __all__ = [
     "batch_norm_forward",
     "get_backend",
     "get_num_threads",
+    "layer_norm_backward",
+    "layer_norm_forward",
+    "rms_norm_backward",
+    "rms_norm_forward",
     "set_backend",
     "set_num_threads",
     "use_backend",
