@@ -17,12 +17,19 @@ def _cpus_available():
         return os.cpu_count() or 1
 
 
+_openmp_max_threads = None  # the compiled kernels' omp_get_max_threads, looked up on first use
+
+
 def _openmp_limit():
-    try:
-        from fastbn._cython._openmp_helpers import openmp_enabled, openmp_max_threads
-    except ImportError:
-        return None
-    return openmp_max_threads() if openmp_enabled() else None
+    global _openmp_max_threads
+    if _openmp_max_threads is None:  # import once: this runs on every kernel call
+        try:
+            from fastbn._cython._openmp_helpers import openmp_enabled, openmp_max_threads
+        except ImportError:
+            _openmp_max_threads = False
+        else:
+            _openmp_max_threads = openmp_max_threads if openmp_enabled() else False
+    return _openmp_max_threads() if _openmp_max_threads else None
 
 
 def _parse_thread_count(value, source):
