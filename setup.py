@@ -116,7 +116,7 @@ def extensions():
         "initializedcheck": env_flag("FASTBN_CYTHON_DEBUG"),
         "cdivision": True,
     }
-    modules = ["_openmp_helpers", "_batch_norm"]
+    modules = ["_openmp_helpers", "_batch_norm", "_layer_norm"]
     exts = [
         Extension(
             f"fastbn._cython.{name}",

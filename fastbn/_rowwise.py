@@ -14,11 +14,15 @@ from fastbn import _validation
 
 
 def check_input(x, normalized_shape):
-    """(x, normalized_shape, rows, D, stats_shape) after the checks on them."""
+    """(x, normalized_shape, rows, D, stats_shape) after the checks on them.
+
+    stats_shape is that of PyTorch's mean / rstd: x's leading dims, then a 1 per
+    normalized dim."""
     x = _validation.check_float_input("x", x)
     normalized_shape = check_normalized_shape(normalized_shape, x)
-    shape = stats_shape(x.shape, len(normalized_shape))
-    return x, normalized_shape, math.prod(shape), math.prod(normalized_shape), shape
+    leading = x.shape[:x.ndim - len(normalized_shape)]
+    stats_shape = leading + (1,) * len(normalized_shape)
+    return x, normalized_shape, math.prod(leading), math.prod(normalized_shape), stats_shape
 
 
 def check_grad_out(grad_out, x):
@@ -32,12 +36,13 @@ def check_grad_out(grad_out, x):
 def check_normalized_shape(normalized_shape, x):
     """normalized_shape as a tuple of ints that x's trailing dims match (an int is a 1-tuple)."""
     if isinstance(normalized_shape, (int, np.integer)):
-        normalized_shape = (normalized_shape,)
-    try:
-        normalized_shape = tuple(operator.index(size) for size in normalized_shape)
-    except TypeError:
-        raise TypeError("normalized_shape must be an int or a sequence of ints, "
-                        f"got {normalized_shape!r}") from None
+        normalized_shape = (operator.index(normalized_shape),)
+    else:
+        try:
+            normalized_shape = tuple(operator.index(size) for size in normalized_shape)
+        except TypeError:
+            raise TypeError("normalized_shape must be an int or a sequence of ints, "
+                            f"got {normalized_shape!r}") from None
     if not normalized_shape:
         raise ValueError("Expected normalized_shape to be at least 1-dimensional, i.e., "
                          "containing at least one element, but got normalized_shape = []")
@@ -65,6 +70,8 @@ def check_parameter(name, a, normalized_shape, x):
         raise ValueError(f"Expected {name} to be of same shape as normalized_shape, but got "
                          f"{name} of shape {list(a.shape)} and normalized_shape = "
                          f"{list(normalized_shape)}")
+    if a.ndim == 1 and a.flags.c_contiguous:
+        return a
     return np.ascontiguousarray(a).reshape(-1)
 
 
@@ -81,17 +88,12 @@ def check_statistic(name, a, stats_shape, x, returned_by):
     if a.shape != stats_shape and a.shape != (rows,):
         raise ValueError(f"{name} must have shape {stats_shape} (one value per row, as "
                          f"{returned_by} returns it), got shape {a.shape}")
-    return np.ascontiguousarray(a).reshape(rows)
+    return rows_view(a, rows)
 
 
-def stats_shape(x_shape, normalized_ndim):
-    """Shape of mean / rstd, as PyTorch's: the leading dims, then 1 per normalized dim."""
-    return tuple(x_shape[:len(x_shape) - normalized_ndim]) + (1,) * normalized_ndim
-
-
-def rows_view(a, rows, D):
-    """a as a C-contiguous (rows, D) array: a view, or a C-order copy for other strides."""
-    return np.ascontiguousarray(a).reshape(rows, D)
+def rows_view(a, *shape):
+    """a as a C-contiguous array of `shape`: a view, or a C-order copy for other strides."""
+    return (a if a.flags.c_contiguous else np.ascontiguousarray(a)).reshape(shape)
 
 
 def output_buffer(name, out, shape, dtype, rows, D):

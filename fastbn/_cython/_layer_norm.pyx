@@ -1,0 +1,572 @@
+"""LayerNorm and RMSNorm forward and backward kernels (Cython + OpenMP).
+
+The caller (fastbn/layer_norm.py, fastbn/rms_norm.py) has validated every
+argument and hands over C-contiguous (rows, D) views: each row is normalized on
+its own. RMSNorm is LayerNorm without centring (mean taken as 0) and without
+bias, so both share every loop; a `centred` flag tells them apart.
+
+Work is split into fixed items that depend on (rows, D) only, never on the
+thread count, and every sum is added in a fixed order, so the result is the
+same to the bit for any number of threads:
+  whole rows (the usual case): items are blocks of consecutive rows. An item
+      computes its rows' statistics and outputs, and, in the backward, its own
+      partial column sums for grad_weight / grad_bias, folded across items in
+      item order afterwards;
+  few long rows (rows < FEW_ROWS, D > CHUNK_ELEMENTS): each row is cut into
+      chunks; the (row, chunk) items write partial row sums, added in chunk
+      order, so that a single row still fills every thread. In the backward the
+      second pass is split by column chunk, each item owning its columns of
+      grad_weight / grad_bias across all rows.
+
+Row sums accumulate in the input's own precision over short blocks of values
+(exact enough over a block, and as fast as the vector units go), folded into
+float64 after each block; the loops over a row are C in the block below. The forward
+statistics are sums of values shifted by a pivot near the row mean (the mean of
+the row's first values), which keeps the one-pass variance accurate on data
+with a large mean; y = ((x - pivot) * rstd + offset) * weight + bias keeps that
+accuracy in y.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport isfinite, sqrt
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+
+cdef enum:
+    # Values averaged for the pivot.
+    PIVOT_SAMPLE = 16
+    # Columns folded together when adding the backward's partial column sums.
+    FOLD_COLUMNS = 256
+
+# Rows below which a long row is cut into chunks, and the chunk length.
+cdef Py_ssize_t FEW_ROWS = 64
+cdef Py_ssize_t CHUNK_ELEMENTS = 4096
+# Whole-row items hold about ITEM_ELEMENTS values, with at least MIN_ROWS_PER_ITEM rows
+# (bounds the backward's partial sums to 1/8 of the input) and at most MAX_ROWS_PER_ITEM
+# (a partial column sum adds that many terms in the input's precision).
+cdef Py_ssize_t ITEM_ELEMENTS = 16384
+cdef Py_ssize_t MIN_ROWS_PER_ITEM = 8
+cdef Py_ssize_t MAX_ROWS_PER_ITEM = 64
+# Below this many values per thread, extra threads cost more than they bring.
+cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD = 16384
+
+
+cdef struct Split:
+    Py_ssize_t chunks      # pieces each row is cut into; 1 = whole rows
+    Py_ssize_t row_items   # whole rows: blocks of rows; few long rows: 1 (columns are split)
+    Py_ssize_t items       # items of the row pass: row_items, or rows * chunks
+
+
+cdef Split make_split(Py_ssize_t rows, Py_ssize_t D) noexcept nogil:
+    cdef Split split
+    cdef Py_ssize_t per_item
+    if rows < FEW_ROWS and D > CHUNK_ELEMENTS:
+        split.chunks = (D + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
+        split.row_items = 1
+        split.items = rows * split.chunks
+    else:
+        per_item = ITEM_ELEMENTS // D
+        if per_item < MIN_ROWS_PER_ITEM:
+            per_item = MIN_ROWS_PER_ITEM
+        if per_item > MAX_ROWS_PER_ITEM:
+            per_item = MAX_ROWS_PER_ITEM
+        split.chunks = 1
+        split.row_items = (rows + per_item - 1) // per_item
+        split.items = split.row_items
+    return split
+
+
+cdef inline Py_ssize_t part_start(Py_ssize_t part, Py_ssize_t total, Py_ssize_t parts) noexcept nogil:
+    """Start of piece `part` when `total` is cut into `parts` nearly equal pieces."""
+    return part * total // parts
+
+
+cdef int effective_threads(int n_threads, Py_ssize_t n_elements, Py_ssize_t items) noexcept nogil:
+    cdef Py_ssize_t useful = n_elements // MIN_ELEMENTS_PER_THREAD
+    if useful < n_threads:
+        n_threads = <int>useful
+    if items < n_threads:
+        n_threads = <int>items
+    return n_threads if n_threads > 1 else 1
+
+
+# ---------------------------------------------------------------------------
+# Loops over one contiguous run of a row.
+
+cdef extern from *:
+    """
+    /* The loops over a run of one row, where nearly all the time goes. They are
+       C so that `omp simd` can vectorise them: it lets the row sums reassociate
+       (inside one block only; the order is fixed when the module is compiled) and
+       promises that outputs do not overlap inputs (too many pointers for the
+       compiler to check at run time). With GCC on x86-64 each is also compiled for
+       AVX2 and AVX-512 and the best one the CPU runs is picked when the module
+       loads, so a portable build still gets the wide vectors. */
+    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__ELF__)
+    #define FASTBN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+    #else
+    #define FASTBN_CLONES
+    #endif
+
+    /* Row sums are summed in the input's precision over blocks of this many
+       values, then added into float64. */
+    #define FASTBN_SUM_BLOCK 512
+
+    /* sum(g) and sum(g * (x - centre)) for g = G, an expression in d = x[i] - centre,
+       dy[i] and w[i]: one function per G, since a branch would stop the vectoriser. */
+    #define FASTBN_DEFINE_PAIRED_SUMS(T, NAME, G)                                      \
+    FASTBN_CLONES static void NAME(                                                    \
+            const T* x, const T* dy, const T* w, Py_ssize_t n, T centre,               \
+            double* first_out, double* second_out) {                                  \
+        double first = 0.0, second = 0.0;                                              \
+        for (Py_ssize_t start = 0; start < n; start += FASTBN_SUM_BLOCK) {             \
+            Py_ssize_t stop = n - start > FASTBN_SUM_BLOCK ? start + FASTBN_SUM_BLOCK : n; \
+            T block_first = 0, block_second = 0;                                       \
+            _Pragma("omp simd reduction(+:block_first, block_second)")                 \
+            for (Py_ssize_t i = start; i < stop; i++) {                                \
+                T d = x[i] - centre;                                                   \
+                T g = (G);                                                             \
+                block_first += g;                                                      \
+                block_second += g * d;                                                 \
+            }                                                                          \
+            first += block_first;                                                      \
+            second += block_second;                                                    \
+        }                                                                              \
+        *first_out = first;                                                            \
+        *second_out = second;                                                          \
+    }
+
+    #define FASTBN_DEFINE_ROW_LOOPS(T)                                                 \
+    FASTBN_DEFINE_PAIRED_SUMS(T, fastbn_moment_sums_##T, d)                            \
+    FASTBN_DEFINE_PAIRED_SUMS(T, fastbn_grad_sums_##T, dy[i] * w[i])                   \
+                                                                                       \
+    FASTBN_CLONES static void fastbn_normalize_run_##T(                                \
+            const T* x, const T* w, const T* b, T* y, Py_ssize_t n, T pivot, T scale,  \
+            T offset) {                                                                \
+        _Pragma("omp simd")                                                            \
+        for (Py_ssize_t i = 0; i < n; i++)                                             \
+            y[i] = ((x[i] - pivot) * scale + offset) * w[i] + b[i];                    \
+    }                                                                                  \
+                                                                                       \
+    /* One vectorised loop per combination of NULL outputs (the compiler unswitches). */ \
+    FASTBN_CLONES static void fastbn_grad_run_##T(                                     \
+            const T* dy, const T* x, const T* w, T* dx, T* dw_part, T* db_part,       \
+            Py_ssize_t n, T centre, T rstd, T a, T b, T c) {                           \
+        _Pragma("omp simd")                                                            \
+        for (Py_ssize_t i = 0; i < n; i++) {                                           \
+            T d = x[i] - centre;                                                       \
+            if (dx) dx[i] = dy[i] * w[i] * a + d * b + c;                              \
+            if (dw_part) dw_part[i] += dy[i] * d * rstd;                               \
+            if (db_part) db_part[i] += dy[i];                                          \
+        }                                                                              \
+    }
+    FASTBN_DEFINE_ROW_LOOPS(float)
+    FASTBN_DEFINE_ROW_LOOPS(double)
+    """
+    void fastbn_moment_sums_float(const float* x, const float* dy, const float* w, Py_ssize_t n,
+                                  float centre, double* first_out, double* second_out) noexcept nogil
+    void fastbn_moment_sums_double(const double* x, const double* dy, const double* w,
+                                   Py_ssize_t n, double centre, double* first_out,
+                                   double* second_out) noexcept nogil
+    void fastbn_grad_sums_float(const float* x, const float* dy, const float* w, Py_ssize_t n,
+                                float centre, double* first_out, double* second_out) noexcept nogil
+    void fastbn_grad_sums_double(const double* x, const double* dy, const double* w,
+                                 Py_ssize_t n, double centre, double* first_out,
+                                 double* second_out) noexcept nogil
+    void fastbn_normalize_run_float(const float* x, const float* w, const float* b, float* y,
+                                    Py_ssize_t n, float pivot, float scale,
+                                    float offset) noexcept nogil
+    void fastbn_normalize_run_double(const double* x, const double* w, const double* b,
+                                     double* y, Py_ssize_t n, double pivot, double scale,
+                                     double offset) noexcept nogil
+    void fastbn_grad_run_float(const float* dy, const float* x, const float* w, float* dx,
+                               float* dw_part, float* db_part, Py_ssize_t n, float centre,
+                               float rstd, float a, float b, float c) noexcept nogil
+    void fastbn_grad_run_double(const double* dy, const double* x, const double* w, double* dx,
+                                double* dw_part, double* db_part, Py_ssize_t n, double centre,
+                                double rstd, double a, double b, double c) noexcept nogil
+
+
+cdef inline void paired_sums(const floating* x, const floating* dy, const floating* w,
+                             Py_ssize_t n, floating centre, bint gradient,
+                             double* first_out, double* second_out) noexcept nogil:
+    """sum(g) and sum(g * (x - centre)) in float64, where g = dy * w when `gradient`,
+    else g = x - centre (the shifted sum and sum of squares of the statistics)."""
+    if gradient:
+        if floating is float:
+            fastbn_grad_sums_float(x, dy, w, n, centre, first_out, second_out)
+        else:
+            fastbn_grad_sums_double(x, dy, w, n, centre, first_out, second_out)
+    elif floating is float:
+        fastbn_moment_sums_float(x, dy, w, n, centre, first_out, second_out)
+    else:
+        fastbn_moment_sums_double(x, dy, w, n, centre, first_out, second_out)
+
+
+cdef inline void normalize_run(const floating* x, const floating* w, const floating* b,
+                               floating* y, Py_ssize_t n, floating pivot, floating scale,
+                               floating offset) noexcept nogil:
+    """y = ((x - pivot) * scale + offset) * w + b."""
+    if floating is float:
+        fastbn_normalize_run_float(x, w, b, y, n, pivot, scale, offset)
+    else:
+        fastbn_normalize_run_double(x, w, b, y, n, pivot, scale, offset)
+
+
+cdef inline void grad_run(const floating* dy, const floating* x, const floating* w,
+                          floating* dx, floating* dw_part, floating* db_part, Py_ssize_t n,
+                          floating centre, floating rstd, floating a, floating b,
+                          floating c) noexcept nogil:
+    """dx = dy * w * a + (x - centre) * b + c; adds this row's terms of grad_weight
+    (dy * (x - centre) * rstd) and grad_bias (dy) into the partial column sums.
+    Any output may be NULL."""
+    if floating is float:
+        fastbn_grad_run_float(dy, x, w, dx, dw_part, db_part, n, centre, rstd, a, b, c)
+    else:
+        fastbn_grad_run_double(dy, x, w, dx, dw_part, db_part, n, centre, rstd, a, b, c)
+
+
+# ---------------------------------------------------------------------------
+# Per-row scalars.
+
+cdef inline floating row_pivot(const floating* x, Py_ssize_t D, bint centred) noexcept nogil:
+    """The shift for the row's statistics: the mean of its first values, close to the
+    row mean for most data. 0 for RMSNorm, and where that mean is not finite (an inf
+    pivot would turn a row's inf mean into nan)."""
+    cdef Py_ssize_t i, n = D if D < PIVOT_SAMPLE else PIVOT_SAMPLE
+    cdef double total = 0.0
+    if not centred:
+        return 0.0
+    for i in range(n):
+        total += x[i]
+    total /= n
+    return <floating>total if isfinite(total) else 0.0
+
+
+cdef inline void row_statistics(double sum_shifted, double sum_sq, floating pivot,
+                                Py_ssize_t D, double eps, bint centred,
+                                double* mean, double* rstd, double* offset) noexcept nogil:
+    """mean, rstd and the offset -(mean - pivot) * rstd from the row's shifted sums."""
+    cdef double shifted_mean = sum_shifted / D if centred else 0.0
+    cdef double var = sum_sq / D - shifted_mean * shifted_mean
+    if var < 0.0:  # rounding only; keeps nan as nan
+        var = 0.0
+    rstd[0] = 1.0 / sqrt(var + eps)
+    mean[0] = pivot + shifted_mean
+    offset[0] = -shifted_mean * rstd[0]
+
+
+cdef inline void grad_coefficients(double sum_g, double dot, double rstd, Py_ssize_t D,
+                                   bint centred, double* a, double* b, double* c) noexcept nogil:
+    """dx = g * a + (x - mean) * b + c with g = dy * w:
+    rstd * (g - mean(g) - x_hat * mean(g * x_hat)), without the mean(g) term for RMSNorm."""
+    a[0] = rstd
+    b[0] = -rstd * rstd * rstd * dot / D
+    c[0] = -rstd * sum_g / D if centred else 0.0
+
+
+# ---------------------------------------------------------------------------
+# Whole rows: one item handles rows [r0, r1) from start to end.
+
+cdef void forward_rows(const floating* x, const floating* w, const floating* b, floating* y,
+                       floating* mean, floating* rstd, Py_ssize_t r0, Py_ssize_t r1,
+                       Py_ssize_t D, double eps, bint centred) noexcept nogil:
+    cdef Py_ssize_t r
+    cdef floating pivot
+    cdef double sum_shifted, sum_sq, row_mean, row_rstd, offset
+    for r in range(r0, r1):
+        pivot = row_pivot(x + r * D, D, centred)
+        paired_sums(x + r * D, NULL, NULL, D, pivot, False, &sum_shifted, &sum_sq)
+        row_statistics(sum_shifted, sum_sq, pivot, D, eps, centred, &row_mean, &row_rstd, &offset)
+        normalize_run(x + r * D, w, b, y + r * D, D, pivot, <floating>row_rstd, <floating>offset)
+        if mean != NULL:
+            mean[r] = <floating>row_mean
+        rstd[r] = <floating>row_rstd
+
+
+cdef void backward_rows(const floating* dy, const floating* x, const floating* mean,
+                        const floating* rstd, const floating* w, floating* dx,
+                        floating* dw_part, floating* db_part, Py_ssize_t r0, Py_ssize_t r1,
+                        Py_ssize_t D, bint centred) noexcept nogil:
+    cdef Py_ssize_t r, j
+    cdef floating centre
+    cdef double sum_g = 0.0, dot = 0.0, a = 0.0, b = 0.0, c = 0.0
+    for j in range(D):
+        if dw_part != NULL:
+            dw_part[j] = 0.0
+        if db_part != NULL:
+            db_part[j] = 0.0
+    for r in range(r0, r1):
+        centre = mean[r] if centred else 0.0
+        if dx != NULL:
+            paired_sums(x + r * D, dy + r * D, w, D, centre, True, &sum_g, &dot)
+            grad_coefficients(sum_g, dot, rstd[r], D, centred, &a, &b, &c)
+        grad_run(dy + r * D, x + r * D, w, NULL if dx == NULL else dx + r * D, dw_part, db_part,
+                 D, centre, rstd[r], <floating>a, <floating>b, <floating>c)
+
+
+cdef void fold_partials(const floating* part, Py_ssize_t n_parts, Py_ssize_t D,
+                        Py_ssize_t c0, Py_ssize_t c1, floating* out) noexcept nogil:
+    """out[c0:c1] = the partial column sums added in item order, in float64."""
+    cdef double total[FOLD_COLUMNS]
+    cdef Py_ssize_t k, j
+    for j in range(c1 - c0):
+        total[j] = 0.0
+    for k in range(n_parts):
+        for j in range(c1 - c0):
+            total[j] += part[k * D + c0 + j]
+    for j in range(c1 - c0):
+        out[c0 + j] = <floating>total[j]
+
+
+# ---------------------------------------------------------------------------
+# Drivers.
+
+cdef void forward(const floating* x, const floating* w, const floating* b, floating* y,
+                  floating* mean, floating* rstd, Py_ssize_t rows, Py_ssize_t D, double eps,
+                  bint centred, Split split, int threads, double* sums,
+                  floating* row_scalars) noexcept nogil:
+    """sums: 2 * split.items doubles; row_scalars: 3 * rows values (only for split rows)."""
+    cdef Py_ssize_t item, r, k, c0, c1
+    cdef double sum_shifted, sum_sq, row_mean, row_rstd, offset
+    cdef floating* pivot = row_scalars
+    cdef floating* scale = row_scalars + rows
+    cdef floating* shift = row_scalars + 2 * rows
+    if split.chunks == 1:
+        for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
+            forward_rows(x, w, b, y, mean, rstd, part_start(item, rows, split.items),
+                         part_start(item + 1, rows, split.items), D, eps, centred)
+        return
+    for r in range(rows):
+        pivot[r] = row_pivot(x + r * D, D, centred)
+    for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
+        r = item // split.chunks
+        k = item - r * split.chunks
+        c0 = part_start(k, D, split.chunks)
+        c1 = part_start(k + 1, D, split.chunks)
+        paired_sums(x + r * D + c0, NULL, NULL, c1 - c0, pivot[r], False,
+                    &sums[2 * item], &sums[2 * item + 1])
+    for r in range(rows):
+        sum_shifted = 0.0
+        sum_sq = 0.0
+        for k in range(split.chunks):
+            sum_shifted = sum_shifted + sums[2 * (r * split.chunks + k)]
+            sum_sq = sum_sq + sums[2 * (r * split.chunks + k) + 1]
+        row_statistics(sum_shifted, sum_sq, pivot[r], D, eps, centred, &row_mean, &row_rstd,
+                       &offset)
+        scale[r] = <floating>row_rstd
+        shift[r] = <floating>offset
+        if mean != NULL:
+            mean[r] = <floating>row_mean
+        rstd[r] = <floating>row_rstd
+    for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
+        r = item // split.chunks
+        k = item - r * split.chunks
+        c0 = part_start(k, D, split.chunks)
+        c1 = part_start(k + 1, D, split.chunks)
+        normalize_run(x + r * D + c0, w + c0, b + c0, y + r * D + c0, c1 - c0, pivot[r],
+                      scale[r], shift[r])
+
+
+cdef void backward(const floating* dy, const floating* x, const floating* mean,
+                   const floating* rstd, const floating* w, floating* dx, floating* dw,
+                   floating* db, Py_ssize_t rows, Py_ssize_t D, bint centred, Split split,
+                   int threads, double* sums, floating* row_scalars, floating* dw_part,
+                   floating* db_part) noexcept nogil:
+    """sums: 2 * split.items doubles and row_scalars 3 * zeroed rows values (split rows
+    only); dw_part / db_part: split.row_items * D values (whole rows only), NULL when
+    that gradient is not wanted. dx, dw, db may be NULL."""
+    cdef Py_ssize_t item, r, k, c0, c1, cb, j
+    cdef Py_ssize_t fold_blocks = (D + FOLD_COLUMNS - 1) // FOLD_COLUMNS
+    cdef double sum_g, dot, a, b, c
+    cdef floating* coef_a = row_scalars
+    cdef floating* coef_b = row_scalars + rows
+    cdef floating* coef_c = row_scalars + 2 * rows
+    if split.chunks == 1:
+        for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
+            backward_rows(dy, x, mean, rstd, w, dx,
+                          NULL if dw_part == NULL else dw_part + item * D,
+                          NULL if db_part == NULL else db_part + item * D,
+                          part_start(item, rows, split.items),
+                          part_start(item + 1, rows, split.items), D, centred)
+        if dw_part == NULL and db_part == NULL:
+            return
+        for cb in prange(fold_blocks, nogil=True, num_threads=threads, schedule="static"):
+            c0 = cb * FOLD_COLUMNS
+            c1 = c0 + FOLD_COLUMNS if c0 + FOLD_COLUMNS < D else D
+            if dw_part != NULL:
+                fold_partials(dw_part, split.row_items, D, c0, c1, dw)
+            if db_part != NULL:
+                fold_partials(db_part, split.row_items, D, c0, c1, db)
+        return
+    if dx != NULL:
+        for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
+            r = item // split.chunks
+            k = item - r * split.chunks
+            c0 = part_start(k, D, split.chunks)
+            c1 = part_start(k + 1, D, split.chunks)
+            paired_sums(x + r * D + c0, dy + r * D + c0, w + c0, c1 - c0,
+                        mean[r] if centred else 0.0, True, &sums[2 * item], &sums[2 * item + 1])
+        for r in range(rows):
+            sum_g = 0.0
+            dot = 0.0
+            for k in range(split.chunks):
+                sum_g = sum_g + sums[2 * (r * split.chunks + k)]
+                dot = dot + sums[2 * (r * split.chunks + k) + 1]
+            grad_coefficients(sum_g, dot, rstd[r], D, centred, &a, &b, &c)
+            coef_a[r] = <floating>a
+            coef_b[r] = <floating>b
+            coef_c[r] = <floating>c
+    # Each chunk of columns is one item: it owns those columns of grad_weight / grad_bias
+    # and adds every row's terms into them in row order.
+    for k in prange(split.chunks, nogil=True, num_threads=threads, schedule="static"):
+        c0 = part_start(k, D, split.chunks)
+        c1 = part_start(k + 1, D, split.chunks)
+        for j in range(c0, c1):
+            if dw != NULL:
+                dw[j] = 0.0
+            if db != NULL:
+                db[j] = 0.0
+        for r in range(rows):
+            grad_run(dy + r * D + c0, x + r * D + c0, w + c0,
+                     NULL if dx == NULL else dx + r * D + c0,
+                     NULL if dw == NULL else dw + c0, NULL if db == NULL else db + c0,
+                     c1 - c0, mean[r] if centred else 0.0, rstd[r],
+                     coef_a[r], coef_b[r], coef_c[r])
+
+
+# ---------------------------------------------------------------------------
+# Entry points (argument checks are the caller's job; inputs are never empty).
+
+cdef class Workspace:
+    """The temporaries of one call, freed with it."""
+    cdef void* memory
+
+    def __cinit__(self, size_t n_bytes):
+        self.memory = malloc(n_bytes if n_bytes > 0 else 1)
+        if self.memory == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.memory)
+
+
+cdef run_forward(const floating[:, ::1] x, object weight, object bias, double eps,
+                 floating[:, ::1] y, object mean, floating[::1] rstd, bint centred,
+                 int n_threads):
+    cdef Py_ssize_t rows = x.shape[0], D = x.shape[1], j
+    cdef Split split = make_split(rows, D)
+    cdef int threads = effective_threads(n_threads, rows * D, split.items)
+    cdef const floating[::1] w_view
+    cdef const floating[::1] b_view
+    cdef floating[::1] mean_view
+    cdef bint split_rows = split.chunks > 1
+    # Missing parameters become weight 1 / bias 0, so one loop serves every case.
+    cdef Py_ssize_t n_sums = 2 * split.items if split_rows else 0
+    cdef Py_ssize_t n_scalars = 3 * rows if split_rows else 0
+    cdef Workspace workspace = Workspace(n_sums * sizeof(double)
+                                         + (n_scalars + 2 * D) * sizeof(floating))
+    cdef double* sums = <double*>workspace.memory
+    cdef floating* row_scalars = <floating*>(sums + n_sums)
+    cdef floating* ones = row_scalars + n_scalars
+    cdef floating* zeros = ones + D
+    cdef const floating* w = ones
+    cdef const floating* b = zeros
+    cdef floating* mean_ptr = NULL
+    for j in range(D):
+        ones[j] = 1.0
+        zeros[j] = 0.0
+    if weight is not None:
+        w_view = weight
+        w = &w_view[0]
+    if bias is not None:
+        b_view = bias
+        b = &b_view[0]
+    if mean is not None:
+        mean_view = mean
+        mean_ptr = &mean_view[0]
+    with nogil:
+        forward(&x[0, 0], w, b, &y[0, 0], mean_ptr, &rstd[0], rows, D, eps, centred, split,
+                threads, sums, row_scalars)
+
+
+cdef run_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x, object mean,
+                  const floating[::1] rstd, object weight, object grad_x, object grad_weight,
+                  object grad_bias, bint centred, int n_threads):
+    cdef Py_ssize_t rows = x.shape[0], D = x.shape[1], j
+    cdef Split split = make_split(rows, D)
+    cdef int threads = effective_threads(n_threads, rows * D, split.items)
+    cdef const floating[::1] w_view
+    cdef const floating[::1] mean_view
+    cdef floating[:, ::1] dx_view
+    cdef floating[::1] dw_view
+    cdef floating[::1] db_view
+    cdef bint split_rows = split.chunks > 1
+    cdef Py_ssize_t n_parts = 0
+    if not split_rows:
+        n_parts = split.row_items * D * ((grad_weight is not None) + (grad_bias is not None))
+    cdef Py_ssize_t n_sums = 2 * split.items if split_rows else 0
+    cdef Py_ssize_t n_scalars = 3 * rows if split_rows else 0
+    cdef Workspace workspace = Workspace(n_sums * sizeof(double)
+                                         + (n_scalars + D + n_parts) * sizeof(floating))
+    cdef double* sums = <double*>workspace.memory
+    cdef floating* row_scalars = <floating*>(sums + n_sums)
+    cdef floating* ones = row_scalars + n_scalars
+    cdef floating* parts = ones + D
+    cdef const floating* w = ones
+    cdef const floating* mean_ptr = NULL
+    cdef floating* dx = NULL
+    cdef floating* dw = NULL
+    cdef floating* db = NULL
+    cdef floating* dw_part = NULL
+    cdef floating* db_part = NULL
+    # Without grad_x the coefficients stay 0 (grad_run then only adds the column sums).
+    memset(row_scalars, 0, n_scalars * sizeof(floating))
+    for j in range(D):
+        ones[j] = 1.0
+    if weight is not None:
+        w_view = weight
+        w = &w_view[0]
+    if mean is not None:
+        mean_view = mean
+        mean_ptr = &mean_view[0]
+    if grad_x is not None:
+        dx_view = grad_x
+        dx = &dx_view[0, 0]
+    if grad_weight is not None:
+        dw_view = grad_weight
+        dw = &dw_view[0]
+        if not split_rows:
+            dw_part = parts
+    if grad_bias is not None:
+        db_view = grad_bias
+        db = &db_view[0]
+        if not split_rows:
+            db_part = parts + (n_parts // 2 if dw_part != NULL else 0)
+    with nogil:
+        backward(&grad_out[0, 0], &x[0, 0], mean_ptr, &rstd[0], w, dx, dw, db, rows, D,
+                 centred, split, threads, sums, row_scalars, dw_part, db_part)
+
+
+def layer_norm_forward(const floating[:, ::1] x, object weight, object bias, double eps,
+                       floating[:, ::1] y, floating[::1] mean, floating[::1] rstd,
+                       int n_threads):
+    run_forward(x, weight, bias, eps, y, mean, rstd, True, n_threads)
+
+
+def layer_norm_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
+                        const floating[::1] mean, const floating[::1] rstd, object weight,
+                        object grad_x, object grad_weight, object grad_bias, int n_threads):
+    run_backward(grad_out, x, mean, rstd, weight, grad_x, grad_weight, grad_bias, True,
+                 n_threads)
+
+
+def rms_norm_forward(const floating[:, ::1] x, object weight, double eps, floating[:, ::1] y,
+                     floating[::1] rstd, int n_threads):
+    run_forward(x, weight, None, eps, y, None, rstd, False, n_threads)
+
+
+def rms_norm_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
+                      const floating[::1] rstd, object weight, object grad_x,
+                      object grad_weight, int n_threads):
+    run_backward(grad_out, x, None, rstd, weight, grad_x, grad_weight, None, False, n_threads)
