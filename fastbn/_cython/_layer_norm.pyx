@@ -33,8 +33,6 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 cdef enum:
-    # Values averaged for the pivot.
-    PIVOT_SAMPLE = 16
     # Columns folded together when adding the backward's partial column sums.
     FOLD_COLUMNS = 256
 
@@ -98,8 +96,8 @@ cdef extern from *:
     /* The loops over a run of one row, where nearly all the time goes. They are
        C so that `omp simd` can vectorise them: it lets the row sums reassociate
        (inside one block only; the order is fixed when the module is compiled) and
-       promises that outputs do not overlap inputs (too many pointers for the
-       compiler to check at run time). With GCC on x86-64 each is also compiled for
+       with `restrict`, promises that outputs do not overlap inputs (too many
+       pointers for the compiler to check at run time). With GCC on x86-64 each is also compiled for
        AVX2 and AVX-512 and the best one the CPU runs is picked when the module
        loads, so a portable build still gets the wide vectors. */
     #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__ELF__)
@@ -137,32 +135,76 @@ cdef extern from *:
     }
 
     #define FASTBN_DEFINE_ROW_LOOPS(T)                                                 \
+    /* The mean of the first (up to) 16 values, in float64. */                        \
+    static double fastbn_leading_mean_##T(const T* x, Py_ssize_t n) {                  \
+        Py_ssize_t count = n < 16 ? n : 16;                                            \
+        double total = 0.0;                                                            \
+        _Pragma("omp simd reduction(+:total)")                                         \
+        for (Py_ssize_t i = 0; i < count; i++)                                         \
+            total += x[i];                                                             \
+        return total / count;                                                          \
+    }                                                                                  \
+                                                                                       \
     FASTBN_DEFINE_PAIRED_SUMS(T, fastbn_moment_sums_##T, d)                            \
     FASTBN_DEFINE_PAIRED_SUMS(T, fastbn_grad_sums_##T, dy[i] * w[i])                   \
                                                                                        \
     FASTBN_CLONES static void fastbn_normalize_run_##T(                                \
-            const T* x, const T* w, const T* b, T* y, Py_ssize_t n, T pivot, T scale,  \
-            T offset) {                                                                \
+            const T* restrict x, const T* restrict w, const T* restrict b,             \
+            T* restrict y, Py_ssize_t n, T pivot, T scale, T offset) {                 \
         _Pragma("omp simd")                                                            \
         for (Py_ssize_t i = 0; i < n; i++)                                             \
             y[i] = ((x[i] - pivot) * scale + offset) * w[i] + b[i];                    \
-    }                                                                                  \
-                                                                                       \
-    /* One vectorised loop per combination of NULL outputs (the compiler unswitches). */ \
-    FASTBN_CLONES static void fastbn_grad_run_##T(                                     \
-            const T* dy, const T* x, const T* w, T* dx, T* dw_part, T* db_part,       \
-            Py_ssize_t n, T centre, T rstd, T a, T b, T c) {                           \
+    }
+
+    /* The backward's elementwise pass over ROWS rows `stride` apart: dx, and the
+       rows' terms of grad_weight / grad_bias added (in row order) into the partial
+       column sums, which are so loaded and stored once for all the rows. The loop is
+       written once and expanded for each set of wanted outputs (HAS_* constants), as
+       the vectoriser takes no branch inside it. */
+    #define FASTBN_GRAD_LOOP(T, ROWS, HAS_DX, HAS_DW, HAS_DB)                          \
         _Pragma("omp simd")                                                            \
         for (Py_ssize_t i = 0; i < n; i++) {                                           \
-            T d = x[i] - centre;                                                       \
-            if (dx) dx[i] = dy[i] * w[i] * a + d * b + c;                              \
-            if (dw_part) dw_part[i] += dy[i] * d * rstd;                               \
-            if (db_part) db_part[i] += dy[i];                                          \
+            T sum_w = 0, sum_b = 0;                                                    \
+            for (int r = 0; r < ROWS; r++) {                                           \
+                T g = dy[r * stride + i];                                              \
+                T d = x[r * stride + i] - centre[r];                                   \
+                if (HAS_DX) dx[r * stride + i] = g * w[i] * a[r] + d * b[r] + c[r];    \
+                sum_w += g * d * rstd[r];                                              \
+                sum_b += g;                                                            \
+            }                                                                          \
+            if (HAS_DW) dw_part[i] += sum_w;                                           \
+            if (HAS_DB) db_part[i] += sum_b;                                           \
+        }
+
+    #define FASTBN_DEFINE_GRAD_ROWS(T, ROWS)                                           \
+    FASTBN_CLONES static void fastbn_grad_rows##ROWS##_##T(                            \
+            const T* restrict dy, const T* restrict x, const T* restrict w,            \
+            T* restrict dx, T* restrict dw_part, T* restrict db_part,                  \
+            Py_ssize_t stride, Py_ssize_t n, const T* restrict centre,                 \
+            const T* restrict rstd, const T* restrict a, const T* restrict b,          \
+            const T* restrict c) {                                                     \
+        if (!dx) {                                                                     \
+            FASTBN_GRAD_LOOP(T, ROWS, 0, dw_part != NULL, db_part != NULL)             \
+        } else if (dw_part && db_part) {                                               \
+            FASTBN_GRAD_LOOP(T, ROWS, 1, 1, 1)                                         \
+        } else if (dw_part) {                                                          \
+            FASTBN_GRAD_LOOP(T, ROWS, 1, 1, 0)                                         \
+        } else if (db_part) {                                                          \
+            FASTBN_GRAD_LOOP(T, ROWS, 1, 0, 1)                                         \
+        } else {                                                                       \
+            FASTBN_GRAD_LOOP(T, ROWS, 1, 0, 0)                                         \
         }                                                                              \
     }
+
     FASTBN_DEFINE_ROW_LOOPS(float)
     FASTBN_DEFINE_ROW_LOOPS(double)
+    FASTBN_DEFINE_GRAD_ROWS(float, 1)
+    FASTBN_DEFINE_GRAD_ROWS(float, 4)
+    FASTBN_DEFINE_GRAD_ROWS(double, 1)
+    FASTBN_DEFINE_GRAD_ROWS(double, 4)
     """
+    double fastbn_leading_mean_float(const float* x, Py_ssize_t n) noexcept nogil
+    double fastbn_leading_mean_double(const double* x, Py_ssize_t n) noexcept nogil
     void fastbn_moment_sums_float(const float* x, const float* dy, const float* w, Py_ssize_t n,
                                   float centre, double* first_out, double* second_out) noexcept nogil
     void fastbn_moment_sums_double(const double* x, const double* dy, const double* w,
@@ -179,12 +221,24 @@ cdef extern from *:
     void fastbn_normalize_run_double(const double* x, const double* w, const double* b,
                                      double* y, Py_ssize_t n, double pivot, double scale,
                                      double offset) noexcept nogil
-    void fastbn_grad_run_float(const float* dy, const float* x, const float* w, float* dx,
-                               float* dw_part, float* db_part, Py_ssize_t n, float centre,
-                               float rstd, float a, float b, float c) noexcept nogil
-    void fastbn_grad_run_double(const double* dy, const double* x, const double* w, double* dx,
-                                double* dw_part, double* db_part, Py_ssize_t n, double centre,
-                                double rstd, double a, double b, double c) noexcept nogil
+    void fastbn_grad_rows1_float(const float* dy, const float* x, const float* w, float* dx,
+                                 float* dw_part, float* db_part, Py_ssize_t stride,
+                                 Py_ssize_t n, const float* centre, const float* rstd,
+                                 const float* a, const float* b, const float* c) noexcept nogil
+    void fastbn_grad_rows4_float(const float* dy, const float* x, const float* w, float* dx,
+                                 float* dw_part, float* db_part, Py_ssize_t stride,
+                                 Py_ssize_t n, const float* centre, const float* rstd,
+                                 const float* a, const float* b, const float* c) noexcept nogil
+    void fastbn_grad_rows1_double(const double* dy, const double* x, const double* w,
+                                  double* dx, double* dw_part, double* db_part,
+                                  Py_ssize_t stride, Py_ssize_t n, const double* centre,
+                                  const double* rstd, const double* a, const double* b,
+                                  const double* c) noexcept nogil
+    void fastbn_grad_rows4_double(const double* dy, const double* x, const double* w,
+                                  double* dx, double* dw_part, double* db_part,
+                                  Py_ssize_t stride, Py_ssize_t n, const double* centre,
+                                  const double* rstd, const double* a, const double* b,
+                                  const double* c) noexcept nogil
 
 
 cdef inline void paired_sums(const floating* x, const floating* dy, const floating* w,
@@ -213,96 +267,148 @@ cdef inline void normalize_run(const floating* x, const floating* w, const float
         fastbn_normalize_run_double(x, w, b, y, n, pivot, scale, offset)
 
 
-cdef inline void grad_run(const floating* dy, const floating* x, const floating* w,
-                          floating* dx, floating* dw_part, floating* db_part, Py_ssize_t n,
-                          floating centre, floating rstd, floating a, floating b,
-                          floating c) noexcept nogil:
-    """dx = dy * w * a + (x - centre) * b + c; adds this row's terms of grad_weight
-    (dy * (x - centre) * rstd) and grad_bias (dy) into the partial column sums.
-    Any output may be NULL."""
-    if floating is float:
-        fastbn_grad_run_float(dy, x, w, dx, dw_part, db_part, n, centre, rstd, a, b, c)
-    else:
-        fastbn_grad_run_double(dy, x, w, dx, dw_part, db_part, n, centre, rstd, a, b, c)
-
-
 # ---------------------------------------------------------------------------
-# Per-row scalars.
+# The phases of both passes, over rows [r0, r1) and columns [c0, c1). Sums go to
+# sums[2 * (r * chunks + k)] and the next double, for chunk k of row r; per-row
+# scalars are separate arrays, so that each phase runs over many rows at once
+# (rows are independent: the CPU overlaps one row's square root with the next
+# row's loads, which a row-at-a-time loop would serialise).
 
-cdef inline floating row_pivot(const floating* x, Py_ssize_t D, bint centred) noexcept nogil:
-    """The shift for the row's statistics: the mean of its first values, close to the
+cdef void row_pivots(const floating* x, Py_ssize_t D, Py_ssize_t r0, Py_ssize_t r1,
+                     bint centred, floating* pivot) noexcept nogil:
+    """The shift for each row's statistics: the mean of its first values, close to the
     row mean for most data. 0 for RMSNorm, and where that mean is not finite (an inf
     pivot would turn a row's inf mean into nan)."""
-    cdef Py_ssize_t i, n = D if D < PIVOT_SAMPLE else PIVOT_SAMPLE
-    cdef double total = 0.0
-    if not centred:
-        return 0.0
-    for i in range(n):
-        total += x[i]
-    total /= n
-    return <floating>total if isfinite(total) else 0.0
-
-
-cdef inline void row_statistics(double sum_shifted, double sum_sq, floating pivot,
-                                Py_ssize_t D, double eps, bint centred,
-                                double* mean, double* rstd, double* offset) noexcept nogil:
-    """mean, rstd and the offset -(mean - pivot) * rstd from the row's shifted sums."""
-    cdef double shifted_mean = sum_shifted / D if centred else 0.0
-    cdef double var = sum_sq / D - shifted_mean * shifted_mean
-    if var < 0.0:  # rounding only; keeps nan as nan
-        var = 0.0
-    rstd[0] = 1.0 / sqrt(var + eps)
-    mean[0] = pivot + shifted_mean
-    offset[0] = -shifted_mean * rstd[0]
-
-
-cdef inline void grad_coefficients(double sum_g, double dot, double rstd, Py_ssize_t D,
-                                   bint centred, double* a, double* b, double* c) noexcept nogil:
-    """dx = g * a + (x - mean) * b + c with g = dy * w:
-    rstd * (g - mean(g) - x_hat * mean(g * x_hat)), without the mean(g) term for RMSNorm."""
-    a[0] = rstd
-    b[0] = -rstd * rstd * rstd * dot / D
-    c[0] = -rstd * sum_g / D if centred else 0.0
-
-
-# ---------------------------------------------------------------------------
-# Whole rows: one item handles rows [r0, r1) from start to end.
-
-cdef void forward_rows(const floating* x, const floating* w, const floating* b, floating* y,
-                       floating* mean, floating* rstd, Py_ssize_t r0, Py_ssize_t r1,
-                       Py_ssize_t D, double eps, bint centred) noexcept nogil:
     cdef Py_ssize_t r
-    cdef floating pivot
-    cdef double sum_shifted, sum_sq, row_mean, row_rstd, offset
+    cdef double value
     for r in range(r0, r1):
-        pivot = row_pivot(x + r * D, D, centred)
-        paired_sums(x + r * D, NULL, NULL, D, pivot, False, &sum_shifted, &sum_sq)
-        row_statistics(sum_shifted, sum_sq, pivot, D, eps, centred, &row_mean, &row_rstd, &offset)
-        normalize_run(x + r * D, w, b, y + r * D, D, pivot, <floating>row_rstd, <floating>offset)
+        value = 0.0
+        if centred:
+            if floating is float:
+                value = fastbn_leading_mean_float(x + r * D, D)
+            else:
+                value = fastbn_leading_mean_double(x + r * D, D)
+        pivot[r] = <floating>value if isfinite(value) else 0.0
+
+
+cdef void row_sums(const floating* x, const floating* dy, const floating* w,
+                   const floating* centre, Py_ssize_t D, Py_ssize_t r0, Py_ssize_t r1,
+                   Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t chunks, Py_ssize_t k,
+                   bint gradient, double* sums) noexcept nogil:
+    """paired_sums of each row; without `gradient` dy and w are not read (pass x)."""
+    cdef Py_ssize_t r
+    for r in range(r0, r1):
+        paired_sums(x + r * D + c0, dy + r * D + c0, w + c0, c1 - c0,
+                    centre[r], gradient, &sums[2 * (r * chunks + k)],
+                    &sums[2 * (r * chunks + k) + 1])
+
+
+cdef inline void add_chunks(const double* sums, Py_ssize_t r, Py_ssize_t chunks,
+                            double* first, double* second) noexcept nogil:
+    """A row's sums: its chunks' partial sums added in chunk order."""
+    cdef Py_ssize_t k
+    first[0] = sums[2 * r * chunks]
+    second[0] = sums[2 * r * chunks + 1]
+    for k in range(1, chunks):
+        first[0] += sums[2 * (r * chunks + k)]
+        second[0] += sums[2 * (r * chunks + k) + 1]
+
+
+cdef void row_statistics(const double* sums, Py_ssize_t chunks, const floating* pivot,
+                         Py_ssize_t D, Py_ssize_t r0, Py_ssize_t r1, double eps, bint centred,
+                         floating* mean, floating* rstd, floating* scale,
+                         floating* offset) noexcept nogil:
+    """mean, rstd, and y's coefficients: y = ((x - pivot) * scale + offset) * w + b."""
+    cdef Py_ssize_t r
+    cdef double sum_shifted, sum_sq, shifted_mean, var, row_rstd
+    for r in range(r0, r1):
+        add_chunks(sums, r, chunks, &sum_shifted, &sum_sq)
+        shifted_mean = sum_shifted / D if centred else 0.0
+        var = sum_sq / D - shifted_mean * shifted_mean
+        if var < 0.0:  # rounding only; keeps nan as nan
+            var = 0.0
+        row_rstd = 1.0 / sqrt(var + eps)
         if mean != NULL:
-            mean[r] = <floating>row_mean
+            mean[r] = <floating>(pivot[r] + shifted_mean)
         rstd[r] = <floating>row_rstd
+        scale[r] = <floating>row_rstd
+        offset[r] = <floating>(-shifted_mean * row_rstd)
 
 
-cdef void backward_rows(const floating* dy, const floating* x, const floating* mean,
-                        const floating* rstd, const floating* w, floating* dx,
-                        floating* dw_part, floating* db_part, Py_ssize_t r0, Py_ssize_t r1,
-                        Py_ssize_t D, bint centred) noexcept nogil:
-    cdef Py_ssize_t r, j
-    cdef floating centre
-    cdef double sum_g = 0.0, dot = 0.0, a = 0.0, b = 0.0, c = 0.0
-    for j in range(D):
+cdef void grad_coefficients(const double* sums, Py_ssize_t chunks, const floating* rstd,
+                            Py_ssize_t D, Py_ssize_t r0, Py_ssize_t r1, bint centred,
+                            floating* a, floating* b, floating* c) noexcept nogil:
+    """dx = g * a + (x - mean) * b + c, g = dy * w, from sum(g) and sum(g * (x - mean)):
+    rstd * (g - mean(g) - x_hat * mean(g * x_hat)), without mean(g) for RMSNorm."""
+    cdef Py_ssize_t r
+    cdef double sum_g, dot, row_rstd
+    for r in range(r0, r1):
+        add_chunks(sums, r, chunks, &sum_g, &dot)
+        row_rstd = rstd[r]
+        a[r] = <floating>row_rstd
+        b[r] = <floating>(-row_rstd * row_rstd * row_rstd * dot / D)
+        c[r] = <floating>(-row_rstd * sum_g / D) if centred else 0.0
+
+
+cdef void normalize_rows(const floating* x, const floating* w, const floating* b, floating* y,
+                         const floating* pivot, const floating* scale, const floating* offset,
+                         Py_ssize_t D, Py_ssize_t r0, Py_ssize_t r1, Py_ssize_t c0,
+                         Py_ssize_t c1) noexcept nogil:
+    cdef Py_ssize_t r
+    for r in range(r0, r1):
+        normalize_run(x + r * D + c0, w + c0, b + c0, y + r * D + c0, c1 - c0, pivot[r],
+                      scale[r], offset[r])
+
+
+cdef enum:
+    # Rows whose backward terms are added into the partial column sums together.
+    GRAD_ROW_GROUP = 4
+
+
+cdef void grad_rows(const floating* dy, const floating* x, const floating* w, floating* dx,
+                    floating* dw_part, floating* db_part, const floating* centre,
+                    const floating* rstd, const floating* a, const floating* b,
+                    const floating* c, Py_ssize_t D, Py_ssize_t r0, Py_ssize_t r1,
+                    Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """dx = dy * w * a + (x - centre) * b + c for the rows, and their terms of grad_weight
+    (dy * (x - centre) * rstd) and grad_bias (dy) added into the partial column sums
+    dw_part / db_part, GRAD_ROW_GROUP rows at a time, in row order. dx, dw_part and
+    db_part may be NULL."""
+    cdef Py_ssize_t r, j, group
+    cdef floating* dx_row = NULL
+    for j in range(c0, c1):
         if dw_part != NULL:
             dw_part[j] = 0.0
         if db_part != NULL:
             db_part[j] = 0.0
-    for r in range(r0, r1):
-        centre = mean[r] if centred else 0.0
+    r = r0
+    while r < r1:
+        group = GRAD_ROW_GROUP if r1 - r >= GRAD_ROW_GROUP else 1
         if dx != NULL:
-            paired_sums(x + r * D, dy + r * D, w, D, centre, True, &sum_g, &dot)
-            grad_coefficients(sum_g, dot, rstd[r], D, centred, &a, &b, &c)
-        grad_run(dy + r * D, x + r * D, w, NULL if dx == NULL else dx + r * D, dw_part, db_part,
-                 D, centre, rstd[r], <floating>a, <floating>b, <floating>c)
+            dx_row = dx + r * D + c0
+        if floating is float:
+            if group == GRAD_ROW_GROUP:
+                fastbn_grad_rows4_float(dy + r * D + c0, x + r * D + c0, w + c0, dx_row,
+                                        NULL if dw_part == NULL else dw_part + c0,
+                                        NULL if db_part == NULL else db_part + c0, D, c1 - c0,
+                                        centre + r, rstd + r, a + r, b + r, c + r)
+            else:
+                fastbn_grad_rows1_float(dy + r * D + c0, x + r * D + c0, w + c0, dx_row,
+                                        NULL if dw_part == NULL else dw_part + c0,
+                                        NULL if db_part == NULL else db_part + c0, D, c1 - c0,
+                                        centre + r, rstd + r, a + r, b + r, c + r)
+        else:
+            if group == GRAD_ROW_GROUP:
+                fastbn_grad_rows4_double(dy + r * D + c0, x + r * D + c0, w + c0, dx_row,
+                                         NULL if dw_part == NULL else dw_part + c0,
+                                         NULL if db_part == NULL else db_part + c0, D, c1 - c0,
+                                         centre + r, rstd + r, a + r, b + r, c + r)
+            else:
+                fastbn_grad_rows1_double(dy + r * D + c0, x + r * D + c0, w + c0, dx_row,
+                                         NULL if dw_part == NULL else dw_part + c0,
+                                         NULL if db_part == NULL else db_part + c0, D, c1 - c0,
+                                         centre + r, rstd + r, a + r, b + r, c + r)
+        r += group
 
 
 cdef void fold_partials(const floating* part, Py_ssize_t n_parts, Py_ssize_t D,
@@ -320,75 +426,65 @@ cdef void fold_partials(const floating* part, Py_ssize_t n_parts, Py_ssize_t D,
 
 
 # ---------------------------------------------------------------------------
-# Drivers.
+# Drivers. Whole rows: each item runs every phase on its block of rows. Few long
+# rows: each phase runs over all (row, chunk) items before the next starts.
 
 cdef void forward(const floating* x, const floating* w, const floating* b, floating* y,
                   floating* mean, floating* rstd, Py_ssize_t rows, Py_ssize_t D, double eps,
                   bint centred, Split split, int threads, double* sums,
                   floating* row_scalars) noexcept nogil:
-    """sums: 2 * split.items doubles; row_scalars: 3 * rows values (only for split rows)."""
-    cdef Py_ssize_t item, r, k, c0, c1
-    cdef double sum_shifted, sum_sq, row_mean, row_rstd, offset
+    """sums: 2 * rows * split.chunks doubles; row_scalars: 3 * rows values."""
+    cdef Py_ssize_t item, r, r0, r1, k, c0, c1, chunks = split.chunks
     cdef floating* pivot = row_scalars
     cdef floating* scale = row_scalars + rows
-    cdef floating* shift = row_scalars + 2 * rows
-    if split.chunks == 1:
+    cdef floating* offset = row_scalars + 2 * rows
+    if chunks == 1:
         for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
-            forward_rows(x, w, b, y, mean, rstd, part_start(item, rows, split.items),
-                         part_start(item + 1, rows, split.items), D, eps, centred)
+            r0 = part_start(item, rows, split.items)
+            r1 = part_start(item + 1, rows, split.items)
+            row_pivots(x, D, r0, r1, centred, pivot)
+            row_sums(x, x, x, pivot, D, r0, r1, 0, D, 1, 0, False, sums)
+            row_statistics(sums, 1, pivot, D, r0, r1, eps, centred, mean, rstd, scale, offset)
+            normalize_rows(x, w, b, y, pivot, scale, offset, D, r0, r1, 0, D)
         return
-    for r in range(rows):
-        pivot[r] = row_pivot(x + r * D, D, centred)
+    row_pivots(x, D, 0, rows, centred, pivot)
     for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
-        r = item // split.chunks
-        k = item - r * split.chunks
-        c0 = part_start(k, D, split.chunks)
-        c1 = part_start(k + 1, D, split.chunks)
-        paired_sums(x + r * D + c0, NULL, NULL, c1 - c0, pivot[r], False,
-                    &sums[2 * item], &sums[2 * item + 1])
-    for r in range(rows):
-        sum_shifted = 0.0
-        sum_sq = 0.0
-        for k in range(split.chunks):
-            sum_shifted = sum_shifted + sums[2 * (r * split.chunks + k)]
-            sum_sq = sum_sq + sums[2 * (r * split.chunks + k) + 1]
-        row_statistics(sum_shifted, sum_sq, pivot[r], D, eps, centred, &row_mean, &row_rstd,
-                       &offset)
-        scale[r] = <floating>row_rstd
-        shift[r] = <floating>offset
-        if mean != NULL:
-            mean[r] = <floating>row_mean
-        rstd[r] = <floating>row_rstd
+        r = item // chunks
+        k = item - r * chunks
+        row_sums(x, x, x, pivot, D, r, r + 1, part_start(k, D, chunks),
+                 part_start(k + 1, D, chunks), chunks, k, False, sums)
+    row_statistics(sums, chunks, pivot, D, 0, rows, eps, centred, mean, rstd, scale, offset)
     for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
-        r = item // split.chunks
-        k = item - r * split.chunks
-        c0 = part_start(k, D, split.chunks)
-        c1 = part_start(k + 1, D, split.chunks)
-        normalize_run(x + r * D + c0, w + c0, b + c0, y + r * D + c0, c1 - c0, pivot[r],
-                      scale[r], shift[r])
+        r = item // chunks
+        k = item - r * chunks
+        normalize_rows(x, w, b, y, pivot, scale, offset, D, r, r + 1, part_start(k, D, chunks),
+                       part_start(k + 1, D, chunks))
 
 
-cdef void backward(const floating* dy, const floating* x, const floating* mean,
+cdef void backward(const floating* dy, const floating* x, const floating* centre,
                    const floating* rstd, const floating* w, floating* dx, floating* dw,
                    floating* db, Py_ssize_t rows, Py_ssize_t D, bint centred, Split split,
                    int threads, double* sums, floating* row_scalars, floating* dw_part,
                    floating* db_part) noexcept nogil:
-    """sums: 2 * split.items doubles and row_scalars 3 * zeroed rows values (split rows
-    only); dw_part / db_part: split.row_items * D values (whole rows only), NULL when
-    that gradient is not wanted. dx, dw, db may be NULL."""
-    cdef Py_ssize_t item, r, k, c0, c1, cb, j
+    """centre: the rows' means (zeros for RMSNorm); sums: 2 * rows * split.chunks doubles;
+    row_scalars: 3 * rows zeros; dw_part / db_part: split.row_items * D values (whole
+    rows), NULL when that gradient is not wanted. dx, dw, db may be NULL. Without dx
+    the coefficients stay 0 and the rows only add their column sums."""
+    cdef Py_ssize_t item, r, r0, r1, k, c0, c1, cb, chunks = split.chunks
     cdef Py_ssize_t fold_blocks = (D + FOLD_COLUMNS - 1) // FOLD_COLUMNS
-    cdef double sum_g, dot, a, b, c
-    cdef floating* coef_a = row_scalars
-    cdef floating* coef_b = row_scalars + rows
-    cdef floating* coef_c = row_scalars + 2 * rows
-    if split.chunks == 1:
+    cdef floating* a = row_scalars
+    cdef floating* b = row_scalars + rows
+    cdef floating* c = row_scalars + 2 * rows
+    if chunks == 1:
         for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
-            backward_rows(dy, x, mean, rstd, w, dx,
-                          NULL if dw_part == NULL else dw_part + item * D,
-                          NULL if db_part == NULL else db_part + item * D,
-                          part_start(item, rows, split.items),
-                          part_start(item + 1, rows, split.items), D, centred)
+            r0 = part_start(item, rows, split.items)
+            r1 = part_start(item + 1, rows, split.items)
+            if dx != NULL:
+                row_sums(x, dy, w, centre, D, r0, r1, 0, D, 1, 0, True, sums)
+                grad_coefficients(sums, 1, rstd, D, r0, r1, centred, a, b, c)
+            grad_rows(dy, x, w, dx, NULL if dw_part == NULL else dw_part + item * D,
+                      NULL if db_part == NULL else db_part + item * D, centre, rstd, a, b, c,
+                      D, r0, r1, 0, D)
         if dw_part == NULL and db_part == NULL:
             return
         for cb in prange(fold_blocks, nogil=True, num_threads=threads, schedule="static"):
@@ -401,38 +497,16 @@ cdef void backward(const floating* dy, const floating* x, const floating* mean,
         return
     if dx != NULL:
         for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
-            r = item // split.chunks
-            k = item - r * split.chunks
-            c0 = part_start(k, D, split.chunks)
-            c1 = part_start(k + 1, D, split.chunks)
-            paired_sums(x + r * D + c0, dy + r * D + c0, w + c0, c1 - c0,
-                        mean[r] if centred else 0.0, True, &sums[2 * item], &sums[2 * item + 1])
-        for r in range(rows):
-            sum_g = 0.0
-            dot = 0.0
-            for k in range(split.chunks):
-                sum_g = sum_g + sums[2 * (r * split.chunks + k)]
-                dot = dot + sums[2 * (r * split.chunks + k) + 1]
-            grad_coefficients(sum_g, dot, rstd[r], D, centred, &a, &b, &c)
-            coef_a[r] = <floating>a
-            coef_b[r] = <floating>b
-            coef_c[r] = <floating>c
-    # Each chunk of columns is one item: it owns those columns of grad_weight / grad_bias
-    # and adds every row's terms into them in row order.
-    for k in prange(split.chunks, nogil=True, num_threads=threads, schedule="static"):
-        c0 = part_start(k, D, split.chunks)
-        c1 = part_start(k + 1, D, split.chunks)
-        for j in range(c0, c1):
-            if dw != NULL:
-                dw[j] = 0.0
-            if db != NULL:
-                db[j] = 0.0
-        for r in range(rows):
-            grad_run(dy + r * D + c0, x + r * D + c0, w + c0,
-                     NULL if dx == NULL else dx + r * D + c0,
-                     NULL if dw == NULL else dw + c0, NULL if db == NULL else db + c0,
-                     c1 - c0, mean[r] if centred else 0.0, rstd[r],
-                     coef_a[r], coef_b[r], coef_c[r])
+            r = item // chunks
+            k = item - r * chunks
+            row_sums(x, dy, w, centre, D, r, r + 1, part_start(k, D, chunks),
+                     part_start(k + 1, D, chunks), chunks, k, True, sums)
+        grad_coefficients(sums, chunks, rstd, D, 0, rows, centred, a, b, c)
+    # Each chunk of columns is one item: it owns those columns of grad_weight /
+    # grad_bias and adds every row's terms into them, in row order.
+    for k in prange(chunks, nogil=True, num_threads=threads, schedule="static"):
+        grad_rows(dy, x, w, dx, dw, db, centre, rstd, a, b, c, D, 0, rows,
+                  part_start(k, D, chunks), part_start(k + 1, D, chunks))
 
 
 # ---------------------------------------------------------------------------
@@ -460,15 +534,13 @@ cdef run_forward(const floating[:, ::1] x, object weight, object bias, double ep
     cdef const floating[::1] w_view
     cdef const floating[::1] b_view
     cdef floating[::1] mean_view
-    cdef bint split_rows = split.chunks > 1
+    cdef Py_ssize_t n_sums = 2 * rows * split.chunks
     # Missing parameters become weight 1 / bias 0, so one loop serves every case.
-    cdef Py_ssize_t n_sums = 2 * split.items if split_rows else 0
-    cdef Py_ssize_t n_scalars = 3 * rows if split_rows else 0
     cdef Workspace workspace = Workspace(n_sums * sizeof(double)
-                                         + (n_scalars + 2 * D) * sizeof(floating))
+                                         + (3 * rows + 2 * D) * sizeof(floating))
     cdef double* sums = <double*>workspace.memory
     cdef floating* row_scalars = <floating*>(sums + n_sums)
-    cdef floating* ones = row_scalars + n_scalars
+    cdef floating* ones = row_scalars + 3 * rows
     cdef floating* zeros = ones + D
     cdef const floating* w = ones
     cdef const floating* b = zeros
@@ -501,27 +573,27 @@ cdef run_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x, obj
     cdef floating[:, ::1] dx_view
     cdef floating[::1] dw_view
     cdef floating[::1] db_view
-    cdef bint split_rows = split.chunks > 1
+    cdef bint whole_rows = split.chunks == 1
+    cdef Py_ssize_t n_sums = 2 * rows * split.chunks
+    # Whole rows: each item's partial column sums (split rows add into the outputs).
     cdef Py_ssize_t n_parts = 0
-    if not split_rows:
+    if whole_rows:
         n_parts = split.row_items * D * ((grad_weight is not None) + (grad_bias is not None))
-    cdef Py_ssize_t n_sums = 2 * split.items if split_rows else 0
-    cdef Py_ssize_t n_scalars = 3 * rows if split_rows else 0
+    # Without a weight, w = 1; without a mean (RMSNorm), rows are centred on 0.
     cdef Workspace workspace = Workspace(n_sums * sizeof(double)
-                                         + (n_scalars + D + n_parts) * sizeof(floating))
+                                         + (4 * rows + D + n_parts) * sizeof(floating))
     cdef double* sums = <double*>workspace.memory
     cdef floating* row_scalars = <floating*>(sums + n_sums)
-    cdef floating* ones = row_scalars + n_scalars
+    cdef floating* centre = row_scalars + 3 * rows
+    cdef floating* ones = centre + rows
     cdef floating* parts = ones + D
     cdef const floating* w = ones
-    cdef const floating* mean_ptr = NULL
     cdef floating* dx = NULL
     cdef floating* dw = NULL
     cdef floating* db = NULL
     cdef floating* dw_part = NULL
     cdef floating* db_part = NULL
-    # Without grad_x the coefficients stay 0 (grad_run then only adds the column sums).
-    memset(row_scalars, 0, n_scalars * sizeof(floating))
+    memset(row_scalars, 0, 4 * rows * sizeof(floating))
     for j in range(D):
         ones[j] = 1.0
     if weight is not None:
@@ -529,22 +601,22 @@ cdef run_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x, obj
         w = &w_view[0]
     if mean is not None:
         mean_view = mean
-        mean_ptr = &mean_view[0]
+        centre = <floating*>&mean_view[0]
     if grad_x is not None:
         dx_view = grad_x
         dx = &dx_view[0, 0]
     if grad_weight is not None:
         dw_view = grad_weight
         dw = &dw_view[0]
-        if not split_rows:
+        if whole_rows:
             dw_part = parts
     if grad_bias is not None:
         db_view = grad_bias
         db = &db_view[0]
-        if not split_rows:
+        if whole_rows:
             db_part = parts + (n_parts // 2 if dw_part != NULL else 0)
     with nogil:
-        backward(&grad_out[0, 0], &x[0, 0], mean_ptr, &rstd[0], w, dx, dw, db, rows, D,
+        backward(&grad_out[0, 0], &x[0, 0], centre, &rstd[0], w, dx, dw, db, rows, D,
                  centred, split, threads, sums, row_scalars, dw_part, db_part)
 
 
