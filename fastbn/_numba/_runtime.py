@@ -18,8 +18,12 @@ JIT_OPTIONS = dict(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy
 @contextlib.contextmanager
 def numba_threads(n_threads):
     """Run the block with numba's thread count set to fastbn's, then restore it."""
+    n_threads = max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS))
     previous = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
+    if previous == n_threads:  # the usual case: nothing to set and restore (~2 us saved)
+        yield
+        return
+    numba.set_num_threads(n_threads)
     try:
         yield
     finally:

@@ -65,52 +65,69 @@ _flag = types.boolean
 
 
 # ---------------------------------------------------------------------------
-# Loops over one run x[r, c0:c1] of a row.
+# Loops over one run of a row. They take 1-D slices and count from 0: with an
+# index LLVM cannot prove non-negative, numba's wraparound check stops the
+# vectoriser.
 
-@njit(_signatures(lambda a, t: types.UniTuple(_f64, 2)(a(2, True), a(2, True), a(1, True),
-                                                        _i, _i, _i, t, _flag)), **JIT_OPTIONS)
-def _paired_sums(x, dy, w, r, c0, c1, centre, gradient):
+def _make_paired_sums(gradient):
     """sum(g) and sum(g * (x - centre)) in float64, where g = dy * w when `gradient`,
-    else g = x - centre (the shifted sum and sum of squares of the statistics)."""
-    first = 0.0
-    second = 0.0
-    zero = x.dtype.type(0)
-    for start in range(c0, c1, SUM_BLOCK):
-        block_first = zero
-        block_second = zero
-        for i in range(start, min(start + SUM_BLOCK, c1)):
-            d = x[r, i] - centre
-            g = dy[r, i] * w[i] if gradient else d
-            block_first += g
-            block_second += g * d
-        first += block_first
-        second += block_second
-    return first, second
+    else g = x - centre (the shifted sum and sum of squares of the statistics).
+
+    `gradient` is a compile-time constant of each variant: a branch in the loop
+    would stop LLVM from vectorising it."""
+    @njit(_signatures(lambda a, t: types.UniTuple(_f64, 2)(a(1, True), a(1, True), a(1, True),
+                                                            t)), **JIT_OPTIONS)
+    def paired_sums(x, dy, w, centre):
+        first = 0.0
+        second = 0.0
+        zero = x.dtype.type(0)
+        for start in range(0, x.shape[0], SUM_BLOCK):
+            # Slices counted from 0: see the note above _make_paired_sums.
+            x_block = x[start:start + SUM_BLOCK]
+            dy_block = dy[start:start + SUM_BLOCK]
+            w_block = w[start:start + SUM_BLOCK]
+            block_first = zero
+            block_second = zero
+            for i in range(x_block.shape[0]):
+                d = x_block[i] - centre
+                g = dy_block[i] * w_block[i] if gradient else d
+                block_first += g
+                block_second += g * d
+            first += block_first
+            second += block_second
+        return first, second
+    return paired_sums
 
 
-@njit(_signatures(lambda a, t: types.void(a(2, True), a(1, True), a(1, True), a(2), _i, _i, _i,
-                                          t, t, t)), **JIT_OPTIONS)
-def _normalize_run(x, w, b, y, r, c0, c1, pivot, scale, offset):
-    for i in range(c0, c1):
-        y[r, i] = ((x[r, i] - pivot) * scale + offset) * w[i] + b[i]
+_moment_sums = _make_paired_sums(False)
+_grad_sums = _make_paired_sums(True)
 
 
-@njit(_signatures(lambda a, t: types.void(a(2, True), a(2, True), a(1, True), a(2), a(1), a(1),
-                                          _i, _i, _i, t, t, t, t, t, _flag, _flag, _flag)),
+@njit(_signatures(lambda a, t: types.void(a(1, True), a(1, True), a(1, True), a(1), t, t, t)),
       **JIT_OPTIONS)
-def _grad_run(dy, x, w, dx, dw_part, db_part, r, c0, c1, centre, rstd, a, b, c,
-              want_dx, want_dw, want_db):
+def _normalize_run(x, w, b, y, pivot, scale, offset):
+    for i in range(x.shape[0]):
+        y[i] = ((x[i] - pivot) * scale + offset) * w[i] + b[i]
+
+
+@njit(_signatures(lambda a, t: types.void(a(1, True), a(1, True), a(1, True), a(1), a(1), a(1),
+                                          t, t, t, t, t, _flag, _flag, _flag)),
+      **JIT_OPTIONS)
+def _grad_run(dy, x, w, dx, dw_part, db_part, centre, rstd, a, b, c, want_dx, want_dw,
+              want_db):
     """dx = dy * w * a + (x - centre) * b + c; adds the row's terms of grad_weight
-    (dy * (x - centre) * rstd) and grad_bias (dy) into the partial column sums."""
-    for i in range(c0, c1):
-        g = dy[r, i]
-        d = x[r, i] - centre
-        if want_dx:
-            dx[r, i] = g * w[i] * a + d * b + c
-        if want_dw:
-            dw_part[i] += g * d * rstd
-        if want_db:
-            db_part[i] += g
+    (dy * (x - centre) * rstd) and grad_bias (dy) into the partial column sums.
+    One loop per output, with no branch inside, so that each vectorises."""
+    n = x.shape[0]
+    if want_dx:
+        for i in range(n):
+            dx[i] = dy[i] * w[i] * a + (x[i] - centre) * b + c
+    if want_dw:
+        for i in range(n):
+            dw_part[i] += dy[i] * (x[i] - centre) * rstd
+    if want_db:
+        for i in range(n):
+            db_part[i] += dy[i]
 
 
 # ---------------------------------------------------------------------------
@@ -191,24 +208,28 @@ def _forward(x, w, b, eps, centred, chunks, items, y, mean, rstd):
             r1 = (item + 1) * rows // items
             for r in range(r0, r1):
                 pivot[r] = _row_pivot(x, r, centred)
-                sums[2 * r], sums[2 * r + 1] = _paired_sums(x, x, w, r, 0, D, pivot[r], False)
+                sums[2 * r], sums[2 * r + 1] = _moment_sums(x[r], x[r], w, pivot[r])
             _row_statistics(sums, 1, pivot, D, r0, r1, eps, centred, mean, rstd, scale, offset)
             for r in range(r0, r1):
-                _normalize_run(x, w, b, y, r, 0, D, pivot[r], scale[r], offset[r])
+                _normalize_run(x[r], w, b, y[r], pivot[r], scale[r], offset[r])
         return
     for r in range(rows):
         pivot[r] = _row_pivot(x, r, centred)
     for item in prange(items):
         r = item // chunks
         k = item - r * chunks
-        sums[2 * item], sums[2 * item + 1] = _paired_sums(
-            x, x, w, r, k * D // chunks, (k + 1) * D // chunks, pivot[r], False)
+        c0 = k * D // chunks
+        c1 = (k + 1) * D // chunks
+        sums[2 * item], sums[2 * item + 1] = _moment_sums(x[r, c0:c1], x[r, c0:c1], w[c0:c1],
+                                                          pivot[r])
     _row_statistics(sums, chunks, pivot, D, 0, rows, eps, centred, mean, rstd, scale, offset)
     for item in prange(items):
         r = item // chunks
         k = item - r * chunks
-        _normalize_run(x, w, b, y, r, k * D // chunks, (k + 1) * D // chunks, pivot[r],
-                       scale[r], offset[r])
+        c0 = k * D // chunks
+        c1 = (k + 1) * D // chunks
+        _normalize_run(x[r, c0:c1], w[c0:c1], b[c0:c1], y[r, c0:c1], pivot[r], scale[r],
+                       offset[r])
 
 
 @njit(_signatures(lambda a, t: types.void(a(2, True), a(2, True), a(1, True), a(1, True),
@@ -223,6 +244,7 @@ def _backward(dy, x, centre, rstd, w, centred, chunks, row_items, items, dx, dw,
     a = np.zeros(rows, x.dtype)
     b = np.zeros(rows, x.dtype)
     c = np.zeros(rows, x.dtype)
+    no_row = np.empty(0, x.dtype)  # what _grad_run gets for dx when dx is not wanted
     if chunks == 1:
         dw_part = np.empty((row_items, D), x.dtype)
         db_part = np.empty((row_items, D), x.dtype)
@@ -231,14 +253,14 @@ def _backward(dy, x, centre, rstd, w, centred, chunks, row_items, items, dx, dw,
             r1 = (item + 1) * rows // items
             if want_dx:
                 for r in range(r0, r1):
-                    sums[2 * r], sums[2 * r + 1] = _paired_sums(x, dy, w, r, 0, D, centre[r],
-                                                                True)
+                    sums[2 * r], sums[2 * r + 1] = _grad_sums(x[r], dy[r], w, centre[r])
                 _grad_coefficients(sums, 1, rstd, D, r0, r1, centred, a, b, c)
             dw_part[item] = 0.0
             db_part[item] = 0.0
             for r in range(r0, r1):
-                _grad_run(dy, x, w, dx, dw_part[item], db_part[item], r, 0, D, centre[r],
-                          rstd[r], a[r], b[r], c[r], want_dx, want_dw, want_db)
+                _grad_run(dy[r], x[r], w, dx[r] if want_dx else no_row, dw_part[item],
+                          db_part[item], centre[r], rstd[r], a[r], b[r], c[r], want_dx, want_dw,
+                          want_db)
         for block in prange((D + FOLD_COLUMNS - 1) // FOLD_COLUMNS):
             c0 = block * FOLD_COLUMNS
             c1 = min(c0 + FOLD_COLUMNS, D)
@@ -258,8 +280,10 @@ def _backward(dy, x, centre, rstd, w, centred, chunks, row_items, items, dx, dw,
         for item in prange(items):
             r = item // chunks
             k = item - r * chunks
-            sums[2 * item], sums[2 * item + 1] = _paired_sums(
-                x, dy, w, r, k * D // chunks, (k + 1) * D // chunks, centre[r], True)
+            c0 = k * D // chunks
+            c1 = (k + 1) * D // chunks
+            sums[2 * item], sums[2 * item + 1] = _grad_sums(x[r, c0:c1], dy[r, c0:c1], w[c0:c1],
+                                                            centre[r])
         _grad_coefficients(sums, chunks, rstd, D, 0, rows, centred, a, b, c)
     # Each chunk of columns is one item: it owns those columns of grad_weight /
     # grad_bias and adds every row's terms into them, in row order.
@@ -269,8 +293,9 @@ def _backward(dy, x, centre, rstd, w, centred, chunks, row_items, items, dx, dw,
         dw[c0:c1] = 0.0
         db[c0:c1] = 0.0
         for r in range(rows):
-            _grad_run(dy, x, w, dx, dw, db, r, c0, c1, centre[r], rstd[r], a[r], b[r], c[r],
-                      want_dx, want_dw, want_db)
+            _grad_run(dy[r, c0:c1], x[r, c0:c1], w[c0:c1],
+                      dx[r, c0:c1] if want_dx else no_row, dw[c0:c1], db[c0:c1],
+                      centre[r], rstd[r], a[r], b[r], c[r], want_dx, want_dw, want_db)
 
 
 # ---------------------------------------------------------------------------
