@@ -75,16 +75,17 @@ def check_parameter(name, a, normalized_shape, x):
     return np.ascontiguousarray(a).reshape(-1)
 
 
-def check_statistic(name, a, stats_shape, x, returned_by):
+def check_statistic(name, a, stats_shape, rows, x, returned_by):
     """A per-row statistic from the forward (shape `stats_shape`, or flat), as (rows,)."""
     if a is None:
         raise ValueError(f"{name} is needed: pass the one {returned_by} returned")
     if not isinstance(a, np.ndarray):
         a = np.asarray(a)
-    if a.dtype not in _validation.FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64 like the input, got dtype {a.dtype}")
-    _validation.check_same_dtype(name, a, x)
-    rows = math.prod(stats_shape)
+    if a.dtype != x.dtype:
+        if a.dtype not in _validation.FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32 or float64 like the input, "
+                            f"got dtype {a.dtype}")
+        _validation.check_same_dtype(name, a, x)
     if a.shape != stats_shape and a.shape != (rows,):
         raise ValueError(f"{name} must have shape {stats_shape} (one value per row, as "
                          f"{returned_by} returns it), got shape {a.shape}")

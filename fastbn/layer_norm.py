@@ -98,8 +98,8 @@ def layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, 
     """
     x, normalized_shape, rows, D, stats_shape = _rowwise.check_input(x, normalized_shape)
     grad_out = _rowwise.check_grad_out(grad_out, x)
-    mean = _rowwise.check_statistic("mean", mean, stats_shape, x, "layer_norm_forward")
-    rstd = _rowwise.check_statistic("rstd", rstd, stats_shape, x, "layer_norm_forward")
+    mean = _rowwise.check_statistic("mean", mean, stats_shape, rows, x, "layer_norm_forward")
+    rstd = _rowwise.check_statistic("rstd", rstd, stats_shape, rows, x, "layer_norm_forward")
     weight = _rowwise.check_parameter("weight", weight, normalized_shape, x)
     bias = _rowwise.check_parameter("bias", bias, normalized_shape, x)
     want_x, want_weight, want_bias = _validation.check_mask(output_mask, 3)

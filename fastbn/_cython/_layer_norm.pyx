@@ -426,26 +426,41 @@ cdef void fold_partials(const floating* part, Py_ssize_t n_parts, Py_ssize_t D,
 
 
 # ---------------------------------------------------------------------------
-# Drivers. Whole rows: each item runs every phase on its block of rows. Few long
+# Drivers. Whole rows: each item runs every phase on its block of rows (on one
+# thread, without entering an OpenMP region: that costs about 1 us). Few long
 # rows: each phase runs over all (row, chunk) items before the next starts.
+
+cdef void forward_block(const floating* x, const floating* w, const floating* b, floating* y,
+                        floating* mean, floating* rstd, Py_ssize_t D, Py_ssize_t r0,
+                        Py_ssize_t r1, double eps, bint centred, double* sums, floating* pivot,
+                        floating* scale, floating* offset) noexcept nogil:
+    """Whole rows: every phase of the forward for rows [r0, r1)."""
+    row_pivots(x, D, r0, r1, centred, pivot)
+    row_sums(x, x, x, pivot, D, r0, r1, 0, D, 1, 0, False, sums)
+    row_statistics(sums, 1, pivot, D, r0, r1, eps, centred, mean, rstd, scale, offset)
+    normalize_rows(x, w, b, y, pivot, scale, offset, D, r0, r1, 0, D)
+
 
 cdef void forward(const floating* x, const floating* w, const floating* b, floating* y,
                   floating* mean, floating* rstd, Py_ssize_t rows, Py_ssize_t D, double eps,
                   bint centred, Split split, int threads, double* sums,
                   floating* row_scalars) noexcept nogil:
     """sums: 2 * rows * split.chunks doubles; row_scalars: 3 * rows values."""
-    cdef Py_ssize_t item, r, r0, r1, k, c0, c1, chunks = split.chunks
+    cdef Py_ssize_t item, r, k, chunks = split.chunks
     cdef floating* pivot = row_scalars
     cdef floating* scale = row_scalars + rows
     cdef floating* offset = row_scalars + 2 * rows
     if chunks == 1:
+        if threads == 1:
+            for item in range(split.items):
+                forward_block(x, w, b, y, mean, rstd, D, part_start(item, rows, split.items),
+                              part_start(item + 1, rows, split.items), eps, centred, sums,
+                              pivot, scale, offset)
+            return
         for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
-            r0 = part_start(item, rows, split.items)
-            r1 = part_start(item + 1, rows, split.items)
-            row_pivots(x, D, r0, r1, centred, pivot)
-            row_sums(x, x, x, pivot, D, r0, r1, 0, D, 1, 0, False, sums)
-            row_statistics(sums, 1, pivot, D, r0, r1, eps, centred, mean, rstd, scale, offset)
-            normalize_rows(x, w, b, y, pivot, scale, offset, D, r0, r1, 0, D)
+            forward_block(x, w, b, y, mean, rstd, D, part_start(item, rows, split.items),
+                          part_start(item + 1, rows, split.items), eps, centred, sums,
+                          pivot, scale, offset)
         return
     row_pivots(x, D, 0, rows, centred, pivot)
     for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
@@ -461,6 +476,33 @@ cdef void forward(const floating* x, const floating* w, const floating* b, float
                        part_start(k + 1, D, chunks))
 
 
+cdef void backward_block(const floating* dy, const floating* x, const floating* centre,
+                         const floating* rstd, const floating* w, floating* dx,
+                         floating* dw_part, floating* db_part, Py_ssize_t D, Py_ssize_t rows,
+                         Split split, Py_ssize_t item, bint centred, double* sums, floating* a,
+                         floating* b, floating* c) noexcept nogil:
+    """Whole rows: every phase of the backward for work item `item`."""
+    cdef Py_ssize_t r0 = part_start(item, rows, split.items)
+    cdef Py_ssize_t r1 = part_start(item + 1, rows, split.items)
+    if dx != NULL:
+        row_sums(x, dy, w, centre, D, r0, r1, 0, D, 1, 0, True, sums)
+        grad_coefficients(sums, 1, rstd, D, r0, r1, centred, a, b, c)
+    grad_rows(dy, x, w, dx, NULL if dw_part == NULL else dw_part + item * D,
+              NULL if db_part == NULL else db_part + item * D, centre, rstd, a, b, c,
+              D, r0, r1, 0, D)
+
+
+cdef void fold_block(const floating* dw_part, const floating* db_part, Py_ssize_t n_parts,
+                     Py_ssize_t D, Py_ssize_t block, floating* dw, floating* db) noexcept nogil:
+    """Whole rows: grad_weight / grad_bias for columns block * FOLD_COLUMNS onwards."""
+    cdef Py_ssize_t c0 = block * FOLD_COLUMNS
+    cdef Py_ssize_t c1 = c0 + FOLD_COLUMNS if c0 + FOLD_COLUMNS < D else D
+    if dw_part != NULL:
+        fold_partials(dw_part, n_parts, D, c0, c1, dw)
+    if db_part != NULL:
+        fold_partials(db_part, n_parts, D, c0, c1, db)
+
+
 cdef void backward(const floating* dy, const floating* x, const floating* centre,
                    const floating* rstd, const floating* w, floating* dx, floating* dw,
                    floating* db, Py_ssize_t rows, Py_ssize_t D, bint centred, Split split,
@@ -470,30 +512,26 @@ cdef void backward(const floating* dy, const floating* x, const floating* centre
     row_scalars: 3 * rows zeros; dw_part / db_part: split.row_items * D values (whole
     rows), NULL when that gradient is not wanted. dx, dw, db may be NULL. Without dx
     the coefficients stay 0 and the rows only add their column sums."""
-    cdef Py_ssize_t item, r, r0, r1, k, c0, c1, cb, chunks = split.chunks
-    cdef Py_ssize_t fold_blocks = (D + FOLD_COLUMNS - 1) // FOLD_COLUMNS
+    cdef Py_ssize_t item, r, k, cb, chunks = split.chunks
+    # No partial sums to fold: no block (the loops below then do nothing).
+    cdef Py_ssize_t fold_blocks = ((D + FOLD_COLUMNS - 1) // FOLD_COLUMNS
+                                   if dw_part != NULL or db_part != NULL else 0)
     cdef floating* a = row_scalars
     cdef floating* b = row_scalars + rows
     cdef floating* c = row_scalars + 2 * rows
     if chunks == 1:
-        for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
-            r0 = part_start(item, rows, split.items)
-            r1 = part_start(item + 1, rows, split.items)
-            if dx != NULL:
-                row_sums(x, dy, w, centre, D, r0, r1, 0, D, 1, 0, True, sums)
-                grad_coefficients(sums, 1, rstd, D, r0, r1, centred, a, b, c)
-            grad_rows(dy, x, w, dx, NULL if dw_part == NULL else dw_part + item * D,
-                      NULL if db_part == NULL else db_part + item * D, centre, rstd, a, b, c,
-                      D, r0, r1, 0, D)
-        if dw_part == NULL and db_part == NULL:
+        if threads == 1:
+            for item in range(split.items):
+                backward_block(dy, x, centre, rstd, w, dx, dw_part, db_part, D, rows, split,
+                               item, centred, sums, a, b, c)
+            for cb in range(fold_blocks):
+                fold_block(dw_part, db_part, split.row_items, D, cb, dw, db)
             return
+        for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
+            backward_block(dy, x, centre, rstd, w, dx, dw_part, db_part, D, rows, split, item,
+                           centred, sums, a, b, c)
         for cb in prange(fold_blocks, nogil=True, num_threads=threads, schedule="static"):
-            c0 = cb * FOLD_COLUMNS
-            c1 = c0 + FOLD_COLUMNS if c0 + FOLD_COLUMNS < D else D
-            if dw_part != NULL:
-                fold_partials(dw_part, split.row_items, D, c0, c1, dw)
-            if db_part != NULL:
-                fold_partials(db_part, split.row_items, D, c0, c1, db)
+            fold_block(dw_part, db_part, split.row_items, D, cb, dw, db)
         return
     if dx != NULL:
         for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
