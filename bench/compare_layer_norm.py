@@ -8,8 +8,8 @@ then `torch.ops.aten.native_layer_norm_backward` (no autograd overhead), and for
 RMSNorm `torch.nn.functional.rms_norm` with autograd (torch 2.13 has no CPU
 backward kernel for it). Every implementation's results are checked against
 PyTorch's before it is timed. Implementations are timed one call each in
-turn, round after round, and the median per call is kept, so that the noise of
-a shared machine hits all of them alike; the table gives speed-ups over PyTorch
+turn (in a rotating order), round after round, and the median per call is kept,
+so that the noise of a shared machine hits all of them alike; the table gives speed-ups over PyTorch
 (> 1 = fastbn faster) and their geometric means.
 """
 import argparse
@@ -76,14 +76,19 @@ def check_against_torch(steps):
 
 
 def time_alternating(steps, rounds):
-    """Median seconds per call of each step: one call of each per round, in turn."""
+    """Median seconds per call of each step: one call of each per round, in turn.
+
+    The order turns round every round: a call right after another library's runs
+    while that library's OpenMP threads still spin, and pays for it."""
     for step in steps.values():  # warm up
         step()
     samples = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+    order = list(steps)
+    for round_index in range(rounds):
+        shift = round_index % len(order)
+        for name in order[shift:] + order[:shift]:
             start = time.perf_counter()
-            step()
+            steps[name]()
             samples[name].append(time.perf_counter() - start)
     return {name: statistics.median(times) for name, times in samples.items()}
 
