@@ -124,7 +124,8 @@ def main():
                     ratio = median["torch"] / median[backend]
                     ratios[backend].append(ratio)
                     cells.append(f"{ratio:.2f}x")
-                print(f"| {shape[0]}x{D} | {median['torch'] * 1e6:.0f} | " + " | ".join(cells) + " |")
+                print(f"| {shape[0]}x{D} | {median['torch'] * 1e6:.0f} | "
+                      + " | ".join(cells) + " |")
         geomeans = [math.exp(statistics.fmean(map(math.log, ratios[b]))) for b in args.backends]
         print("| geometric mean | | " + " | ".join(f"{g:.2f}x" for g in geomeans) + " |")
 

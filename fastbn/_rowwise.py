@@ -47,7 +47,8 @@ def check_normalized_shape(normalized_shape, x):
         raise ValueError("Expected normalized_shape to be at least 1-dimensional, i.e., "
                          "containing at least one element, but got normalized_shape = []")
     if min(normalized_shape) < 0:
-        raise ValueError(f"normalized_shape must not hold negative sizes, got {list(normalized_shape)}")
+        raise ValueError("normalized_shape must not hold negative sizes, "
+                         f"got {list(normalized_shape)}")
     k = len(normalized_shape)
     if x.ndim < k or x.shape[-k:] != normalized_shape:
         # PyTorch's message, word for word.
@@ -98,7 +99,7 @@ def rows_view(a, *shape):
 
 
 def output_buffer(name, out, shape, dtype, rows, D):
-    """(result array, (rows, D) view the kernel writes, array to copy into `out` afterwards or None)."""
+    """(result, the (rows, D) view the kernel writes, array to copy into `out` after, or None)."""
     if out is None:
         result = np.empty(shape, dtype)
         return result, rows_view(result, rows, D), None

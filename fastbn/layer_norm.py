@@ -110,8 +110,10 @@ def layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, 
         grad_x, grad_x_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype,
                                                               rows, D)
     # Sums over no rows are 0, as in PyTorch.
-    grad_weight = np.zeros(normalized_shape, x.dtype) if want_weight and weight is not None else None
-    grad_bias = np.zeros(normalized_shape, x.dtype) if want_bias and bias is not None else None
+    want_weight = want_weight and weight is not None
+    want_bias = want_bias and bias is not None
+    grad_weight = np.zeros(normalized_shape, x.dtype) if want_weight else None
+    grad_bias = np.zeros(normalized_shape, x.dtype) if want_bias else None
     if x.size == 0:
         return grad_x, grad_weight, grad_bias
     kernels.layer_norm_backward(

@@ -101,7 +101,8 @@ def rms_norm_backward(grad_out, x, normalized_shape, rstd, weight=None, *,
     if want_x:
         grad_x, grad_x_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype,
                                                               rows, D)
-    grad_weight = np.zeros(normalized_shape, x.dtype) if want_weight and weight is not None else None
+    want_weight = want_weight and weight is not None
+    grad_weight = np.zeros(normalized_shape, x.dtype) if want_weight else None
     if x.size == 0:
         return grad_x, grad_weight
     kernels.rms_norm_backward(

@@ -20,8 +20,8 @@ same to the bit for any number of threads:
 
 Row sums accumulate in the input's own precision over short blocks of values
 (exact enough over a block, and as fast as the vector units go), folded into
-float64 after each block; the loops over a row are C in the block below. The forward
-statistics are sums of values shifted by a pivot near the row mean (the mean of
+float64 after each block; the loops over a row are C, in the block below. The
+forward statistics are sums of values shifted by a pivot near the row mean (the mean of
 the row's first values), which keeps the one-pass variance accurate on data
 with a large mean; y = ((x - pivot) * rstd + offset) * weight + bias keeps that
 accuracy in y.
@@ -74,7 +74,8 @@ cdef Split make_split(Py_ssize_t rows, Py_ssize_t D) noexcept nogil:
     return split
 
 
-cdef inline Py_ssize_t part_start(Py_ssize_t part, Py_ssize_t total, Py_ssize_t parts) noexcept nogil:
+cdef inline Py_ssize_t part_start(Py_ssize_t part, Py_ssize_t total,
+                                  Py_ssize_t parts) noexcept nogil:
     """Start of piece `part` when `total` is cut into `parts` nearly equal pieces."""
     return part * total // parts
 
@@ -95,13 +96,16 @@ cdef extern from *:
     """
     /* The loops over a run of one row, where nearly all the time goes. They are
        C so that `omp simd` can vectorise them: it lets the row sums reassociate
-       (inside one block only; the order is fixed when the module is compiled) and
-       with `restrict`, promises that outputs do not overlap inputs (too many
-       pointers for the compiler to check at run time). With GCC on x86-64 each is also compiled for
-       AVX2 and AVX-512 and the best one the CPU runs is picked when the module
-       loads, so a portable build still gets the wide vectors. */
-    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__ELF__)
-    #define FASTBN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+       (inside one block only; the order is fixed when the module is compiled)
+       and, with `restrict`, promises that outputs do not overlap inputs (too
+       many pointers for the compiler to check at run time). With GCC on x86-64
+       each is also compiled for AVX2 and AVX-512 and the best one the CPU runs
+       is picked when the module loads, so a portable build still gets the wide
+       vectors. */
+    #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 \
+        && defined(__x86_64__) && defined(__ELF__)
+    #define FASTBN_CLONES \
+        __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
     #else
     #define FASTBN_CLONES
     #endif
@@ -206,12 +210,14 @@ cdef extern from *:
     double fastbn_leading_mean_float(const float* x, Py_ssize_t n) noexcept nogil
     double fastbn_leading_mean_double(const double* x, Py_ssize_t n) noexcept nogil
     void fastbn_moment_sums_float(const float* x, const float* dy, const float* w, Py_ssize_t n,
-                                  float centre, double* first_out, double* second_out) noexcept nogil
+                                  float centre, double* first_out,
+                                  double* second_out) noexcept nogil
     void fastbn_moment_sums_double(const double* x, const double* dy, const double* w,
                                    Py_ssize_t n, double centre, double* first_out,
                                    double* second_out) noexcept nogil
     void fastbn_grad_sums_float(const float* x, const float* dy, const float* w, Py_ssize_t n,
-                                float centre, double* first_out, double* second_out) noexcept nogil
+                                float centre, double* first_out,
+                                double* second_out) noexcept nogil
     void fastbn_grad_sums_double(const double* x, const double* dy, const double* w,
                                  Py_ssize_t n, double centre, double* first_out,
                                  double* second_out) noexcept nogil
