@@ -27,10 +27,17 @@ with a large mean; y = ((x - pivot) * rstd + offset) * weight + bias keeps that
 accuracy in y.
 """
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 from libc.math cimport isfinite, sqrt
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
+
+cdef extern from *:
+    """
+    /* Cython's prange inside a parallel block ends without a barrier (nowait). */
+    #define fastbn_omp_barrier() _Pragma("omp barrier")
+    """
+    void omp_barrier "fastbn_omp_barrier"() noexcept nogil
 
 cdef enum:
     # Columns folded together when adding the backward's partial column sums.
@@ -533,11 +540,14 @@ cdef void backward(const floating* dy, const floating* x, const floating* centre
             for cb in range(fold_blocks):
                 fold_block(dw_part, db_part, split.row_items, D, cb, dw, db)
             return
-        for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
-            backward_block(dy, x, centre, rstd, w, dx, dw_part, db_part, D, rows, split, item,
-                           centred, sums, a, b, c)
-        for cb in prange(fold_blocks, nogil=True, num_threads=threads, schedule="static"):
-            fold_block(dw_part, db_part, split.row_items, D, cb, dw, db)
+        # One OpenMP region (one wake-up of the threads), the fold after a barrier.
+        with parallel(num_threads=threads):
+            for item in prange(split.items, schedule="static"):
+                backward_block(dy, x, centre, rstd, w, dx, dw_part, db_part, D, rows, split,
+                               item, centred, sums, a, b, c)
+            omp_barrier()
+            for cb in prange(fold_blocks, schedule="static"):
+                fold_block(dw_part, db_part, split.row_items, D, cb, dw, db)
         return
     if dx != NULL:
         for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
