@@ -35,7 +35,11 @@ from libc.string cimport memset
 cdef extern from *:
     """
     /* Cython's prange inside a parallel block ends without a barrier (nowait). */
+    #ifdef _OPENMP
     #define fastbn_omp_barrier() _Pragma("omp barrier")
+    #else
+    #define fastbn_omp_barrier()
+    #endif
     """
     void omp_barrier "fastbn_omp_barrier"() noexcept nogil
 
