@@ -50,10 +50,12 @@ cdef enum:
 # Rows below which a long row is cut into chunks, and the chunk length.
 cdef Py_ssize_t FEW_ROWS = 64
 cdef Py_ssize_t CHUNK_ELEMENTS = 4096
-# Whole-row items hold about ITEM_ELEMENTS values, with at least MIN_ROWS_PER_ITEM rows
-# (bounds the backward's partial sums to 1/8 of the input) and at most MAX_ROWS_PER_ITEM
-# (a partial column sum adds that many terms in the input's precision).
+# Whole rows: about ITEM_ELEMENTS values per item, and a multiple of ITEM_MULTIPLE items
+# (so that 2, 4 or 8 threads get equal shares), with at least MIN_ROWS_PER_ITEM rows per
+# item (bounds the backward's partial sums to 1/8 of the input) and at most
+# MAX_ROWS_PER_ITEM (a partial column sum adds that many terms in the input's precision).
 cdef Py_ssize_t ITEM_ELEMENTS = 16384
+cdef Py_ssize_t ITEM_MULTIPLE = 8
 cdef Py_ssize_t MIN_ROWS_PER_ITEM = 8
 cdef Py_ssize_t MAX_ROWS_PER_ITEM = 64
 # Below this many values per thread, extra threads cost more than they bring.
@@ -68,20 +70,21 @@ cdef struct Split:
 
 cdef Split make_split(Py_ssize_t rows, Py_ssize_t D) noexcept nogil:
     cdef Split split
-    cdef Py_ssize_t per_item
+    cdef Py_ssize_t items
     if rows < FEW_ROWS and D > CHUNK_ELEMENTS:
         split.chunks = (D + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
         split.row_items = 1
         split.items = rows * split.chunks
-    else:
-        per_item = ITEM_ELEMENTS // D
-        if per_item < MIN_ROWS_PER_ITEM:
-            per_item = MIN_ROWS_PER_ITEM
-        if per_item > MAX_ROWS_PER_ITEM:
-            per_item = MAX_ROWS_PER_ITEM
-        split.chunks = 1
-        split.row_items = (rows + per_item - 1) // per_item
-        split.items = split.row_items
+        return split
+    items = (rows * D + ITEM_ELEMENTS - 1) // ITEM_ELEMENTS
+    items = (items + ITEM_MULTIPLE - 1) // ITEM_MULTIPLE * ITEM_MULTIPLE
+    if items > rows // MIN_ROWS_PER_ITEM:
+        items = rows // MIN_ROWS_PER_ITEM
+    if items < (rows + MAX_ROWS_PER_ITEM - 1) // MAX_ROWS_PER_ITEM:
+        items = (rows + MAX_ROWS_PER_ITEM - 1) // MAX_ROWS_PER_ITEM
+    split.chunks = 1
+    split.row_items = items if items > 1 else 1
+    split.items = split.row_items
     return split
 
 

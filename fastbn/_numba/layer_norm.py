@@ -28,6 +28,7 @@ from fastbn._numba._runtime import JIT_OPTIONS, numba_threads
 FEW_ROWS = 64
 CHUNK_ELEMENTS = 4096
 ITEM_ELEMENTS = 16384
+ITEM_MULTIPLE = 8
 MIN_ROWS_PER_ITEM = 8
 MAX_ROWS_PER_ITEM = 64
 MIN_ELEMENTS_PER_THREAD = 16384
@@ -41,9 +42,10 @@ def _split(rows, D):
     if rows < FEW_ROWS and D > CHUNK_ELEMENTS:
         chunks = -(-D // CHUNK_ELEMENTS)
         return chunks, 1, rows * chunks
-    per_item = min(max(ITEM_ELEMENTS // D, MIN_ROWS_PER_ITEM), MAX_ROWS_PER_ITEM)
-    row_items = -(-rows // per_item)
-    return 1, row_items, row_items
+    items = -(-rows * D // ITEM_ELEMENTS)
+    items = -(-items // ITEM_MULTIPLE) * ITEM_MULTIPLE
+    items = max(min(items, rows // MIN_ROWS_PER_ITEM), -(-rows // MAX_ROWS_PER_ITEM), 1)
+    return 1, items, items
 
 
 def _threads(n_threads, n_elements, items):
