@@ -98,8 +98,12 @@ def rows_view(a, *shape):
     return (a if a.flags.c_contiguous else np.ascontiguousarray(a)).reshape(shape)
 
 
-def output_buffer(name, out, shape, dtype, rows, D):
-    """(result, the (rows, D) view the kernel writes, array to copy into `out` after, or None)."""
+def output_buffer(name, out, shape, dtype, rows, D, inputs):
+    """(result, the (rows, D) view the kernel writes, array to copy into `out` after, or None).
+
+    The kernels write an `out` that is C-contiguous and shares no memory with the
+    `inputs` (they assume outputs and inputs do not overlap); any other `out` gets
+    a temporary, copied into it afterwards."""
     if out is None:
         result = np.empty(shape, dtype)
         return result, rows_view(result, rows, D), None
@@ -110,7 +114,7 @@ def output_buffer(name, out, shape, dtype, rows, D):
                          f"got shape {out.shape} and dtype {out.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only; pass a writeable array")
-    if out.flags.c_contiguous:
+    if out.flags.c_contiguous and not any(np.may_share_memory(out, a) for a in inputs):
         return out, rows_view(out, rows, D), None
     buffer = np.empty(shape, dtype)
     return out, rows_view(buffer, rows, D), buffer

@@ -28,7 +28,8 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
         The elementwise affine parameters (None: weight 1, bias 0).
     eps : float, >= 0
     out : ndarray, optional
-        Written with y and returned (any strides; non-C-contiguous costs a copy).
+        Written with y and returned. Any strides, and it may be x itself (one
+        that is not C-contiguous, or overlaps x, is written through a copy).
     backend : {"cython", "numba", "numpy"}, optional
         Defaults to :func:`fastbn.get_backend`.
 
@@ -52,7 +53,7 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     eps = _validation.check_eps(eps)
     kernels = load_backend(backend)
 
-    y, y_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype, rows, D)
+    y, y_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype, rows, D, (x,))
     mean = np.empty(stats_shape, x.dtype)
     rstd = np.empty(stats_shape, x.dtype)
     if x.size == 0:
@@ -87,7 +88,7 @@ def layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, 
         returned as None and cost nothing. The gradient of a parameter that is
         None is None.
     out : ndarray, optional
-        Written with grad_x and returned (any strides).
+        Written with grad_x and returned (any strides; it may be grad_out itself).
     backend : {"cython", "numba", "numpy"}, optional
 
     Returns
@@ -108,7 +109,7 @@ def layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, 
     grad_x = grad_x_rows = written = None
     if want_x:
         grad_x, grad_x_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype,
-                                                              rows, D)
+                                                              rows, D, (x, grad_out))
     # Sums over no rows are 0, as in PyTorch.
     want_weight = want_weight and weight is not None
     want_bias = want_bias and bias is not None

@@ -28,7 +28,8 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None, ba
         None means the machine epsilon of x's dtype, ``np.finfo(x.dtype).eps``,
         as in PyTorch.
     out : ndarray, optional
-        Written with y and returned (any strides; non-C-contiguous costs a copy).
+        Written with y and returned. Any strides, and it may be x itself (one
+        that is not C-contiguous, or overlaps x, is written through a copy).
     backend : {"cython", "numba", "numpy"}, optional
 
     Returns
@@ -49,7 +50,7 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None, ba
     eps = float(np.finfo(x.dtype).eps) if eps is None else _validation.check_eps(eps)
     kernels = load_backend(backend)
 
-    y, y_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype, rows, D)
+    y, y_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype, rows, D, (x,))
     rstd = np.empty(stats_shape, x.dtype)
     if x.size == 0:
         rstd.fill(np.nan)  # as PyTorch, for rows of no values
@@ -81,7 +82,7 @@ def rms_norm_backward(grad_out, x, normalized_shape, rstd, weight=None, *,
         Which of (grad_x, grad_weight) to compute; the other is returned as
         None. grad_weight is None when weight is None.
     out : ndarray, optional
-        Written with grad_x and returned (any strides).
+        Written with grad_x and returned (any strides; it may be grad_out itself).
     backend : {"cython", "numba", "numpy"}, optional
 
     Returns
@@ -100,7 +101,7 @@ def rms_norm_backward(grad_out, x, normalized_shape, rstd, weight=None, *,
     grad_x = grad_x_rows = written = None
     if want_x:
         grad_x, grad_x_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype,
-                                                              rows, D)
+                                                              rows, D, (x, grad_out))
     want_weight = want_weight and weight is not None
     grad_weight = np.zeros(normalized_shape, x.dtype) if want_weight else None
     if x.size == 0:

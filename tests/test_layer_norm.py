@@ -196,6 +196,33 @@ def test_strided_input_and_output(backend, rng):
         np.testing.assert_array_equal(got, want)
 
 
+def test_in_place(backend, rng):
+    x, dy, w, b = make_inputs(rng, (6, 40), 40, np.float32)
+    y, mean, rstd = fastbn.layer_norm_forward(x, 40, w, b, backend=backend)
+    grads = fastbn.layer_norm_backward(dy, x, 40, mean, rstd, w, b, backend=backend)
+    x_copy = x.copy()
+    assert fastbn.layer_norm_forward(x_copy, 40, w, b, out=x_copy, backend=backend)[0] is x_copy
+    np.testing.assert_array_equal(x_copy, y)
+    grad_x = fastbn.layer_norm_backward(dy, x, 40, mean, rstd, w, b, out=dy,
+                                        backend=backend)[0]
+    assert grad_x is dy
+    np.testing.assert_array_equal(grad_x, grads[0])
+
+
+def test_read_only_inputs(backend, rng):
+    arrays = make_inputs(rng, (6, 40), 40, np.float64)
+    for a in arrays:
+        a.flags.writeable = False
+    x, dy, w, b = arrays
+    y, mean, rstd = fastbn.layer_norm_forward(x, 40, w, b, backend=backend)
+    mean.flags.writeable = rstd.flags.writeable = False
+    grads = fastbn.layer_norm_backward(dy, x, 40, mean, rstd, w, b, backend=backend)
+    expected = fastbn.layer_norm_backward(dy.copy(), x.copy(), 40, mean.copy(), rstd.copy(),
+                                          w.copy(), b.copy(), backend="numpy")
+    for got, want in zip(grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("shape", [(5, 6), (2, 9000)])
 def test_output_mask_and_missing_parameters(backend, rng, shape):
     D = shape[-1]
