@@ -116,6 +116,9 @@ cdef extern from *:
        each is also compiled for AVX2 and AVX-512 and the best one the CPU runs
        is picked when the module loads, so a portable build still gets the wide
        vectors. */
+    #ifdef _MSC_VER
+    #define restrict __restrict
+    #endif
     #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 \
         && defined(__x86_64__) && defined(__ELF__)
     #define FASTBN_CLONES \
@@ -178,7 +181,8 @@ cdef extern from *:
        rows' terms of grad_weight / grad_bias added (in row order) into the partial
        column sums, which are so loaded and stored once for all the rows. The loop is
        written once and expanded for each set of wanted outputs (HAS_* constants), as
-       the vectoriser takes no branch inside it. */
+       the vectoriser takes no branch inside it; only the rare calls without dx keep
+       run-time conditions. */
     #define FASTBN_GRAD_LOOP(T, ROWS, HAS_DX, HAS_DW, HAS_DB)                          \
         _Pragma("omp simd")                                                            \
         for (Py_ssize_t i = 0; i < n; i++) {                                           \
