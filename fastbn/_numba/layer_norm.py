@@ -16,6 +16,9 @@ fixed order, so the result is the same to the bit for any thread count:
 
 Row sums are summed in the input's precision over blocks of SUM_BLOCK values
 (fast-math reassociation lets LLVM vectorise them), then added into float64.
+Unlike the Cython kernels, the backward adds each row's column terms on its
+own (not 4 rows at a time), so the two backends' parameter gradients may differ
+in the last bits.
 The statistics are shifted by a pivot near the row mean, the mean of the row's
 first values, for accuracy on data with a large mean.
 """
