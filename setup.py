@@ -56,6 +56,21 @@ def compiler_has_openmp(compiler):
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def compiler_accepts(compiler, flag):
+    """Whether the compiler compiles an empty C file with `flag`."""
+    tmpdir = tempfile.mkdtemp(prefix="fastbn-flag-probe-")
+    try:
+        source = os.path.join(tmpdir, "probe.c")
+        with open(source, "w") as handle:
+            handle.write("int main(void) { return 0; }\n")
+        compiler.compile([source], output_dir=tmpdir, extra_postargs=[flag])
+        return True
+    except Exception:
+        return False
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
 class BuildExtWithOpenMP(build_ext):
     """Probe OpenMP once, say what was chosen, and record it for `python -m fastbn info`."""
 
@@ -79,6 +94,9 @@ class BuildExtWithOpenMP(build_ext):
         if use_openmp:
             compile_args.append("-fopenmp")
             link_args.append("-fopenmp")
+        elif sys.platform != "win32" and compiler_accepts(self.compiler, "-fopenmp-simd"):
+            # The `omp simd` loops still vectorise; this needs no OpenMP runtime.
+            compile_args.append("-fopenmp-simd")
         for ext in self.extensions:
             ext.extra_compile_args = list(ext.extra_compile_args) + compile_args
             ext.extra_link_args = list(ext.extra_link_args) + link_args
@@ -118,7 +136,7 @@ def extensions():
         "initializedcheck": env_flag("FASTBN_CYTHON_DEBUG"),
         "cdivision": True,
     }
-    modules = ["_openmp_helpers", "_memory", "_batch_norm", "_group_norm"]
+    modules = ["_openmp_helpers", "_memory", "_batch_norm", "_group_norm", "_layer_norm"]
     exts = [
         Extension(
             f"fastbn._cython.{name}",

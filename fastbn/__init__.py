@@ -15,6 +15,8 @@ from fastbn._threads import get_num_threads, set_num_threads
 from fastbn.batch_norm import batch_norm_backward, batch_norm_forward
 from fastbn.group_norm import group_norm_backward, group_norm_forward
 from fastbn.instance_norm import instance_norm_backward, instance_norm_forward
+from fastbn.layer_norm import layer_norm_backward, layer_norm_forward
+from fastbn.rms_norm import rms_norm_backward, rms_norm_forward
 
 __version__ = "0.1.0"
 
@@ -29,6 +31,10 @@ __all__ = [
     "group_norm_forward",
     "instance_norm_backward",
     "instance_norm_forward",
+    "layer_norm_backward",
+    "layer_norm_forward",
+    "rms_norm_backward",
+    "rms_norm_forward",
     "set_backend",
     "set_num_threads",
     "use_backend",

@@ -76,6 +76,8 @@ def check_real(name, value):
 
 
 def check_mask(output_mask, length):
+    if output_mask == (True,) * length:  # the default: skip the per-entry checks
+        return (True,) * length
     try:
         mask = tuple(bool(operator.index(m) if not isinstance(m, bool) else m) for m in output_mask)
     except TypeError:

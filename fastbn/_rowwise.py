@@ -1,0 +1,120 @@
+"""What LayerNorm and RMSNorm share: normalized_shape checks and the (rows, D) layout.
+
+Both normalize over the trailing dims named by `normalized_shape`, so a
+C-contiguous input is a (rows, D) matrix, D = prod(normalized_shape), whose
+rows are normalized independently. The kernels get that 2-D view; an input
+with any other strides is copied to C order first. Outputs are C-contiguous.
+"""
+import math
+import operator
+
+import numpy as np
+
+from fastbn import _validation
+
+
+def check_input(x, normalized_shape):
+    """(x, normalized_shape, rows, D, stats_shape) after the checks on them.
+
+    stats_shape is that of PyTorch's mean / rstd: x's leading dims, then a 1 per
+    normalized dim."""
+    x = _validation.check_float_input("x", x)
+    normalized_shape = check_normalized_shape(normalized_shape, x)
+    leading = x.shape[:x.ndim - len(normalized_shape)]
+    stats_shape = leading + (1,) * len(normalized_shape)
+    return x, normalized_shape, math.prod(leading), math.prod(normalized_shape), stats_shape
+
+
+def check_grad_out(grad_out, x):
+    grad_out = _validation.check_float_input("grad_out", grad_out)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out must have the input's shape {x.shape}, got {grad_out.shape}")
+    _validation.check_same_dtype("grad_out", grad_out, x)
+    return grad_out
+
+
+def check_normalized_shape(normalized_shape, x):
+    """normalized_shape as a tuple of ints that x's trailing dims match (an int is a 1-tuple)."""
+    if isinstance(normalized_shape, (int, np.integer)):
+        normalized_shape = (operator.index(normalized_shape),)
+    else:
+        try:
+            normalized_shape = tuple(operator.index(size) for size in normalized_shape)
+        except TypeError:
+            raise TypeError("normalized_shape must be an int or a sequence of ints, "
+                            f"got {normalized_shape!r}") from None
+    if not normalized_shape:
+        raise ValueError("Expected normalized_shape to be at least 1-dimensional, i.e., "
+                         "containing at least one element, but got normalized_shape = []")
+    if min(normalized_shape) < 0:
+        raise ValueError("normalized_shape must not hold negative sizes, "
+                         f"got {list(normalized_shape)}")
+    k = len(normalized_shape)
+    if x.ndim < k or x.shape[-k:] != normalized_shape:
+        # PyTorch's message, word for word.
+        raise ValueError(f"Given normalized_shape={list(normalized_shape)}, expected input with "
+                         f"shape [*, {', '.join(map(str, normalized_shape))}], but got input of "
+                         f"size{list(x.shape)}")
+    return normalized_shape
+
+
+def check_parameter(name, a, normalized_shape, x):
+    """weight or bias: None, or an array of x's dtype shaped like normalized_shape, as (D,)."""
+    if a is None:
+        return None
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+    if a.dtype not in _validation.FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64 like the input, got dtype {a.dtype}")
+    _validation.check_same_dtype(name, a, x)
+    if a.shape != normalized_shape:
+        raise ValueError(f"Expected {name} to be of same shape as normalized_shape, but got "
+                         f"{name} of shape {list(a.shape)} and normalized_shape = "
+                         f"{list(normalized_shape)}")
+    if a.ndim == 1 and a.flags.c_contiguous:
+        return a
+    return np.ascontiguousarray(a).reshape(-1)
+
+
+def check_statistic(name, a, stats_shape, rows, x, returned_by):
+    """A per-row statistic from the forward (shape `stats_shape`, or flat), as (rows,)."""
+    if a is None:
+        raise ValueError(f"{name} is needed: pass the one {returned_by} returned")
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+    if a.dtype != x.dtype:
+        if a.dtype not in _validation.FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32 or float64 like the input, "
+                            f"got dtype {a.dtype}")
+        _validation.check_same_dtype(name, a, x)
+    if a.shape != stats_shape and a.shape != (rows,):
+        raise ValueError(f"{name} must have shape {stats_shape} (one value per row, as "
+                         f"{returned_by} returns it), got shape {a.shape}")
+    return rows_view(a, rows)
+
+
+def rows_view(a, *shape):
+    """a as a C-contiguous array of `shape`: a view, or a C-order copy for other strides."""
+    return (a if a.flags.c_contiguous else np.ascontiguousarray(a)).reshape(shape)
+
+
+def output_buffer(name, out, shape, dtype, rows, D, inputs):
+    """(result, the (rows, D) view the kernel writes, array to copy into `out` after, or None).
+
+    The kernels write an `out` that is C-contiguous and shares no memory with the
+    `inputs` (they assume outputs and inputs do not overlap); any other `out` gets
+    a temporary, copied into it afterwards."""
+    if out is None:
+        result = np.empty(shape, dtype)
+        return result, rows_view(result, rows, D), None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if out.shape != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"{name} must have shape {tuple(shape)} and dtype {dtype}, "
+                         f"got shape {out.shape} and dtype {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only; pass a writeable array")
+    if out.flags.c_contiguous and not any(np.may_share_memory(out, a) for a in inputs):
+        return out, rows_view(out, rows, D), None
+    buffer = np.empty(shape, dtype)
+    return out, rows_view(buffer, rows, D), buffer
