@@ -75,3 +75,13 @@ def output_buffer(name, out, shape, dtype, channels_last):
         return out, view, None
     result, view = empty_like_layout(shape, dtype, channels_last)
     return out, view, result
+
+
+def view_or_copy_as_layout(a, channels_last):
+    """a's 3-D kernel view in the given layout, copying `a` into that layout if needed
+    (e.g. a grad_out laid out unlike x)."""
+    view = view_as_layout(a, channels_last)
+    if view is None:
+        copy, view = empty_like_layout(a.shape, a.dtype, channels_last)
+        np.copyto(copy, a)
+    return view

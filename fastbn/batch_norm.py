@@ -160,10 +160,7 @@ def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training, *
     if x.size == 0:
         return grad_x, grad_weight, grad_bias
 
-    grad_out_view = _layout.view_as_layout(grad_out, channels_last)
-    if grad_out_view is None:  # grad_out laid out unlike x: copy it into x's layout
-        grad_out_copy, grad_out_view = _layout.empty_like_layout(x.shape, x.dtype, channels_last)
-        np.copyto(grad_out_copy, grad_out)
+    grad_out_view = _layout.view_or_copy_as_layout(grad_out, channels_last)
     kernels.batch_norm_backward(grad_out_view, x_view, weight, save_mean, save_invstd, training,
                                 grad_x_view, grad_weight, grad_bias, channels_last,
                                 get_num_threads())

@@ -97,10 +97,7 @@ def run_backward(grad_out, x, mean, rstd, weight, stats_from_input, mask, out, b
     if x.size == 0 or not (want_x or want_weight or want_bias):
         return grad_x, grad_weight, grad_bias
 
-    grad_out_view = _layout.view_as_layout(grad_out, channels_last)
-    if grad_out_view is None:  # grad_out laid out unlike x: copy it into x's layout
-        grad_out_copy, grad_out_view = _layout.empty_like_layout(x.shape, x.dtype, channels_last)
-        np.copyto(grad_out_copy, grad_out)
+    grad_out_view = _layout.view_or_copy_as_layout(grad_out, channels_last)
     kernels.group_norm_backward(grad_out_view, x_view, weight, mean, rstd, stats_from_input,
                                 grad_x_view, grad_weight, grad_bias, channels_last,
                                 get_num_threads())

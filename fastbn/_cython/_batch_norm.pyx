@@ -22,6 +22,7 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt, isfinite
+from fastbn._cython._openmp_helpers cimport effective_threads
 from libc.stdlib cimport calloc, free
 
 cnp.import_array()
@@ -31,8 +32,6 @@ cnp.import_array()
 cdef Py_ssize_t CHUNK_ELEMENTS = 4096
 # Channels in one channels-last column block.
 cdef Py_ssize_t CHANNEL_BLOCK = 256
-# Below this many elements per thread, extra threads cost more than they bring.
-cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD = 16384
 
 
 cdef struct Split:
@@ -63,15 +62,6 @@ cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_la
     split.blocks = (split.rows + split.rows_per_block - 1) // split.rows_per_block
     split.items = split.blocks * split.inner
     return split
-
-
-cdef int effective_threads(int n_threads, Py_ssize_t n_elements, Py_ssize_t items) noexcept nogil:
-    cdef Py_ssize_t useful = n_elements // MIN_ELEMENTS_PER_THREAD
-    if useful < n_threads:
-        n_threads = <int>useful
-    if items < n_threads:
-        n_threads = <int>items
-    return n_threads if n_threads > 1 else 1
 
 
 # ---------------------------------------------------------------------------

@@ -36,6 +36,7 @@ statistics) grad_x = dy * rstd * w_c.
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt, isfinite
+from fastbn._cython._openmp_helpers cimport effective_threads
 from libc.stdlib cimport calloc, free
 
 # Values in one chunk-split item: big enough to amortise the per-item overhead,
@@ -43,8 +44,6 @@ from libc.stdlib cimport calloc, free
 cdef Py_ssize_t CHUNK_ELEMENTS = 4096
 # Channels in one channels-last column block.
 cdef Py_ssize_t CHANNEL_BLOCK = 256
-# Below this many values per thread, extra threads cost more than they bring.
-cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD = 16384
 # Whole-group items need enough groups to share out, each small enough to stay in
 # cache between its two passes (backward touches dy, x and dx: 3 x 128 KiB in float32).
 cdef Py_ssize_t MIN_GROUP_ITEMS = 16
@@ -98,15 +97,6 @@ cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
         split.items = N * split.row_blocks * split.channel_blocks
         split.n_partials = N * split.row_blocks * C
     return split
-
-
-cdef int effective_threads(int n_threads, Py_ssize_t n_elements, Py_ssize_t items) noexcept nogil:
-    cdef Py_ssize_t useful = n_elements // MIN_ELEMENTS_PER_THREAD
-    if useful < n_threads:
-        n_threads = <int>useful
-    if items < n_threads:
-        n_threads = <int>items
-    return n_threads if n_threads > 1 else 1
 
 
 # ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ accuracy in y.
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport isfinite, sqrt
+from fastbn._cython._openmp_helpers cimport effective_threads
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
@@ -58,8 +59,6 @@ cdef Py_ssize_t ITEM_ELEMENTS = 16384
 cdef Py_ssize_t ITEM_MULTIPLE = 8
 cdef Py_ssize_t MIN_ROWS_PER_ITEM = 8
 cdef Py_ssize_t MAX_ROWS_PER_ITEM = 64
-# Below this many values per thread, extra threads cost more than they bring.
-cdef Py_ssize_t MIN_ELEMENTS_PER_THREAD = 16384
 
 
 cdef struct Split:
@@ -92,15 +91,6 @@ cdef inline Py_ssize_t part_start(Py_ssize_t part, Py_ssize_t total,
                                   Py_ssize_t parts) noexcept nogil:
     """Start of piece `part` when `total` is cut into `parts` nearly equal pieces."""
     return part * total // parts
-
-
-cdef int effective_threads(int n_threads, Py_ssize_t n_elements, Py_ssize_t items) noexcept nogil:
-    cdef Py_ssize_t useful = n_elements // MIN_ELEMENTS_PER_THREAD
-    if useful < n_threads:
-        n_threads = <int>useful
-    if items < n_threads:
-        n_threads = <int>items
-    return n_threads if n_threads > 1 else 1
 
 
 # ---------------------------------------------------------------------------
