@@ -1,0 +1,55 @@
+"""Functional fastbn ops on torch tensors, with the signatures of `torch.nn.functional`.
+
+Each runs fastbn's kernels on float32 and float64 CPU tensors (through autograd
+when a gradient is wanted) and hands every other call (float16, bfloat16, mixed
+dtypes, other devices, tensor subclasses, torch.compile tracing) to torch's own
+op, so the numbers are always torch's or fastbn's float32/float64 ones.
+"""
+import torch
+import torch.nn.functional as torch_functional
+
+from fastbn.nn import _function
+
+__all__ = ["batch_norm"]
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5, *, backend=None):
+    """Batch normalization, as :func:`torch.nn.functional.batch_norm`.
+
+    Parameters
+    ----------
+    input : Tensor of shape (N, C) or (N, C, *spatial), up to 3 spatial dims
+    running_mean, running_var : Tensor of shape (C,) or None
+        Updated in place when `training` (with the unbiased batch variance);
+        they normalize the input when not.
+    weight, bias : Tensor of shape (C,) or None
+    training : bool
+        Normalize with the batch statistics (True) or the running ones.
+    momentum : float
+        ``running = (1 - momentum) * running + momentum * batch_statistic``.
+    eps : float
+        Added to the variance; > 0 in training, >= 0 otherwise (as torch).
+    backend : {"cython", "numba", "numpy"}, optional
+        fastbn's backend; None uses :func:`fastbn.get_backend`.
+
+    Returns
+    -------
+    Tensor
+        Same shape, dtype and memory layout (channels-last or not) as `input`.
+
+    Raises
+    ------
+    ValueError, TypeError
+        On bad arguments, before any running statistic changes.
+    """
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if torch.compiler.is_compiling() or not _function.runs_on_fastbn(
+            input, weight, bias, running_mean, running_var):
+        return torch_functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                           training, momentum, eps)
+    op = _function.BatchNormOp(running_mean, running_var, training, momentum, eps, backend)
+    return _function.apply(op, input, weight, bias)
