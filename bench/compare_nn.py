@@ -2,8 +2,10 @@
 
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=$PWD python bench/compare_nn.py [--rounds 9]
 
-Layer cases (float32, 2 threads for both libraries): one training step of the
-layer alone (module forward + backward through autograd) for N in {1, 2, 4, 8}
+Layer cases (float32, 2 threads for both libraries), with fastbn's modules as
+built by default (backend=None: inputs too small to gain run torch's op, see
+fastbn/nn/functional.py) and with the backend named (always fastbn's kernels):
+one training step of the layer alone (module forward + backward through autograd) for N in {1, 2, 4, 8}
 and (C, H, W) in the ResNet shapes plus a tiny (16, 8, 8); the same with
 channels-last input; and eval-mode forward under no_grad. End to end: a
 ResNet-18 (tests/resnet.py) training step (forward, cross-entropy, backward,
@@ -59,11 +61,12 @@ def time_alternating(callables, rounds, min_block_s):
 
 
 def layer_case(shape, mode, memory_format):
-    """{"torch": step, "fastbn": step} for one BatchNorm2d case, checked against each other."""
+    """{name: step} for one BatchNorm2d case, each checked against torch's."""
     torch.manual_seed(0)
     x = torch.randn(shape).contiguous(memory_format=memory_format)
     grad_y = torch.randn(shape).contiguous(memory_format=memory_format)
-    modules = {"torch": nn.BatchNorm2d(shape[1]), "fastbn": fnn.BatchNorm2d(shape[1])}
+    modules = {"torch": nn.BatchNorm2d(shape[1]), "fastbn": fnn.BatchNorm2d(shape[1]),
+               "named": fnn.BatchNorm2d(shape[1], backend=fastbn.get_backend())}
     outputs = {}
     steps = {}
     for name, module in modules.items():
@@ -83,10 +86,11 @@ def layer_case(shape, mode, memory_format):
                 return y
         outputs[name] = (step(), x_in.grad)
         steps[name] = step
-    torch.testing.assert_close(outputs["fastbn"][0], outputs["torch"][0], rtol=1e-4, atol=1e-4)
-    if mode != "eval":
-        torch.testing.assert_close(outputs["fastbn"][1], outputs["torch"][1], rtol=1e-3,
-                                   atol=1e-4)
+    for name in ("fastbn", "named"):
+        torch.testing.assert_close(outputs[name][0], outputs["torch"][0], rtol=1e-4, atol=1e-4)
+        if mode != "eval":
+            torch.testing.assert_close(outputs[name][1], outputs["torch"][1], rtol=1e-3,
+                                       atol=1e-4)
     return steps
 
 
@@ -95,21 +99,24 @@ def layer_table(mode, memory_format, rounds, min_block_s):
              "eval": "eval forward (no_grad)"}[mode]
     layout = "channels-last" if memory_format == torch.channels_last else "contiguous"
     print(f"\n### BatchNorm2d {title}, {layout}, float32\n")
-    print("| N | C, H, W | torch (us) | fastbn (us) | torch / fastbn |")
-    print("| --- | --- | ---: | ---: | ---: |")
-    ratios = []
+    print("| N | C, H, W | torch (us) | fastbn (us) | torch / fastbn "
+          "| fastbn, backend named (us) | torch / named |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    ratios = {"fastbn": [], "named": []}
     for feature_shape in FEATURE_SHAPES:
         for batch in BATCH_SIZES:
             steps = layer_case((batch,) + feature_shape, mode, memory_format)
             times = time_alternating(steps, rounds, min_block_s)
-            ratio = times["torch"] / times["fastbn"]
-            ratios.append(ratio)
-            print(f"| {batch} | {', '.join(map(str, feature_shape))} | "
-                  f"{times['torch'] * 1e6:.1f} | {times['fastbn'] * 1e6:.1f} | {ratio:.2f} |",
-                  flush=True)
-    geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
-    print(f"\ngeometric mean torch / fastbn: **{geomean:.2f}**, "
-          f"lowest: {min(ratios):.2f}", flush=True)
+            row = [str(batch), ", ".join(map(str, feature_shape)), f"{times['torch'] * 1e6:.1f}"]
+            for name, values in ratios.items():
+                values.append(times["torch"] / times[name])
+                row += [f"{times[name] * 1e6:.1f}", f"{values[-1]:.2f}"]
+            print(f"| {' | '.join(row)} |", flush=True)
+    for name, values in ratios.items():
+        geomean = math.exp(sum(map(math.log, values)) / len(values))
+        label = "fastbn" if name == "fastbn" else "fastbn with the backend named"
+        print(f"\n{label}: geometric mean of torch / fastbn **{geomean:.2f}**, "
+              f"lowest {min(values):.2f}", flush=True)
 
 
 def resnet_table(rounds, min_block_s):

@@ -174,6 +174,24 @@ def test_half_precision_gives_torchs_numbers(backend, dtype):
         torch.testing.assert_close(module.state_dict(), reference.state_dict(), rtol=0, atol=0)
 
 
+def test_without_a_backend_small_inputs_run_torch():
+    """backend=None: below the size rule torch's op runs (torch's bits), above it fastbn's
+    default backend (its bits)."""
+    generator = torch.Generator().manual_seed(7)
+    for training, values in [(True, fnn.functional.MIN_VALUES),
+                             (False, fnn.functional.MIN_VALUES_EVAL_FORWARD)]:
+        for numel, expected in [(values // 2, "torch"), (values, "fastbn")]:
+            x = torch.randn(2, 4, numel // 8, generator=generator)
+            stats = [torch.zeros(4), torch.ones(4)]
+            y = fnn.functional.batch_norm(x, *[s.clone() for s in stats], training=training)
+            if expected == "torch":
+                y_expected = torch.nn.functional.batch_norm(x, *stats, training=training)
+            else:
+                y_expected = fnn.functional.batch_norm(x, *stats, training=training,
+                                                       backend=fastbn.get_backend())
+            torch.testing.assert_close(y, y_expected, rtol=0, atol=0)
+
+
 def test_empty_batch(backend):
     reference, module = module_pair(fnn.BatchNorm2d, nn.BatchNorm2d, backend)
     compare_steps(reference, module, (0, 5, 3, 3), torch.contiguous_format, ["train", "eval"])
@@ -425,14 +443,17 @@ def free_port():
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                     reason="torch.distributed with gloo is not available")
-def test_distributed_data_parallel(backend, tmp_path):
+def test_distributed_data_parallel(tmp_path):
     """Two processes on gloo train the same model with torch's layers and with
-    fastbn's: the same losses on every rank."""
+    fastbn's: the same losses and weights on every rank. One backend (the default,
+    named so that the small model runs fastbn's kernels): DDP meets the same autograd
+    glue whatever the backend, and starting processes is the slow part."""
     import torch.multiprocessing as mp
 
     from ddp_worker import train_both
 
-    mp.spawn(train_both, args=(2, free_port(), backend, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(train_both, args=(2, free_port(), fastbn.get_backend(), str(tmp_path)), nprocs=2,
+             join=True)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         np.testing.assert_allclose(result["fastbn_losses"], result["torch_losses"], rtol=1e-4)

@@ -55,11 +55,16 @@ def runs_on_fastbn(input, *others):
     return True
 
 
-def apply(op, input, weight, bias):
-    """Run `op` on (input, weight, bias): through autograd when a gradient is wanted."""
-    if torch.is_grad_enabled() and (input.requires_grad
-                                    or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
+def needs_grad(input, weight, bias):
+    """Whether autograd must record the call: grad mode is on and a tensor requires grad."""
+    return torch.is_grad_enabled() and (input.requires_grad
+                                        or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+
+
+def apply(op, input, weight, bias, record):
+    """Run `op` on (input, weight, bias), through autograd when `record` (see `needs_grad`)."""
+    if record:
         return NormFunction.apply(op, input, weight, bias)
     y, _ = op.forward(as_array(input), as_array(weight), as_array(bias))
     return torch.from_numpy(y)

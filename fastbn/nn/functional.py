@@ -4,6 +4,10 @@ Each runs fastbn's kernels on float32 and float64 CPU tensors (through autograd
 when a gradient is wanted) and hands every other call (float16, bfloat16, mixed
 dtypes, other devices, tensor subclasses, torch.compile tracing) to torch's own
 op, so the numbers are always torch's or fastbn's float32/float64 ones.
+
+With ``backend=None``, inputs too small for fastbn's kernels to pay for the
+Python around them also run torch's op (see `torch_is_faster`); naming a
+backend always runs fastbn.
 """
 import torch
 import torch.nn.functional as torch_functional
@@ -11,6 +15,24 @@ import torch.nn.functional as torch_functional
 from fastbn.nn import _function
 
 __all__ = ["batch_norm"]
+
+# Inputs with fewer values run torch's op when no backend is named. fastbn's path
+# costs about 40 us more per training step (forward + backward) than torch's native
+# one (the autograd.Function round trip, NumPy views, argument checks) and about
+# 15 us more per eval forward (docs/nn.md). Its kernels win that back from about
+# 64Ki values in training (or whenever autograd records the call), but only from
+# about 1Mi values in an eval-mode forward, whose single pass torch already runs
+# near memory speed (2 threads on the project machine, see docs/nn.md).
+MIN_VALUES = 1 << 16
+MIN_VALUES_EVAL_FORWARD = 1 << 20
+
+
+def torch_is_faster(input, eval_forward):
+    """Whether torch's op beats fastbn's path on `input` (a size rule, see above).
+
+    `eval_forward`: an eval-mode call that autograd does not record.
+    """
+    return input.numel() < (MIN_VALUES_EVAL_FORWARD if eval_forward else MIN_VALUES)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -31,7 +53,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     eps : float
         Added to the variance; > 0 in training, >= 0 otherwise (as torch).
     backend : {"cython", "numba", "numpy"}, optional
-        fastbn's backend; None uses :func:`fastbn.get_backend`.
+        fastbn's backend. None uses :func:`fastbn.get_backend`, or torch's op for
+        inputs too small to gain from fastbn (`torch_is_faster`).
 
     Returns
     -------
@@ -47,9 +70,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if torch.compiler.is_compiling() or not _function.runs_on_fastbn(
-            input, weight, bias, running_mean, running_var):
+    record = _function.needs_grad(input, weight, bias)
+    if (torch.compiler.is_compiling()
+            or not _function.runs_on_fastbn(input, weight, bias, running_mean, running_var)
+            or (backend is None and torch_is_faster(input, not (training or record)))):
         return torch_functional.batch_norm(input, running_mean, running_var, weight, bias,
                                            training, momentum, eps)
     op = _function.BatchNormOp(running_mean, running_var, training, momentum, eps, backend)
-    return _function.apply(op, input, weight, bias)
+    return _function.apply(op, input, weight, bias, record)

@@ -49,22 +49,23 @@ class _BatchNorm(FastbnNorm):
             return super().forward(input)
         self._check_input_dim(input)
         # As torch's _BatchNorm.forward, except that num_batches_tracked is counted after
-        # the call succeeded: a call that raises changes no state.
-        track = (self.training and self.track_running_stats
-                 and self.num_batches_tracked is not None)
+        # the call succeeded: a call that raises changes no state. Each attribute is read
+        # once (parameters and buffers are looked up through Module.__getattr__).
+        training = self.training
+        running_mean, running_var = self.running_mean, self.running_var
+        num_batches_tracked = self.num_batches_tracked
+        track = training and self.track_running_stats and num_batches_tracked is not None
         momentum = self.momentum
         if momentum is None:  # cumulative moving average over the batches seen
-            momentum = 1.0 / float(self.num_batches_tracked.item() + 1) if track else 0.0
+            momentum = 1.0 / float(num_batches_tracked.item() + 1) if track else 0.0
         # Batch statistics in training, and in eval mode when there are no running ones.
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        # Running statistics are updated only when tracked and training.
-        use_buffers = not self.training or self.track_running_stats
-        output = functional.batch_norm(
-            input, self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None, self.weight, self.bias, bn_training,
-            momentum, self.eps, backend=self.backend)
+        bn_training = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:  # untracked buffers are not updated
+            running_mean = running_var = None
+        output = functional.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                       bn_training, momentum, self.eps, backend=self.backend)
         if track:
-            self.num_batches_tracked.add_(1)
+            num_batches_tracked.add_(1)
         return output
 
 
