@@ -202,12 +202,17 @@ def test_empty_batch(backend):
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("training", [True, False])
-def test_failed_call_changes_no_state(backend, momentum, training):
-    module = fnn.BatchNorm2d(5, momentum=momentum, backend=backend).train(training)
+@pytest.mark.parametrize("named", [True, False], ids=["backend_named", "backend_none"])
+def test_failed_call_changes_no_state(backend, momentum, training, named):
+    """torch's errors (types and messages), raised before any state changes: torch itself
+    counts num_batches_tracked before it checks. Without a named backend these small
+    inputs run torch's op, after fastbn's checks."""
+    module = fnn.BatchNorm2d(5, momentum=momentum, backend=backend if named else None)
+    module.train(training)
     module(torch.randn(2, 5, 3, 3))  # some state to keep
     before = copy.deepcopy(module.state_dict())
     bad_inputs = [
-        (torch.randn(2, 4, 3, 3), ValueError, "must have shape \\(4,\\)"),
+        (torch.randn(2, 4, 3, 3), RuntimeError, "running_mean should contain 4 elements not 5"),
         (torch.randn(2, 5, 3), ValueError, "expected 4D input \\(got 3D input\\)"),
     ]
     if training:
@@ -216,6 +221,11 @@ def test_failed_call_changes_no_state(backend, momentum, training):
         with pytest.raises(error, match=message):
             module(x.requires_grad_())
         torch.testing.assert_close(module.state_dict(), before, rtol=0, atol=0)
+    module.weight = nn.Parameter(torch.ones(4))
+    with pytest.raises(RuntimeError, match="weight should contain 5 elements not 4"):
+        module(torch.randn(2, 5, 3, 3))
+    torch.testing.assert_close(module.state_dict(), dict(before, weight=module.weight),
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode"])

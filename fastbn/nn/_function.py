@@ -36,23 +36,33 @@ def as_tensor(array):
 
 
 def runs_on_fastbn(input, *others):
-    """Whether the fastbn kernels can take these tensors: plain CPU tensors of one float dtype.
+    """Whether the fastbn kernels can take these tensors: plain CPU tensors of one float
+    dtype, the input with 2 to 5 dims.
 
     Anything else (float16, bfloat16, mixed dtypes, other devices, tensor subclasses
-    such as the fake tensors of tracers) goes to torch's own op, so a call never gives
-    numbers that differ from torch's.
+    such as the fake tensors of tracers, more dims) goes to torch's own op, so a call
+    never gives numbers that differ from torch's.
     """
     if type(input) is not torch.Tensor and type(input) is not torch.nn.Parameter:
         return False
     dtype = input.dtype
     if dtype is not torch.float32 and dtype is not torch.float64:
         return False
-    if not input.is_cpu or input.layout is not torch.strided:
+    if not input.is_cpu or input.layout is not torch.strided or not 2 <= input.dim() <= 5:
         return False
     for tensor in others:
         if tensor is not None and (tensor.dtype is not dtype or not tensor.is_cpu):
             return False
     return True
+
+
+def check_channel_vectors(input, named_vectors):
+    """Raise torch's error for a per-channel tensor whose length is not input's channels."""
+    channels = input.shape[1]
+    for name, vector in named_vectors:
+        if vector is not None and vector.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not "
+                               f"{vector.numel()}")
 
 
 def needs_grad(input, weight, bias):

@@ -9,6 +9,8 @@ With ``backend=None``, inputs too small for fastbn's kernels to pay for the
 Python around them also run torch's op (see `torch_is_faster`); naming a
 backend always runs fastbn.
 """
+import math
+
 import torch
 import torch.nn.functional as torch_functional
 
@@ -70,11 +72,27 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    record = _function.needs_grad(input, weight, bias)
-    if (torch.compiler.is_compiling()
-            or not _function.runs_on_fastbn(input, weight, bias, running_mean, running_var)
-            or (backend is None and torch_is_faster(input, not (training or record)))):
+    if torch.compiler.is_compiling() or not _function.runs_on_fastbn(
+            input, weight, bias, running_mean, running_var):
         return torch_functional.batch_norm(input, running_mean, running_var, weight, bias,
                                            training, momentum, eps)
+    # torch.nn.functional.batch_norm's checks, with its errors and messages, for both the
+    # paths below: plain CPU tensors have no __torch_function__ to honour.
+    if training:
+        _check_batch_size(input)
+    record = _function.needs_grad(input, weight, bias)
+    if backend is None and torch_is_faster(input, not (training or record)):
+        return torch.batch_norm(input, weight, bias, running_mean, running_var, training,
+                                momentum, eps, False)  # False: no cuDNN on the CPU
+    _function.check_channel_vectors(input, (("running_mean", running_mean),
+                                            ("running_var", running_var),
+                                            ("weight", weight), ("bias", bias)))
     op = _function.BatchNormOp(running_mean, running_var, training, momentum, eps, backend)
     return _function.apply(op, input, weight, bias, record)
+
+
+def _check_batch_size(input):
+    size = input.shape
+    if size[0] * math.prod(size[2:]) == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, "
+                         f"got input size {size}")
