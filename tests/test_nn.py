@@ -290,6 +290,36 @@ def test_gradgradcheck(backend):
     assert torch.autograd.gradgradcheck(batch_norm, (x, weight, bias))
 
 
+def test_gradient_with_other_strides(backend):
+    """Autograd may hand over a broadcast (stride 0) or channels-last gradient."""
+    reference, module = module_pair(fnn.BatchNorm2d, nn.BatchNorm2d, backend)
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 5, 4, 4, generator=generator)
+    for grad_y in [torch.randn(1, 5, 1, 1, generator=generator).expand(x.shape),
+                   torch.randn(x.shape, generator=generator).to(
+                       memory_format=torch.channels_last)]:
+        grads = []
+        for m in (reference, module):
+            x_m = x.clone().requires_grad_()
+            grads.append(torch.autograd.grad(m(x_m), [x_m, m.weight], grad_y))
+        for new, ref in zip(*grads[::-1]):
+            assert_close(new, ref, factor=10)
+
+
+def test_torch_func_transforms_run_torch(backend):
+    """torch.func's wrapped tensors have no memory to hand to fastbn: torch's op runs.
+    (Eval mode: in training torch itself refuses to update captured buffers.)"""
+    reference, module = module_pair(fnn.BatchNorm2d, nn.BatchNorm2d, backend)
+    module.eval()
+    reference.eval()
+    x = torch.randn(3, 5, 4, 4, generator=torch.Generator().manual_seed(9))
+    grads = [torch.func.grad(lambda p, m=m: torch.func.functional_call(m, p, (x,)).pow(2).sum())(
+        dict(m.named_parameters())) for m in (reference, module)]
+    torch.testing.assert_close(grads[1], grads[0])
+    y = torch.func.vmap(lambda sample: module(sample.unsqueeze(0)))(x)
+    torch.testing.assert_close(y.squeeze(1), reference(x))
+
+
 def test_in_place_change_before_backward_is_caught(backend):
     x = torch.randn(3, 5, 2, 2, requires_grad=True)
     h = x * 1

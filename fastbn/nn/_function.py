@@ -40,10 +40,15 @@ def runs_on_fastbn(input, *others):
     dtype, the input with 2 to 5 dims.
 
     Anything else (float16, bfloat16, mixed dtypes, other devices, tensor subclasses
-    such as the fake tensors of tracers, more dims) goes to torch's own op, so a call
-    never gives numbers that differ from torch's.
+    such as the fake tensors of tracers, the wrapped tensors of torch.func transforms,
+    more dims) goes to torch's own op, so a call never gives numbers that differ from
+    torch's.
     """
     if type(input) is not torch.Tensor and type(input) is not torch.nn.Parameter:
+        return False
+    # torch.func's wrappers look like plain tensors but have no memory to hand over
+    # (torch.autograd.Function.apply asks the same question).
+    if torch._C._are_functorch_transforms_active():
         return False
     dtype = input.dtype
     if dtype is not torch.float32 and dtype is not torch.float64:
