@@ -475,6 +475,20 @@ def test_torch_compile_traces_one_graph(backend):
         torch.testing.assert_close(model.state_dict(), reference.state_dict())
 
 
+def test_torch_fx_with_fastbn_modules_as_leaves(backend):
+    """torch.fx keeps torch.nn's modules as leaves, but would trace into fastbn's (whose
+    forward, like torch's, checks the input's rank): a tracer that keeps them whole works."""
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, module, name):
+            return isinstance(module, fnn.BatchNorm2d) or super().is_leaf_module(module, name)
+
+    model = fnn.convert(trained_model(), backend).eval()
+    traced = torch.fx.GraphModule(model, Tracer().trace(model))
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -35,28 +35,32 @@ def as_tensor(array):
     return None if array is None else torch.from_numpy(array)
 
 
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
 def runs_on_fastbn(input, *others):
     """Whether the fastbn kernels can take these tensors: plain CPU tensors of one float
-    dtype, the input with 2 to 5 dims.
+    dtype, the input with 2 to 5 dims (`others` may be None).
 
     Anything else (float16, bfloat16, mixed dtypes, other devices, tensor subclasses
     such as the fake tensors of tracers, the wrapped tensors of torch.func transforms,
     more dims) goes to torch's own op, so a call never gives numbers that differ from
     torch's.
     """
-    if type(input) is not torch.Tensor and type(input) is not torch.nn.Parameter:
-        return False
-    # torch.func's wrappers look like plain tensors but have no memory to hand over
-    # (torch.autograd.Function.apply asks the same question).
-    if torch._C._are_functorch_transforms_active():
+    if type(input) not in PLAIN_TENSOR_TYPES:
         return False
     dtype = input.dtype
-    if dtype is not torch.float32 and dtype is not torch.float64:
-        return False
-    if not input.is_cpu or input.layout is not torch.strided or not 2 <= input.dim() <= 5:
+    if (dtype not in FLOAT_DTYPES
+            or not input.is_cpu or input.layout is not torch.strided
+            or not 2 <= input.dim() <= 5
+            # torch.func's wrappers look like plain tensors but have no memory to hand
+            # over (torch.autograd.Function.apply asks the same question).
+            or torch._C._are_functorch_transforms_active()):
         return False
     for tensor in others:
-        if tensor is not None and (tensor.dtype is not dtype or not tensor.is_cpu):
+        if tensor is not None and (type(tensor) not in PLAIN_TENSOR_TYPES
+                                   or tensor.dtype is not dtype or not tensor.is_cpu):
             return False
     return True
 
