@@ -81,6 +81,10 @@ def layer_case(shape, mode, memory_format):
             x_in = x.clone().requires_grad_()
 
             def step(module=module, x_in=x_in):
+                # Gradients set to None, as between the steps of a training loop: no
+                # accumulation pass (in a network the input's gradient flows on instead).
+                x_in.grad = None
+                module.zero_grad(set_to_none=True)
                 y = module(x_in)
                 y.backward(grad_y)
                 return y

@@ -18,23 +18,28 @@ from fastbn.nn import _function
 
 __all__ = ["batch_norm"]
 
-# Inputs with fewer values run torch's op when no backend is named. fastbn's path
+# With no backend named, fastbn's path runs only where it was measured to beat torch's
+# (2 threads on the project machine, bench/compare_nn.py, docs/nn.md). fastbn's path
 # costs about 40 us more per training step (forward + backward) than torch's native
-# one (the autograd.Function round trip, NumPy views, argument checks) and about
-# 15 us more per eval forward (docs/nn.md). Its kernels win that back from about
-# 64Ki values in training (or whenever autograd records the call), but only from
-# about 1Mi values in an eval-mode forward, whose single pass torch already runs
-# near memory speed (2 threads on the project machine, see docs/nn.md).
+# one (the autograd.Function round trip, NumPy views, argument checks) and about 15 us
+# more per eval forward. Its kernels win that back from about 64Ki values in training
+# (or whenever autograd records the call), but only from about 1Mi values in an
+# eval-mode forward, whose single pass torch already runs near memory speed. On
+# channels-last memory torch's kernels were as fast or faster at every size measured.
 MIN_VALUES = 1 << 16
 MIN_VALUES_EVAL_FORWARD = 1 << 20
 
 
 def torch_is_faster(input, eval_forward):
-    """Whether torch's op beats fastbn's path on `input` (a size rule, see above).
+    """Whether torch's op beats fastbn's path on `input` (rules measured, see above).
 
     `eval_forward`: an eval-mode call that autograd does not record.
     """
-    return input.numel() < (MIN_VALUES_EVAL_FORWARD if eval_forward else MIN_VALUES)
+    if input.numel() < (MIN_VALUES_EVAL_FORWARD if eval_forward else MIN_VALUES):
+        return True
+    # Channels-last (or other strides, which fastbn would copy first); an (N, C) input
+    # is contiguous.
+    return not input.is_contiguous()
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
