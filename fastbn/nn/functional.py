@@ -23,11 +23,11 @@ __all__ = ["batch_norm"]
 # costs about 40 us more per training step (forward + backward) than torch's native
 # one (the autograd.Function round trip, NumPy views, argument checks) and about 15 us
 # more per eval forward. Its kernels win that back from about 64Ki values in training
-# (or whenever autograd records the call), but only from about 1Mi values in an
+# (or whenever autograd records the call), but only from about 512Ki values in an
 # eval-mode forward, whose single pass torch already runs near memory speed. On
 # channels-last memory torch's kernels were as fast or faster at every size measured.
 MIN_VALUES = 1 << 16
-MIN_VALUES_EVAL_FORWARD = 1 << 20
+MIN_VALUES_EVAL_FORWARD = 1 << 19
 
 
 def torch_is_faster(input, eval_forward):
