@@ -5,9 +5,9 @@ when a gradient is wanted) and hands every other call (float16, bfloat16, mixed
 dtypes, other devices, tensor subclasses, torch.compile tracing) to torch's own
 op, so the numbers are always torch's or fastbn's float32/float64 ones.
 
-With ``backend=None``, inputs too small for fastbn's kernels to pay for the
-Python around them also run torch's op (see `torch_is_faster`); naming a
-backend always runs fastbn.
+With ``backend=None``, inputs on which torch's op was measured to be faster
+(small ones, channels-last ones; see `torch_is_faster`) also run torch's op;
+naming a backend always runs fastbn.
 """
 import math
 
@@ -60,8 +60,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     eps : float
         Added to the variance; > 0 in training, >= 0 otherwise (as torch).
     backend : {"cython", "numba", "numpy"}, optional
-        fastbn's backend. None uses :func:`fastbn.get_backend`, or torch's op for
-        inputs too small to gain from fastbn (`torch_is_faster`).
+        fastbn's backend. None uses :func:`fastbn.get_backend`, or torch's op where
+        that is faster (`torch_is_faster`).
 
     Returns
     -------
