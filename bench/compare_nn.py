@@ -3,10 +3,11 @@
     OPENBLAS_NUM_THREADS=1 PYTHONPATH=$PWD python bench/compare_nn.py [--rounds 9]
 
 Layer cases (float32, 2 threads for both libraries), with fastbn's modules as
-built by default (backend=None: inputs too small to gain run torch's op, see
-fastbn/nn/functional.py) and with the backend named (always fastbn's kernels):
-one training step of the layer alone (module forward + backward through autograd) for N in {1, 2, 4, 8}
-and (C, H, W) in the ResNet shapes plus a tiny (16, 8, 8); the same with
+built by default (backend=None: where torch's op was measured faster, small or
+channels-last inputs, it runs; see fastbn/nn/functional.py) and with the
+backend named (always fastbn's kernels): one training step of the layer alone
+(module forward + backward through autograd) for N in {1, 2, 4, 8} and
+(C, H, W) in the ResNet shapes plus a tiny (16, 8, 8); the same with
 channels-last input; and eval-mode forward under no_grad. End to end: a
 ResNet-18 (tests/resnet.py) training step (forward, cross-entropy, backward,
 SGD step) on 112x112 images with torch's layers and after fastbn.nn.convert,
@@ -19,6 +20,7 @@ Every case is first checked against torch. The speed goals live here, never in
 timed tests: the machine is shared and timings are noisy.
 """
 import argparse
+import copy
 import math
 import os
 import statistics
@@ -123,35 +125,51 @@ def layer_table(mode, memory_format, rounds, min_block_s):
               f"lowest {min(values):.2f}", flush=True)
 
 
+def without_batch_norm(model):
+    """A copy of `model` with every BatchNorm2d replaced by the identity."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(parent, name, nn.Identity())
+    return model
+
+
+def train_step(model, optimizer, x, target):
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), target).backward()
+    optimizer.step()
+
+
 def resnet_table(rounds, min_block_s):
     print("\n### ResNet-18 training step (forward, loss, backward, SGD step), 112x112, "
           "float32\n")
-    print("| batch | torch layers (ms) | fastbn.nn.convert (ms) | torch / fastbn |")
-    print("| --- | ---: | ---: | ---: |")
+    print("The last columns bound what any BatchNorm speed-up can give: the same network "
+          "with its BatchNorm layers removed.\n")
+    print("| batch | torch layers (ms) | fastbn.nn.convert (ms) | torch / fastbn "
+          "| no BatchNorm (ms) | torch / no BatchNorm |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for batch in (2, 8):
         torch.manual_seed(0)
         model = ResNet()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        bound = without_batch_norm(model)
+        optimizers = {name: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+                      for name, m in (("model", model), ("bound", bound))}
         x = torch.randn(batch, 3, 112, 112)
         target = torch.randint(0, 10, (batch,))
         losses = [nn.functional.cross_entropy(convert_or_revert(model)(x), target).item()
                   for convert_or_revert in (fnn.revert, fnn.convert)]
         assert math.isclose(losses[0], losses[1], rel_tol=1e-4), losses
-
-        def step(use_fastbn):
-            if use_fastbn:
-                fnn.convert(model)
-            else:
-                fnn.revert(model)
-            optimizer.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), target)
-            loss.backward()
-            optimizer.step()
-
-        times = time_alternating({"torch": lambda: step(False), "fastbn": lambda: step(True)},
-                                 rounds, min_block_s)
+        # convert and revert switch the layers' classes in place: the same weights and memory.
+        steps = {
+            "torch": lambda: train_step(fnn.revert(model), optimizers["model"], x, target),
+            "fastbn": lambda: train_step(fnn.convert(model), optimizers["model"], x, target),
+            "bound": lambda: train_step(bound, optimizers["bound"], x, target),
+        }
+        times = time_alternating(steps, rounds, min_block_s)
         print(f"| {batch} | {times['torch'] * 1e3:.1f} | {times['fastbn'] * 1e3:.1f} | "
-              f"{times['torch'] / times['fastbn']:.2f} |", flush=True)
+              f"{times['torch'] / times['fastbn']:.2f} | {times['bound'] * 1e3:.1f} | "
+              f"{times['torch'] / times['bound']:.2f} |", flush=True)
 
 
 def main(argv=None):
