@@ -1,0 +1,163 @@
+"""The autograd glue shared by every fastbn.nn op: tensors in, fastbn kernels on
+their memory, tensors out.
+
+One `torch.autograd.Function`, `NormFunction`, is the graph node of every op.
+What differs between ops lives in a small *op object* made per call (see
+`BatchNormOp`), which holds the op's non-tensor arguments and says how to call
+the op's NumPy-level functions:
+
+- ``op.forward(x, weight, bias) -> (y, stats)``: arrays in, the output array
+  and whatever the backward needs (e.g. the batch mean and 1 / std) out;
+- ``op.backward(grad_y, x, weight, stats, output_mask) -> grads``: arrays;
+- ``op.backward_differentiable(grad_y, input, weight, stats, output_mask)``:
+  the same gradients from torch ops, for double backward (``create_graph=True``).
+
+A new op (GroupNorm, LayerNorm, ...) is one such class plus a functional
+wrapper; see `fastbn.nn.functional`.
+
+Memory: tensors reach the kernels as NumPy views (`as_array`), and the kernels'
+output arrays become tensors with `torch.from_numpy`: no copies either way, and
+the output keeps the input's memory layout (channels-last in, channels-last out).
+"""
+import torch
+
+import fastbn
+
+
+def as_array(tensor):
+    """A NumPy view of a CPU tensor's memory (None for None). No copy."""
+    # force=True skips the requires_grad check: the views are only read by kernels,
+    # and what they write (outputs, running statistics) is not part of the graph.
+    return None if tensor is None else tensor.numpy(force=True)
+
+
+def as_tensor(array):
+    return None if array is None else torch.from_numpy(array)
+
+
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def runs_on_fastbn(input, *others):
+    """Whether the fastbn kernels can take these tensors: plain CPU tensors of one float
+    dtype, the input with 2 to 5 dims (`others` may be None).
+
+    Anything else (float16, bfloat16, mixed dtypes, other devices, tensor subclasses
+    such as the fake tensors of tracers, the wrapped tensors of torch.func transforms,
+    more dims) goes to torch's own op, so a call never gives numbers that differ from
+    torch's.
+    """
+    if type(input) not in PLAIN_TENSOR_TYPES:
+        return False
+    dtype = input.dtype
+    if (dtype not in FLOAT_DTYPES
+            or not input.is_cpu or input.layout is not torch.strided
+            or not 2 <= input.dim() <= 5
+            # torch.func's wrappers look like plain tensors but have no memory to hand
+            # over (torch.autograd.Function.apply asks the same question).
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    for tensor in others:
+        if tensor is not None and (type(tensor) not in PLAIN_TENSOR_TYPES
+                                   or tensor.dtype is not dtype or not tensor.is_cpu):
+            return False
+    return True
+
+
+def check_channel_vectors(input, named_vectors):
+    """Raise torch's error for a per-channel tensor whose length is not input's channels."""
+    channels = input.shape[1]
+    for name, vector in named_vectors:
+        if vector is not None and vector.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not "
+                               f"{vector.numel()}")
+
+
+def needs_grad(input, weight, bias):
+    """Whether autograd must record the call: grad mode is on and a tensor requires grad."""
+    return torch.is_grad_enabled() and (input.requires_grad
+                                        or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
+
+
+def apply(op, input, weight, bias, record):
+    """Run `op` on (input, weight, bias), through autograd when `record` (see `needs_grad`)."""
+    if record:
+        return NormFunction.apply(op, input, weight, bias)
+    y, _ = op.forward(as_array(input), as_array(weight), as_array(bias))
+    return torch.from_numpy(y)
+
+
+class NormFunction(torch.autograd.Function):
+    """The autograd node of a fastbn op: forward and backward run fastbn's kernels."""
+
+    @staticmethod
+    def forward(ctx, op, input, weight, bias):
+        y, stats = op.forward(as_array(input), as_array(weight), as_array(bias))
+        ctx.op = op
+        ctx.stats = stats  # arrays made by the forward: nothing else can change them
+        # Saved through autograd, so that an in-place change of the input before the
+        # backward raises as it does with torch's ops.
+        ctx.save_for_backward(input, weight)
+        return torch.from_numpy(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        input, weight = ctx.saved_tensors
+        output_mask = ctx.needs_input_grad[1:4]
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients must themselves be differentiable.
+            grads = ctx.op.backward_differentiable(grad_y, input, weight,
+                                                   tuple(map(as_tensor, ctx.stats)), output_mask)
+        else:
+            grads = tuple(map(as_tensor, ctx.op.backward(
+                as_array(grad_y), as_array(input), as_array(weight), ctx.stats, output_mask)))
+        return (None,) + grads
+
+
+def channel_shape(input):
+    """The shape that broadcasts a per-channel vector over `input`: (1, C, 1, ...)."""
+    return (1, -1) + (1,) * (input.dim() - 2)
+
+
+class BatchNormOp:
+    """Batch normalization for `NormFunction`: `fastbn.batch_norm_forward` / `_backward`."""
+
+    __slots__ = ("running_mean", "running_var", "training", "momentum", "eps", "backend")
+
+    def __init__(self, running_mean, running_var, training, momentum, eps, backend):
+        self.running_mean = running_mean
+        self.running_var = running_var
+        self.training = training
+        self.momentum = momentum
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x, weight, bias):
+        y, mean, invstd = fastbn.batch_norm_forward(
+            x, weight, bias, as_array(self.running_mean), as_array(self.running_var),
+            self.training, self.momentum, self.eps, backend=self.backend)
+        return y, (mean, invstd)
+
+    def backward(self, grad_y, x, weight, stats, output_mask):
+        mean, invstd = stats
+        return fastbn.batch_norm_backward(grad_y, x, weight, mean, invstd, self.training,
+                                          output_mask=output_mask, backend=self.backend)
+
+    def backward_differentiable(self, grad_y, input, weight, stats, output_mask):
+        mean, invstd = stats
+        if self.training:
+            # ATen's backward has a derivative (the batch statistics depend on the input).
+            return torch.ops.aten.native_batch_norm_backward(
+                grad_y, input, weight, None, None, mean, invstd, True, self.eps,
+                list(output_mask))
+        # Eval mode: the statistics are constants, and the gradients linear in grad_y.
+        shape = channel_shape(input)
+        dims = [0] + list(range(2, input.dim()))
+        scale = invstd if weight is None else invstd * weight
+        grad_input = grad_y * scale.view(shape) if output_mask[0] else None
+        grad_weight = ((grad_y * (input - mean.view(shape))).sum(dims) * invstd
+                       if output_mask[1] else None)
+        grad_bias = grad_y.sum(dims) if output_mask[2] else None
+        return grad_input, grad_weight, grad_bias
