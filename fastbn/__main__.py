@@ -55,6 +55,12 @@ def main(argv=None):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         info()
         return 0
+    try:
+        import torch  # noqa: F401  (the benchmarks compare with it)
+    except ImportError:
+        print("fastbn bench compares fastbn with PyTorch, which is not installed here: "
+              "pip install torch==2.13.0 (the CPU build), then run it again.", file=sys.stderr)
+        return 2
     from fastbn.benchmarks.compare import main as bench_main
 
     return bench_main(rest)
