@@ -259,3 +259,11 @@ def test_info_command_reports_backends_openmp_and_threads():
     if "cython" in fastbn.available_backends():
         openmp = "on" if openmp_limit() is not None else "off"
         assert re.search(rf"^OpenMP: {openmp} \(", report, re.MULTILINE)
+
+
+def test_bench_command_without_torch_says_what_is_missing():
+    # A None entry in sys.modules makes `import torch` fail, as when it is not installed.
+    result = run_python("-c", "import sys; sys.modules['torch'] = None; "
+                              "from fastbn.__main__ import main; sys.exit(main(['bench']))")
+    assert result.returncode == 2
+    assert "pip install torch==2.13.0" in result.stderr
