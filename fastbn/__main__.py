@@ -55,7 +55,7 @@ def main(argv=None):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         info()
         return 0
-    from fastbn.benchmarks.compare import main as bench_main
+    from fastbn.benchmarks.report import main as bench_main
 
     return bench_main(rest)
 
