@@ -203,6 +203,7 @@ def plot(records, output_dir, threads):
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     paths = []
     at_threads = [r for r in records if r["threads"] == threads]
@@ -218,18 +219,24 @@ def plot(records, output_dir, threads):
                            ("backend", "layout"))
             sample_shapes = list(dict.fromkeys(tuple(r["shape"][1:]) for r in op_records))
             colors = {s: f"C{i}" for i, s in enumerate(sample_shapes)}
-            styles = ["-", "--", ":", "-."]
-            for index, ((backend, layout), rows) in enumerate(lines.items()):
+            # colour: sample shape; marker: backend; line style: layout
+            backends = list(dict.fromkeys(backend for backend, _ in lines))
+            markers = {b: "osD^v"[i % 5] for i, b in enumerate(backends)}
+            styles = {"contiguous": "-", "channels_last": ":"}
+            for (backend, layout), rows in lines.items():
                 for sample, sample_rows in _by_sample(rows).items():
                     sample_rows.sort(key=lambda r: r["shape"][0])
                     axis.plot([r["shape"][0] for r in sample_rows],
                               [torch_s[(tuple(r["shape"]), layout)] / r["median_s"]
                                for r in sample_rows],
-                              styles[index % len(styles)], marker="o", color=colors[sample],
+                              styles[layout], marker=markers[backend], color=colors[sample],
                               label=f"{backend} {layout} {shapes.format_shape(sample)}")
             axis.axhline(1.0, color="grey", linewidth=0.8)
             axis.set_xscale("log", base=2)
             axis.set_yscale("log")  # ratios: 2x faster and 2x slower sit equally far from 1
+            axis.set_xticks(sorted({r["shape"][0] for r in op_records}))
+            axis.xaxis.set_major_formatter(ScalarFormatter())
+            axis.yaxis.set_major_formatter(ScalarFormatter())
             axis.set_xlabel("batch size N")
             axis.set_title(f"{op} {mode}")
             axis.grid(True, alpha=0.3)
@@ -273,7 +280,7 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     ----------
     full : bool
         The whole grid (`shapes.GRIDS`) and 30 rounds per case, instead of the
-        quick grid (`shapes.QUICK_GRIDS`) and 5 rounds.
+        quick grid (`shapes.QUICK_GRIDS`) and 10 rounds.
     threads : int, optional
         Threads of torch and fastbn (default `fastbn.get_num_threads()`: every usable CPU).
     backends : list of str, optional
@@ -298,7 +305,7 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     if backends is None:
         backends = batch_norm.backends(include_reference=False)
     if repeats is None:
-        repeats = 30 if full else 5
+        repeats = 30 if full else 10
     chosen = {op: shapes.GRIDS[op][DTYPE] if full else shapes.QUICK_GRIDS[op] for op in ops}
     chosen.update(grids or {})
     environment = environment_lines(threads)
@@ -328,7 +335,7 @@ def main(argv=None):
                         help="fastbn backends (default: every available one but numpy)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed rounds per case (default 5, --full 30)")
+                        help="timed rounds per case (default 10, --full 30)")
     parser.add_argument("--output", default="bench-results",
                         help="directory for results.json and the plots (default bench-results/)")
     args = parser.parse_args(argv)
