@@ -159,13 +159,15 @@ def test_report_writes_every_measurement_and_the_plots(tmp_path):
 
 def test_report_tables_give_speedup_and_scaling():
     records = [dict(op="layer_norm", mode="eval", layout="contiguous", shape=[1, 2, 8],
-                    nbytes=64, backend=backend, threads=threads, median_s=median)
-               for backend, threads, median in [("torch", 2, 4e-6), ("cython", 2, 1e-6),
-                                                ("cython", 1, 3e-6), ("floor", 2, 5e-7)]]
+                    nbytes=64, backend=backend, threads=threads, median_s=median,
+                    q1_s=median * 0.9, q3_s=median * (1.1 + extra_spread))
+               for backend, threads, median, extra_spread in [
+                   ("torch", 2, 4e-6, 0.0), ("cython", 2, 1e-6, 0.1), ("cython", 1, 3e-6, 0.0),
+                   ("floor", 2, 5e-7, 0.0)]]
     lines = report.tables(records, threads=2)
     row = next(line for line in lines if line.startswith("| 1x2x8"))
     assert row.split(" | ")[1:] == ["0.00", "4.0", "1.0", "4.00x", "3.0", "3.00x", "0.5",
-                                    "2.00 |"]
+                                    "2.00", "30% |"]
 
 
 def test_plan_lays_out_every_op_layout_mode_and_shape():

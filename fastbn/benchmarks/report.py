@@ -156,7 +156,7 @@ def tables(records, threads):
                   + [f"{b} speedup" for b in backends]
                   + ([f"{SCALING_BACKEND} 1 thread us", f"{SCALING_BACKEND} scaling"]
                      if scaling else [])
-                  + ["floor us"] + [f"{b} / floor" for b in backends])
+                  + ["floor us"] + [f"{b} / floor" for b in backends] + ["spread"])
         lines += ["", f"### {op} {layout} {mode}", "", "| " + " | ".join(header) + " |",
                   "|" + "---|" * len(header)]
         speedups = {b: [] for b in backends}
@@ -172,8 +172,10 @@ def tables(records, threads):
             if scaling:
                 one = at[(SCALING_BACKEND, 1)]
                 cells += [f"{one * 1e6:.1f}", f"{one / at[(SCALING_BACKEND, threads)]:.2f}x"]
-            cells += [f"{floor_s * 1e6:.1f}"] + [f"{at[(b, threads)] / floor_s:.2f}"
-                                                  for b in backends]
+            spread = max((r["q3_s"] - r["q1_s"]) / r["median_s"] for r in rows)
+            cells += ([f"{floor_s * 1e6:.1f}"]
+                      + [f"{at[(b, threads)] / floor_s:.2f}" for b in backends]
+                      + [f"{spread:.0%}"])
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         for b, values in speedups.items():
@@ -182,7 +184,8 @@ def tables(records, threads):
                          f"worst {min(values):.2f}x")
     lines += ["", f"speedup: torch time / fastbn time on {threads} threads; scaling: "
               f"{SCALING_BACKEND} time on 1 thread / on {threads}; floor: a parallel copy "
-              "moving the bytes an ideal kernel moves (training 5 x, eval 2 x the input's)."]
+              "moving the bytes an ideal kernel moves (training 5 x, eval 2 x the input's); spread: the "
+              "largest interquartile range / median of the row's timings."]
     return lines
 
 
