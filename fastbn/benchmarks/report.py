@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 
 import fastbn
 from fastbn.benchmarks import batch_norm, norms, shapes
@@ -201,7 +202,8 @@ def plot(records, output_dir, threads):
     - ``speedup_<op>.png``: torch time / fastbn time against the batch size,
       one panel per mode, a line per (sample shape, layout, backend).
     - ``time_vs_bytes.png``: per-call time against bytes moved (log-log) for
-      torch and every backend, with the bandwidth floor drawn as a line.
+      torch and every backend, with the bandwidth floor: its measurements and
+      the line of their median bandwidth.
     """
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
@@ -255,9 +257,15 @@ def plot(records, output_dir, threads):
     by_backend = _group(at_threads, ("backend",))
     for index, ((backend,), rows) in enumerate(by_backend.items()):
         if backend == "floor":
-            rows = sorted(rows, key=lambda r: r["bytes_moved"])
-            axis.plot([r["bytes_moved"] for r in rows], [r["median_s"] for r in rows],
-                      color="black", linewidth=1.5, marker="x", label="floor (parallel copy)")
+            # The measured floors, and as a line the copy bandwidth they share
+            # (the median over cases, so a case a neighbour disturbed does not bend it).
+            moved = [r["bytes_moved"] for r in rows]
+            axis.scatter(moved, [r["median_s"] for r in rows], s=20, marker="x",
+                         color="black", label="floor (parallel copy)")
+            bandwidth = statistics.median(r["bytes_moved"] / r["median_s"] for r in rows)
+            ends = [min(moved), max(moved)]
+            axis.plot(ends, [b / bandwidth for b in ends], color="black", linewidth=1.2,
+                      label=f"floor at the median bandwidth, {bandwidth / 1e9:.1f} GB/s")
         else:
             axis.scatter([r["bytes_moved"] for r in rows], [r["median_s"] for r in rows],
                          s=14, alpha=0.7, color=f"C{index}", label=backend)
@@ -267,7 +275,7 @@ def plot(records, output_dir, threads):
     axis.set_ylabel("time per call (s)")
     axis.set_title(f"time against bytes moved, every op and mode, {threads} threads")
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize=8, loc="upper left")
     path = os.path.join(output_dir, "time_vs_bytes.png")
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
@@ -329,14 +337,17 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
 
 def main(argv=None):
     """Command line of `python -m fastbn bench`."""
-    parser = argparse.ArgumentParser(prog="fastbn bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="fastbn bench", description="Time every op in torch and in fastbn's backends: "
+        "markdown tables, results.json and PNG plots.")
     parser.add_argument("--full", action="store_true",
                         help="the whole grid, 30 rounds per case (default: a quick run)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for torch and fastbn (default: every usable CPU)")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="fastbn backends (default: every available one but numpy)")
-    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
+                        help="the ops to run (default: all)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed rounds per case (default 10, --full 30)")
     parser.add_argument("--output", default="bench-results",
