@@ -4,7 +4,7 @@
         [--backends cython numba] [--channels-last] [--dtype float32] [--rounds 15]
         [--clock wall|thread] [--estimate median|min] [--quick]
 
-For N in {1, 2, 4, 8} and the ResNet-stage shapes (C, H, W) in SHAPES it prints
+For the batch sizes and ResNet-stage shapes (C, H, W) of shapes.GROUP_NORM_2D it prints
 a markdown row: the time of one training step (forward + backward) of torch and
 of each fastbn backend, and torch's time / the backend's (above 1: fastbn is
 faster); then per backend the geometric mean and the worst shape.
@@ -47,10 +47,12 @@ import numpy as np
 import torch
 
 import fastbn
+from fastbn.benchmarks import norms, shapes
 
-SHAPES = [(64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7)]
-BATCHES = [1, 2, 4, 8]
-GROUPS = 32
+GRID = shapes.GROUP_NORM_2D
+SHAPES = GRID.sample_shapes
+BATCHES = GRID.batch_sizes
+GROUPS = norms.GROUPS
 
 
 def channels_last_copy(a):
@@ -148,7 +150,7 @@ def main(argv=None):
         parser.error("--clock thread measures one thread: use it with --threads 1")
     clock = time.thread_time if args.clock == "thread" else time.perf_counter
     dtype = np.dtype(args.dtype)
-    batches = [1, 8] if args.quick else BATCHES
+    batches = [BATCHES[0], BATCHES[-1]] if args.quick else BATCHES
     rounds = 5 if args.quick else args.rounds
     torch.set_num_threads(args.threads)
     fastbn.set_num_threads(args.threads)

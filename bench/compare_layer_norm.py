@@ -2,8 +2,8 @@
 
     PYTHONPATH=$PWD python bench/compare_layer_norm.py [--threads 2] [--rounds 300]
 
-Shapes: (N * 128, D) float32 rows normalized over D, D in {256, 768}, N in 1..8
-(a transformer's tokens x hidden size). PyTorch runs `torch.native_layer_norm`
+Shapes: shapes.LAYER_NORM, (N, 128 tokens, D) as (N * 128, D) float32 rows
+normalized over D, D in {256, 768}, N in 1..8 (a transformer's tokens x hidden size). PyTorch runs `torch.native_layer_norm`
 then `torch.ops.aten.native_layer_norm_backward` (no autograd overhead), and for
 RMSNorm `torch.nn.functional.rms_norm` with autograd (torch 2.13 has no CPU
 backward kernel for it). Every implementation's results are checked against
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import fastbn
+from fastbn.benchmarks import shapes
 
 EPS = 1e-5
 
@@ -109,9 +110,9 @@ def main():
         print("| shape | torch us | " + " | ".join(args.backends) + " |")
         print("|---|---|" + "---|" * len(args.backends))
         ratios = {backend: [] for backend in args.backends}
-        for D in (256, 768):
-            for N in range(1, 9):
-                shape = (N * 128, D)
+        for tokens, D in shapes.LAYER_NORM.sample_shapes:
+            for N in shapes.LAYER_NORM.batch_sizes:
+                shape = (N * tokens, D)
                 x = (rng.standard_normal(shape) + 1.0).astype(np.float32)
                 dy = rng.standard_normal(shape).astype(np.float32)
                 w = rng.standard_normal(D).astype(np.float32)

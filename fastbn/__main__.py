@@ -61,7 +61,7 @@ def main(argv=None):
         print("fastbn bench compares fastbn with PyTorch, which is not installed here: "
               "pip install torch==2.13.0 (the CPU build), then run it again.", file=sys.stderr)
         return 2
-    from fastbn.benchmarks.compare import main as bench_main
+    from fastbn.benchmarks.report import main as bench_main
 
     return bench_main(rest)
 

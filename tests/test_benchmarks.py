@@ -1,9 +1,11 @@
 """The benchmark building blocks: the copy kernel behind the floor, interleaved timing,
 the byte model and the check that guards every benchmark against a wrong result."""
+import json
+
 import numpy as np
 import pytest
 
-from fastbn.benchmarks import batch_norm, shapes
+from fastbn.benchmarks import batch_norm, norms, report, shapes
 from fastbn.benchmarks.timing import alternate
 
 _memory = pytest.importorskip("fastbn._cython._memory")
@@ -86,3 +88,91 @@ def test_case_check_accepts_a_match_and_rejects_a_wrong_result(mode, channels_la
     wrong[0].flat[7] += 1e-2
     with pytest.raises(AssertionError, match="differs from torch"):
         case.check(wrong, outputs, mode)
+
+
+def test_every_op_grid_has_a_quick_grid_and_the_issue_shapes():
+    assert set(shapes.QUICK_GRIDS) == set(shapes.GRIDS)
+    assert len(shapes.GROUP_NORM_2D.shapes()) == 4 * 4
+    assert (8, 512, 7, 7) in shapes.GROUP_NORM_2D.shapes()
+    assert shapes.LAYER_NORM.shapes()[0] == (1, 128, 256)
+    assert (8, 128, 768) in shapes.LAYER_NORM.shapes()
+
+
+@pytest.mark.parametrize("op, shape, channels_last", [
+    ("group_norm", (2, 64, 3, 4), False),
+    ("group_norm", (2, 64, 3, 4), True),
+    ("instance_norm", (2, 3, 4, 5), False),
+    ("layer_norm", (2, 3, 16), False),
+    ("rms_norm", (2, 3, 16), False),
+])
+@pytest.mark.parametrize("mode", batch_norm.MODES)
+def test_norm_case_matches_torch_and_rejects_a_wrong_result(op, shape, channels_last, mode):
+    pytest.importorskip("torch")
+    case = norms.NormCase(op, shape, "float32", channels_last)
+    expected = case.torch_step(mode)()
+    outputs = case.fastbn_step("numpy", mode)()
+    case.check(outputs, expected, mode)
+    wrong = [np.array(a, copy=True) for a in outputs]
+    wrong[0].flat[3] += 0.1
+    with pytest.raises(AssertionError, match="differs from torch"):
+        case.check(wrong, expected, mode)
+
+
+TINY_GRIDS = {
+    "batch_norm_2d": shapes.ShapeGrid((1, 2), ((4, 3, 3),)),
+    "group_norm": shapes.ShapeGrid((1,), ((32, 2, 2),)),
+    "layer_norm": shapes.ShapeGrid((1,), ((2, 8),)),
+}
+
+
+def test_report_writes_every_measurement_and_the_plots(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    records = report.run_report(threads=2, backends=["cython"], repeats=1, output=tmp_path,
+                                grids=TINY_GRIDS, ops=list(TINY_GRIDS), progress=False,
+                                print_fn=lambda line: None)
+    with open(tmp_path / "results.json") as file:
+        saved = json.load(file)
+    assert saved["measurements"] == records
+    assert saved["environment"]
+    # per op: layouts x modes x shapes cases; per case torch, cython, cython on 1 thread, floor
+    cases = 2 * 2 * 2 + 2 * 2 * 1 + 1 * 2 * 1
+    assert len(records) == cases * 4
+    keys = {"op", "mode", "layout", "shape", "dtype", "nbytes", "bytes_moved", "backend",
+            "threads", "median_s", "q1_s", "q3_s", "min_s", "max_s", "rounds"}
+    for record in records:
+        assert set(record) == keys
+        assert record["op"] in TINY_GRIDS and record["mode"] in batch_norm.MODES
+        assert record["backend"] in ("torch", "cython", "floor")
+        assert record["threads"] == 2 or record["backend"] == "cython"
+        assert 0 < record["q1_s"] <= record["median_s"] <= record["q3_s"]
+    assert {(r["op"], r["layout"]) for r in records} == {
+        ("batch_norm_2d", "contiguous"), ("batch_norm_2d", "channels_last"),
+        ("group_norm", "contiguous"), ("group_norm", "channels_last"),
+        ("layer_norm", "contiguous")}
+    assert sum(r["threads"] == 1 for r in records) == cases
+    for name in ["speedup_batch_norm_2d", "speedup_group_norm", "speedup_layer_norm",
+                 "time_vs_bytes"]:
+        with open(tmp_path / f"{name}.png", "rb") as file:
+            assert file.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_tables_give_speedup_and_scaling():
+    records = [dict(op="layer_norm", mode="eval", layout="contiguous", shape=[1, 2, 8],
+                    nbytes=64, backend=backend, threads=threads, median_s=median,
+                    q1_s=median * 0.9, q3_s=median * (1.1 + extra_spread))
+               for backend, threads, median, extra_spread in [
+                   ("torch", 2, 4e-6, 0.0), ("cython", 2, 1e-6, 0.1), ("cython", 1, 3e-6, 0.0),
+                   ("floor", 2, 5e-7, 0.0)]]
+    lines = report.tables(records, threads=2)
+    row = next(line for line in lines if line.startswith("| 1x2x8"))
+    assert row.split(" | ")[1:] == ["0.00", "4.0", "1.0", "4.00x", "3.0", "3.00x", "0.5",
+                                    "2.00", "30% |"]
+
+
+def test_plan_lays_out_every_op_layout_mode_and_shape():
+    cases = report.plan(TINY_GRIDS, ops=["batch_norm_2d", "layer_norm"])
+    assert cases[0] == ("batch_norm_2d", "contiguous", "training", (1, 4, 3, 3))
+    assert ("batch_norm_2d", "channels_last", "eval", (2, 4, 3, 3)) in cases
+    assert ("layer_norm", "contiguous", "eval", (1, 2, 8)) in cases
+    assert len(cases) == 2 * 2 * 2 + 2

@@ -174,7 +174,7 @@ def _report(title, rows, backends):
 
 
 def main(argv=None):
-    """Command line of `python -m fastbn bench` and bench/compare_batch_norm.py."""
+    """Command line of bench/compare_batch_norm.py (`python -m fastbn bench` is `report`)."""
     parser = argparse.ArgumentParser(
         prog="fastbn bench", description="Time BatchNorm2d in torch and in fastbn's backends; print markdown tables.")
     parser.add_argument("--threads", type=int, default=2,

@@ -2,7 +2,7 @@
 
 A grid is every batch size times every per-sample shape, plus a few tiny
 shapes where per-call overhead, not memory traffic, dominates. Another op gets
-its own grid here (e.g. GroupNorm or LayerNorm shapes) and its name in `GRIDS`.
+its own grid here and its name in `GRIDS` (and a smoke-run grid in `QUICK_GRIDS`).
 """
 from dataclasses import dataclass
 
@@ -40,13 +40,39 @@ BATCH_NORM_2D = ShapeGrid(SMALL_BATCH_SIZES, RESNET_FEATURE_MAPS, OVERHEAD_BATCH
 # float64 is rarer in training: the extreme stages at the extreme batch sizes.
 BATCH_NORM_2D_FLOAT64 = ShapeGrid((1, 8), (RESNET_FEATURE_MAPS[0], RESNET_FEATURE_MAPS[-1]),
                                   OVERHEAD_BATCH_NORM_2D)
-# A smoke run: one batch size, the largest-spatial and the most-channels stage.
-BATCH_NORM_2D_QUICK = ShapeGrid((2,), (RESNET_FEATURE_MAPS[0], RESNET_FEATURE_MAPS[-1]),
+# A quick run: the extreme batch sizes (so plots show a trend), the largest-spatial
+# and the most-channels stage.
+QUICK_BATCH_SIZES = (SMALL_BATCH_SIZES[0], SMALL_BATCH_SIZES[-1])
+BATCH_NORM_2D_QUICK = ShapeGrid(QUICK_BATCH_SIZES, (RESNET_FEATURE_MAPS[0], RESNET_FEATURE_MAPS[-1]),
                                 OVERHEAD_BATCH_NORM_2D)
 
+# GroupNorm(32, C) and InstanceNorm2d on the same ResNet feature maps.
+GROUP_NORM_2D = ShapeGrid(SMALL_BATCH_SIZES, RESNET_FEATURE_MAPS)
+GROUP_NORM_2D_QUICK = ShapeGrid(QUICK_BATCH_SIZES,
+                                (RESNET_FEATURE_MAPS[0], RESNET_FEATURE_MAPS[-1]))
+
+# LayerNorm and RMSNorm: (N, 128 tokens, D) normalized over the hidden size D,
+# i.e. N * 128 rows of a transformer block.
+TOKENS = 128
+HIDDEN_SIZES = (256, 768)
+LAYER_NORM = ShapeGrid(tuple(range(1, 9)), tuple((TOKENS, d) for d in HIDDEN_SIZES))
+LAYER_NORM_QUICK = ShapeGrid((1, 8), tuple((TOKENS, d) for d in HIDDEN_SIZES))
+
 # op -> dtype name -> grid; and op -> the grid of a smoke run.
-GRIDS = {"batch_norm_2d": {"float32": BATCH_NORM_2D, "float64": BATCH_NORM_2D_FLOAT64}}
-QUICK_GRIDS = {"batch_norm_2d": BATCH_NORM_2D_QUICK}
+GRIDS = {
+    "batch_norm_2d": {"float32": BATCH_NORM_2D, "float64": BATCH_NORM_2D_FLOAT64},
+    "group_norm": {"float32": GROUP_NORM_2D},
+    "instance_norm": {"float32": GROUP_NORM_2D},
+    "layer_norm": {"float32": LAYER_NORM},
+    "rms_norm": {"float32": LAYER_NORM},
+}
+QUICK_GRIDS = {
+    "batch_norm_2d": BATCH_NORM_2D_QUICK,
+    "group_norm": GROUP_NORM_2D_QUICK,
+    "instance_norm": GROUP_NORM_2D_QUICK,
+    "layer_norm": LAYER_NORM_QUICK,
+    "rms_norm": LAYER_NORM_QUICK,
+}
 
 
 def format_shape(shape):
