@@ -208,7 +208,9 @@ def plot(records, output_dir, threads):
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, ScalarFormatter
+
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 0.5, 2, 4 rather than 5x10^-1
 
     paths = []
     at_threads = [r for r in records if r["threads"] == threads]
@@ -241,7 +243,8 @@ def plot(records, output_dir, threads):
             axis.set_yscale("log")  # ratios: 2x faster and 2x slower sit equally far from 1
             axis.set_xticks(sorted({r["shape"][0] for r in op_records}))
             axis.xaxis.set_major_formatter(ScalarFormatter())
-            axis.yaxis.set_major_formatter(ScalarFormatter())
+            axis.yaxis.set_major_formatter(plain)
+            axis.yaxis.set_minor_formatter(plain)
             axis.set_xlabel("batch size N")
             axis.set_title(f"{op} {mode}")
             axis.grid(True, alpha=0.3)
