@@ -1,0 +1,65 @@
+"""fastbn.nn's GroupNorm, LayerNorm, RMSNorm and InstanceNorm*d against torch.nn: the same
+numbers, gradients and buffer updates, for every backend (test_nn.py covers BatchNorm and
+the machinery all the ops share)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastbn.nn as fnn
+from test_nn import MODES, assert_close, compare_steps, randomise
+
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+# name: (fastbn class, torch class, constructor args, input shape, channels-last input)
+MODULES = {
+    "group_NC": (fnn.GroupNorm, nn.GroupNorm, (2, 6), (4, 6), False),
+    "group_1d": (fnn.GroupNorm, nn.GroupNorm, (3, 6), (3, 6, 5), False),
+    "group_2d_channels_last": (fnn.GroupNorm, nn.GroupNorm, (2, 6), (3, 6, 4, 5), True),
+    "group_3d": (fnn.GroupNorm, nn.GroupNorm, (6, 6), (2, 6, 3, 2, 3), False),
+    "layer": (fnn.LayerNorm, nn.LayerNorm, ((4, 5),), (3, 2, 4, 5), False),
+    "layer_int": (fnn.LayerNorm, nn.LayerNorm, (7,), (5, 7), False),
+    "rms": (fnn.RMSNorm, nn.RMSNorm, (7,), (3, 4, 7), False),
+    "rms_2dims": (fnn.RMSNorm, nn.RMSNorm, ((3, 7),), (4, 3, 7), False),
+    "instance_1d": (fnn.InstanceNorm1d, nn.InstanceNorm1d, (5,), (3, 5, 7), False),
+    "instance_1d_unbatched": (fnn.InstanceNorm1d, nn.InstanceNorm1d, (5,), (5, 7), False),
+    "instance_2d_channels_last": (fnn.InstanceNorm2d, nn.InstanceNorm2d, (5,), (3, 5, 4, 3),
+                                  True),
+    "instance_3d_unbatched": (fnn.InstanceNorm3d, nn.InstanceNorm3d, (5,), (5, 2, 3, 2), False),
+}
+
+CONFIGS = {  # module kind: configurations, as constructor keywords
+    "group": {"default": {}, "affine_false": dict(affine=False), "eps": dict(eps=1e-2)},
+    "layer": {"default": {}, "affine_false": dict(elementwise_affine=False),
+              "bias_false": dict(bias=False), "eps": dict(eps=1e-2)},
+    "rms": {"eps_none": {}, "eps": dict(eps=1e-3), "affine_false": dict(elementwise_affine=False)},
+    "instance": {"default": {}, "affine": dict(affine=True),
+                 "running_stats": dict(affine=True, track_running_stats=True, momentum=0.3),
+                 "momentum_none": dict(track_running_stats=True, momentum=None),
+                 "eps": dict(eps=1e-2)},
+}
+
+CASES = [(name, config) for name in MODULES for config in CONFIGS[name.split("_")[0]]]
+
+
+def module_pair(name, config, backend, dtype=torch.float32):
+    """(torch module, fastbn module) with the same random state (shared via the state dict)."""
+    fastbn_class, torch_class, args, _, _ = MODULES[name]
+    kwargs = CONFIGS[name.split("_")[0]][config]
+    reference = torch_class(*args, dtype=dtype, **kwargs)
+    randomise(reference, torch.Generator().manual_seed(0))
+    module = fastbn_class(*args, dtype=dtype, backend=backend, **kwargs)
+    module.load_state_dict(reference.state_dict())
+    return reference, module
+
+
+@pytest.mark.parametrize("name, config", CASES, ids=[f"{n}-{c}" for n, c in CASES])
+def test_module_matches_torch(backend, name, config):
+    reference, module = module_pair(name, config, backend)
+    shape, channels_last = MODULES[name][3:]
+    # torch's InstanceNorm returns contiguous output for channels-last input; fastbn's keeps
+    # the input's layout (no copy).
+    compare_steps(reference, module, shape,
+                  CHANNELS_LAST[len(shape)] if channels_last else torch.contiguous_format, MODES,
+                  same_strides=not (channels_last and name.startswith("instance")))
