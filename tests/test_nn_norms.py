@@ -63,3 +63,47 @@ def test_module_matches_torch(backend, name, config):
     compare_steps(reference, module, shape,
                   CHANNELS_LAST[len(shape)] if channels_last else torch.contiguous_format, MODES,
                   same_strides=not (channels_last and name.startswith("instance")))
+
+
+def functional_case(op, backend):
+    """(fastbn function taking (x, weight, bias), input shape, parameter shape) of one op."""
+    running = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+    cases = {
+        "group_norm": (lambda x, w, b, f: f.group_norm(x, 3, w, b), (2, 3, 4), (3,)),
+        "layer_norm": (lambda x, w, b, f: f.layer_norm(x, (2, 3), w, b), (4, 2, 3), (2, 3)),
+        "rms_norm": (lambda x, w, b, f: f.rms_norm(x, (3,), w) + b, (4, 2, 3), (3,)),
+        "instance_norm": (lambda x, w, b, f: f.instance_norm(x, None, None, w, b), (2, 3, 4),
+                          (3,)),
+        "instance_norm_running": (lambda x, w, b, f: f.instance_norm(
+            x, *running, w, b, use_input_stats=False), (2, 3, 4), (3,)),
+    }
+    call, shape, parameter_shape = cases[op]
+    return (lambda x, w, b: call(x, w, b, _Backend(backend))), shape, parameter_shape
+
+
+class _Backend:
+    """fastbn.nn.functional with `backend` named in every call."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, name):
+        function = getattr(fnn.functional, name)
+        return lambda *args, **kwargs: function(*args, **kwargs, backend=self.backend)
+
+
+FUNCTIONAL_OPS = ["group_norm", "layer_norm", "rms_norm", "instance_norm",
+                  "instance_norm_running"]
+
+
+@pytest.mark.parametrize("op", FUNCTIONAL_OPS)
+def test_double_backward(backend, op):
+    """Gradients of gradients (create_graph=True) are right: gradgradcheck, float64 (the
+    first gradients are compared with torch's in test_module_matches_torch)."""
+    fastbn_call, shape, parameter_shape = functional_case(op, backend)
+    generator = torch.Generator().manual_seed(5)
+    inputs = (torch.randn(shape, dtype=torch.float64, generator=generator),
+              torch.rand(parameter_shape, dtype=torch.float64, generator=generator) + 0.5,
+              torch.randn(parameter_shape, dtype=torch.float64, generator=generator))
+    inputs = tuple(tensor.requires_grad_() for tensor in inputs)
+    assert torch.autograd.gradgradcheck(fastbn_call, inputs)

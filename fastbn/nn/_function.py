@@ -19,8 +19,6 @@ Memory: tensors reach the kernels as NumPy views (`as_array`), and the kernels'
 output arrays become tensors with `torch.from_numpy`: no copies either way, and
 the output keeps the input's memory layout (channels-last in, channels-last out).
 """
-import math
-
 import torch
 
 import fastbn
@@ -123,6 +121,22 @@ def channel_shape(input):
     return (1, -1) + (1,) * (input.dim() - 2)
 
 
+def torch_gradients(torch_forward, grad_y, input, weight, output_mask, parameter_shape):
+    """The gradients of ``torch_forward(input, weight, bias)`` for (input, weight, bias) as
+    `output_mask` asks, differentiable themselves: for double backward, where ATen's
+    backward op of a norm has no derivative of its own. Recomputes torch's forward.
+
+    The gradient of the bias does not depend on its value: a zero bias stands in for it.
+    """
+    bias = (torch.zeros(parameter_shape, dtype=input.dtype, requires_grad=True)
+            if output_mask[2] else None)
+    wanted = [tensor for tensor, wanted in zip((input, weight, bias), output_mask) if wanted]
+    with torch.enable_grad():
+        y = torch_forward(input, weight, bias)
+    grads = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True))
+    return tuple(next(grads) if wanted else None for wanted in output_mask)
+
+
 class BatchNormOp:
     """Batch normalization for `NormFunction`: `fastbn.batch_norm_forward` / `_backward`."""
 
@@ -186,11 +200,10 @@ class GroupNormOp:
                                           output_mask=output_mask, backend=self.backend)
 
     def backward_differentiable(self, grad_y, input, weight, stats, output_mask):
-        mean, rstd = stats
-        # ATen's backward has a derivative.
-        return torch.ops.aten.native_group_norm_backward(
-            grad_y, input, mean, rstd, weight, input.shape[0], input.shape[1],
-            math.prod(input.shape[2:]), self.num_groups, list(output_mask))
+        return torch_gradients(
+            lambda input, weight, bias: torch.group_norm(input, self.num_groups, weight, bias,
+                                                         self.eps),
+            grad_y, input, weight, output_mask, input.shape[1])
 
 
 class LayerNormOp:
@@ -216,11 +229,10 @@ class LayerNormOp:
                                           backend=self.backend)
 
     def backward_differentiable(self, grad_y, input, weight, stats, output_mask):
-        mean, rstd = stats
-        # ATen's backward has a derivative.
-        return torch.ops.aten.native_layer_norm_backward(
-            grad_y, input, self.normalized_shape, mean, rstd, weight, self.bias,
-            list(output_mask))
+        return torch_gradients(
+            lambda input, weight, bias: torch.layer_norm(input, self.normalized_shape, weight,
+                                                         bias, self.eps),
+            grad_y, input, weight, output_mask, self.normalized_shape)
 
 
 class RMSNormOp:
@@ -246,12 +258,10 @@ class RMSNormOp:
         return grad_x, grad_weight, None
 
     def backward_differentiable(self, grad_y, input, weight, stats, output_mask):
-        # torch's composite op, run again under autograd and differentiated with a graph.
-        wanted = [tensor for tensor, wanted in zip((input, weight), output_mask) if wanted]
-        with torch.enable_grad():
-            y = torch.rms_norm(input, self.normalized_shape, weight, self.eps)
-        grads = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True))
-        return tuple(next(grads) if wanted else None for wanted in output_mask[:2]) + (None,)
+        return torch_gradients(
+            lambda input, weight, bias: torch.rms_norm(input, self.normalized_shape, weight,
+                                                       self.eps),
+            grad_y, input, weight, output_mask, self.normalized_shape)
 
 
 class InstanceNormOp:
@@ -282,10 +292,11 @@ class InstanceNormOp:
         mean, rstd = stats
         batch, channels = input.shape[:2]
         if self.use_input_stats:
-            # GroupNorm with one channel per group; ATen's backward has a derivative.
-            return torch.ops.aten.native_group_norm_backward(
-                grad_y, input, mean, rstd, weight, batch, channels,
-                math.prod(input.shape[2:]), channels, list(output_mask))
+            # No running statistics: the recomputation must not update them again.
+            return torch_gradients(
+                lambda input, weight, bias: torch.instance_norm(
+                    input, weight, bias, None, None, True, 0.0, self.eps, False),
+                grad_y, input, weight, output_mask, channels)
         # Running statistics: constants, and the gradients linear in grad_y.
         shape = (batch, channels) + (1,) * (input.dim() - 2)
         dims = [0] + list(range(2, input.dim()))
