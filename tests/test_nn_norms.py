@@ -33,7 +33,8 @@ CONFIGS = {  # module kind: configurations, as constructor keywords
     "group": {"default": {}, "affine_false": dict(affine=False), "eps": dict(eps=1e-2)},
     "layer": {"default": {}, "affine_false": dict(elementwise_affine=False),
               "bias_false": dict(bias=False), "eps": dict(eps=1e-2)},
-    "rms": {"eps_none": {}, "eps": dict(eps=1e-3), "affine_false": dict(elementwise_affine=False)},
+    "rms": {"default": {},  # eps=None
+            "eps": dict(eps=1e-3), "affine_false": dict(elementwise_affine=False)},
     "instance": {"default": {}, "affine": dict(affine=True),
                  "running_stats": dict(affine=True, track_running_stats=True, momentum=0.3),
                  "momentum_none": dict(track_running_stats=True, momentum=None),
@@ -107,3 +108,49 @@ def test_double_backward(backend, op):
               torch.randn(parameter_shape, dtype=torch.float64, generator=generator))
     inputs = tuple(tensor.requires_grad_() for tensor in inputs)
     assert torch.autograd.gradgradcheck(fastbn_call, inputs)
+
+
+@pytest.mark.parametrize("name", ["group_2d_channels_last", "layer", "rms", "instance_1d"])
+def test_half_precision_and_default_backend_give_torchs_numbers(name):
+    """16-bit dtypes run torch's op, and so do small inputs without a named backend."""
+    for dtype, backend in [(torch.bfloat16, "numpy"), (torch.float32, None)]:
+        reference, module = module_pair(name, "default", backend, dtype)
+        x = torch.randn(MODULES[name][3], generator=torch.Generator().manual_seed(2)).to(dtype)
+        torch.testing.assert_close(module(x), reference(x), rtol=0, atol=0)
+
+
+def test_failed_call_changes_no_state(backend):
+    module = fnn.InstanceNorm2d(5, affine=True, track_running_stats=True, backend=backend)
+    module(torch.randn(2, 5, 3, 3))  # some state to keep
+    before = copy.deepcopy(module.state_dict())
+    module.eps = -1.0
+    with pytest.raises(ValueError, match="eps"):
+        module(torch.randn(2, 5, 3, 3, requires_grad=True))
+    torch.testing.assert_close(module.state_dict(), before, rtol=0, atol=0)
+    module.eps = 1e-5
+    with pytest.raises(ValueError, match="Expected more than 1 spatial element"):
+        module(torch.randn(2, 5, 1, 1))
+    with pytest.raises(ValueError, match="to match num_features"):
+        module(torch.randn(2, 4, 3, 3))
+    torch.testing.assert_close(module.state_dict(), before, rtol=0, atol=0)
+
+
+def test_modules_state_dicts_convert_and_revert(backend):
+    """Every new module: torch's state dict keys, a repr naming the backend, and convert /
+    revert switching the classes of the same layer objects."""
+    model = nn.Sequential(*[torch_class(*args) for _, torch_class, args, _, _ in MODULES.values()],
+                          nn.InstanceNorm3d(2, track_running_stats=True))
+    layers = list(model)
+    reference_state = copy.deepcopy(model.state_dict())
+    assert fnn.convert(model, backend=backend) is model
+    for layer, (fastbn_class, torch_class, args, _, _) in zip(layers, MODULES.values()):
+        assert type(layer) is fastbn_class and isinstance(layer, torch_class)
+        assert f"backend={backend!r}" in repr(layer)
+        built = fastbn_class(*args, backend=backend)
+        assert built.state_dict().keys() == torch_class(*args).state_dict().keys()
+    assert list(model) == layers
+    torch.testing.assert_close(model.state_dict(), reference_state, rtol=0, atol=0)
+    fnn.revert(model)
+    assert [type(layer) for layer in model] == (
+        [torch_class for _, torch_class, _, _, _ in MODULES.values()] + [nn.InstanceNorm3d])
+    assert "backend" not in repr(model)
