@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fastbn.nn as fnn
-from test_nn import MODES, assert_close, compare_steps, randomise
+from test_nn import MODES, compare_steps, randomise
 
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
