@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import fastbn
 import fastbn.nn as fnn
 from test_nn import MODES, compare_steps, randomise
 
@@ -154,3 +155,27 @@ def test_modules_state_dicts_convert_and_revert(backend):
     assert [type(layer) for layer in model] == (
         [torch_class for _, torch_class, _, _, _ in MODULES.values()] + [nn.InstanceNorm3d])
     assert "backend" not in repr(model)
+
+
+@pytest.mark.parametrize("name", ["group_1d", "layer", "rms", "instance_1d_unbatched"])
+def test_module_matches_torch_float64(backend, name):
+    config = "running_stats" if name.startswith("instance") else "default"
+    reference, module = module_pair(name, config, backend, torch.float64)
+    compare_steps(reference, module, MODULES[name][3], torch.contiguous_format, MODES,
+                  torch.float64)
+
+
+@pytest.mark.parametrize("op", ["group_norm", "layer_norm", "rms_norm", "instance_norm"])
+def test_functional_with_a_large_input_and_no_backend_runs_fastbn(op):
+    """backend=None: past torch_is_faster's size, fastbn's default backend runs (its bits)."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 4, fnn.functional.MIN_VALUES // 4, generator=generator)
+    weight = torch.rand(x.shape[-1] if op in ("layer_norm", "rms_norm") else 4,
+                        generator=generator).requires_grad_()
+    args = {"group_norm": (2, weight), "layer_norm": (x.shape[-1:], weight),
+            "rms_norm": (x.shape[-1:], weight), "instance_norm": (None, None, weight)}[op]
+    function = getattr(fnn.functional, op)
+    y = function(x, *args)
+    torch.testing.assert_close(y, function(x, *args, backend=fastbn.get_backend()),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(y, getattr(torch.nn.functional, op)(x, *args))
