@@ -12,8 +12,9 @@ the op's NumPy-level functions:
 - ``op.backward_differentiable(grad_y, input, weight, stats, output_mask)``:
   the same gradients from torch ops, for double backward (``create_graph=True``).
 
-A new op (GroupNorm, LayerNorm, ...) is one such class plus a functional
-wrapper; see `fastbn.nn.functional`.
+Each op (`BatchNormOp`, `GroupNormOp`, `LayerNormOp`, `RMSNormOp`,
+`InstanceNormOp`) is one such class plus a functional wrapper in
+`fastbn.nn.functional`.
 
 Memory: tensors reach the kernels as NumPy views (`as_array`), and the kernels'
 output arrays become tensors with `torch.from_numpy`: no copies either way, and
