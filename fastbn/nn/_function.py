@@ -12,8 +12,9 @@ the op's NumPy-level functions:
 - ``op.backward_differentiable(grad_y, input, weight, stats, output_mask)``:
   the same gradients from torch ops, for double backward (``create_graph=True``).
 
-A new op (GroupNorm, LayerNorm, ...) is one such class plus a functional
-wrapper; see `fastbn.nn.functional`.
+Each op (`BatchNormOp`, `GroupNormOp`, `LayerNormOp`, `RMSNormOp`,
+`InstanceNormOp`) is one such class plus a functional wrapper in
+`fastbn.nn.functional`.
 
 Memory: tensors reach the kernels as NumPy views (`as_array`), and the kernels'
 output arrays become tensors with `torch.from_numpy`: no copies either way, and
@@ -39,9 +40,9 @@ PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 FLOAT_DTYPES = (torch.float32, torch.float64)
 
 
-def runs_on_fastbn(input, *others):
+def runs_on_fastbn(input, *others, dims=range(2, 6)):
     """Whether the fastbn kernels can take these tensors: plain CPU tensors of one float
-    dtype, the input with 2 to 5 dims (`others` may be None).
+    dtype, the input with a number of dims in `dims` (`others` may be None).
 
     Anything else (float16, bfloat16, mixed dtypes, other devices, tensor subclasses
     such as the fake tensors of tracers, the wrapped tensors of torch.func transforms,
@@ -53,7 +54,7 @@ def runs_on_fastbn(input, *others):
     dtype = input.dtype
     if (dtype not in FLOAT_DTYPES
             or not input.is_cpu or input.layout is not torch.strided
-            or not 2 <= input.dim() <= 5
+            or input.dim() not in dims
             # torch.func's wrappers look like plain tensors but have no memory to hand
             # over (torch.autograd.Function.apply asks the same question).
             or torch._C._are_functorch_transforms_active()):
@@ -121,6 +122,22 @@ def channel_shape(input):
     return (1, -1) + (1,) * (input.dim() - 2)
 
 
+def torch_gradients(torch_forward, grad_y, input, weight, output_mask, parameter_shape):
+    """The gradients of ``torch_forward(input, weight, bias)`` for (input, weight, bias) as
+    `output_mask` asks, differentiable themselves: for double backward, where ATen's
+    backward op of a norm has no derivative of its own. Recomputes torch's forward.
+
+    The gradient of the bias does not depend on its value: a zero bias stands in for it.
+    """
+    bias = (torch.zeros(parameter_shape, dtype=input.dtype, requires_grad=True)
+            if output_mask[2] else None)
+    wanted = [tensor for tensor, wanted in zip((input, weight, bias), output_mask) if wanted]
+    with torch.enable_grad():
+        y = torch_forward(input, weight, bias)
+    grads = iter(torch.autograd.grad(y, wanted, grad_y, create_graph=True))
+    return tuple(next(grads) if wanted else None for wanted in output_mask)
+
+
 class BatchNormOp:
     """Batch normalization for `NormFunction`: `fastbn.batch_norm_forward` / `_backward`."""
 
@@ -158,6 +175,135 @@ class BatchNormOp:
         scale = invstd if weight is None else invstd * weight
         grad_input = grad_y * scale.view(shape) if output_mask[0] else None
         grad_weight = ((grad_y * (input - mean.view(shape))).sum(dims) * invstd
+                       if output_mask[1] else None)
+        grad_bias = grad_y.sum(dims) if output_mask[2] else None
+        return grad_input, grad_weight, grad_bias
+
+
+class GroupNormOp:
+    """Group normalization for `NormFunction`: `fastbn.group_norm_forward` / `_backward`."""
+
+    __slots__ = ("num_groups", "eps", "backend")
+
+    def __init__(self, num_groups, eps, backend):
+        self.num_groups = num_groups
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x, weight, bias):
+        y, mean, rstd = fastbn.group_norm_forward(x, self.num_groups, weight, bias, self.eps,
+                                                  backend=self.backend)
+        return y, (mean, rstd)
+
+    def backward(self, grad_y, x, weight, stats, output_mask):
+        mean, rstd = stats
+        return fastbn.group_norm_backward(grad_y, x, mean, rstd, weight, self.num_groups,
+                                          output_mask=output_mask, backend=self.backend)
+
+    def backward_differentiable(self, grad_y, input, weight, stats, output_mask):
+        return torch_gradients(
+            lambda input, weight, bias: torch.group_norm(input, self.num_groups, weight, bias,
+                                                         self.eps),
+            grad_y, input, weight, output_mask, input.shape[1])
+
+
+class LayerNormOp:
+    """Layer normalization for `NormFunction`: `fastbn.layer_norm_forward` / `_backward`."""
+
+    __slots__ = ("normalized_shape", "bias", "eps", "backend")
+
+    def __init__(self, normalized_shape, bias, eps, backend):
+        self.normalized_shape = normalized_shape
+        self.bias = bias  # the backward asks whether there is one (its value is not used)
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x, weight, bias):
+        y, mean, rstd = fastbn.layer_norm_forward(x, self.normalized_shape, weight, bias,
+                                                  self.eps, backend=self.backend)
+        return y, (mean, rstd)
+
+    def backward(self, grad_y, x, weight, stats, output_mask):
+        mean, rstd = stats
+        return fastbn.layer_norm_backward(grad_y, x, self.normalized_shape, mean, rstd, weight,
+                                          as_array(self.bias), output_mask=output_mask,
+                                          backend=self.backend)
+
+    def backward_differentiable(self, grad_y, input, weight, stats, output_mask):
+        return torch_gradients(
+            lambda input, weight, bias: torch.layer_norm(input, self.normalized_shape, weight,
+                                                         bias, self.eps),
+            grad_y, input, weight, output_mask, self.normalized_shape)
+
+
+class RMSNormOp:
+    """RMS normalization for `NormFunction`: `fastbn.rms_norm_forward` / `_backward`."""
+
+    __slots__ = ("normalized_shape", "eps", "backend")
+
+    def __init__(self, normalized_shape, eps, backend):
+        self.normalized_shape = normalized_shape
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x, weight, bias):
+        y, rstd = fastbn.rms_norm_forward(x, self.normalized_shape, weight, self.eps,
+                                          backend=self.backend)
+        return y, (rstd,)
+
+    def backward(self, grad_y, x, weight, stats, output_mask):
+        (rstd,) = stats
+        grad_x, grad_weight = fastbn.rms_norm_backward(
+            grad_y, x, self.normalized_shape, rstd, weight, output_mask=output_mask[:2],
+            backend=self.backend)
+        return grad_x, grad_weight, None
+
+    def backward_differentiable(self, grad_y, input, weight, stats, output_mask):
+        return torch_gradients(
+            lambda input, weight, bias: torch.rms_norm(input, self.normalized_shape, weight,
+                                                       self.eps),
+            grad_y, input, weight, output_mask, self.normalized_shape)
+
+
+class InstanceNormOp:
+    """Instance normalization for `NormFunction`: `fastbn.instance_norm_forward` / `_backward`."""
+
+    __slots__ = ("running_mean", "running_var", "use_input_stats", "momentum", "eps", "backend")
+
+    def __init__(self, running_mean, running_var, use_input_stats, momentum, eps, backend):
+        self.running_mean = running_mean
+        self.running_var = running_var
+        self.use_input_stats = use_input_stats
+        self.momentum = momentum
+        self.eps = eps
+        self.backend = backend
+
+    def forward(self, x, weight, bias):
+        y, mean, rstd = fastbn.instance_norm_forward(
+            x, weight, bias, as_array(self.running_mean), as_array(self.running_var),
+            self.use_input_stats, self.momentum, self.eps, backend=self.backend)
+        return y, (mean, rstd)
+
+    def backward(self, grad_y, x, weight, stats, output_mask):
+        mean, rstd = stats
+        return fastbn.instance_norm_backward(grad_y, x, mean, rstd, weight, self.use_input_stats,
+                                             output_mask=output_mask, backend=self.backend)
+
+    def backward_differentiable(self, grad_y, input, weight, stats, output_mask):
+        mean, rstd = stats
+        batch, channels = input.shape[:2]
+        if self.use_input_stats:
+            # No running statistics: the recomputation must not update them again.
+            return torch_gradients(
+                lambda input, weight, bias: torch.instance_norm(
+                    input, weight, bias, None, None, True, 0.0, self.eps, False),
+                grad_y, input, weight, output_mask, channels)
+        # Running statistics: constants, and the gradients linear in grad_y.
+        shape = (batch, channels) + (1,) * (input.dim() - 2)
+        dims = [0] + list(range(2, input.dim()))
+        scale = rstd if weight is None else rstd * weight
+        grad_input = grad_y * scale.view(shape) if output_mask[0] else None
+        grad_weight = ((grad_y * (input - mean.view(shape)) * rstd.view(shape)).sum(dims)
                        if output_mask[1] else None)
         grad_bias = grad_y.sum(dims) if output_mask[2] else None
         return grad_input, grad_weight, grad_bias

@@ -11,6 +11,12 @@ FASTBN_CLASS = {
     nn.BatchNorm1d: modules.BatchNorm1d,
     nn.BatchNorm2d: modules.BatchNorm2d,
     nn.BatchNorm3d: modules.BatchNorm3d,
+    nn.GroupNorm: modules.GroupNorm,
+    nn.InstanceNorm1d: modules.InstanceNorm1d,
+    nn.InstanceNorm2d: modules.InstanceNorm2d,
+    nn.InstanceNorm3d: modules.InstanceNorm3d,
+    nn.LayerNorm: modules.LayerNorm,
+    nn.RMSNorm: modules.RMSNorm,
 }
 TORCH_CLASS = {fastbn_class: torch_class for torch_class, fastbn_class in FASTBN_CLASS.items()}
 

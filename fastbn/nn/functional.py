@@ -16,7 +16,7 @@ import torch.nn.functional as torch_functional
 
 from fastbn.nn import _function
 
-__all__ = ["batch_norm"]
+__all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
 
 # With no backend named, fastbn's path runs only where it was measured to beat torch's
 # (2 threads on the project machine, bench/compare_nn.py, docs/nn.md). fastbn's path
@@ -101,3 +101,156 @@ def _check_batch_size(input):
     if size[0] * math.prod(size[2:]) == 1:
         raise ValueError(f"Expected more than 1 value per channel when training, "
                          f"got input size {size}")
+
+
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=None):
+    """Group normalization, as :func:`torch.nn.functional.group_norm`.
+
+    Parameters
+    ----------
+    input : Tensor of shape (N, C, *spatial), 0 to 3 spatial dims
+    num_groups : int
+        A divisor of C; each group of C / num_groups consecutive channels of a sample
+        is normalized with its own mean and biased variance.
+    weight, bias : Tensor of shape (C,) or None
+    eps : float, >= 0
+    backend : {"cython", "numba", "numpy"}, optional
+        As in :func:`batch_norm`.
+
+    Returns
+    -------
+    Tensor
+        Same shape, dtype and memory layout (channels-last or not) as `input`.
+    """
+    if (torch.compiler.is_compiling() or not _function.runs_on_fastbn(input, weight, bias)
+            or not _fits(input.shape[1], weight, bias) or input.shape[1] % num_groups):
+        # torch's op, which also raises torch's errors on what does not fit.
+        return torch_functional.group_norm(input, num_groups, weight, bias, eps)
+    torch_functional._verify_batch_size([input.shape[0] * input.shape[1] // num_groups,
+                                         num_groups] + list(input.shape[2:]))
+    record = _function.needs_grad(input, weight, bias)
+    if backend is None and torch_is_faster(input, not record):
+        return torch.group_norm(input, num_groups, weight, bias, eps, False)
+    op = _function.GroupNormOp(num_groups, eps, backend)
+    return _function.apply(op, input, weight, bias, record)
+
+
+def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, backend=None):
+    """Instance normalization, as :func:`torch.nn.functional.instance_norm`.
+
+    Parameters
+    ----------
+    input : Tensor of shape (N, C, *spatial), 0 to 3 spatial dims
+    running_mean, running_var : Tensor of shape (C,) or None (both or neither)
+        With `use_input_stats`, updated in place with the batch average of each
+        instance's mean and unbiased variance; they normalize the input otherwise.
+    weight, bias : Tensor of shape (C,) or None
+    use_input_stats : bool
+    momentum : float
+    eps : float, >= 0
+    backend : {"cython", "numba", "numpy"}, optional
+        As in :func:`batch_norm`.
+
+    Returns
+    -------
+    Tensor
+        Same shape, dtype and memory layout (channels-last or not) as `input`.
+    """
+    if (torch.compiler.is_compiling()
+            or not _function.runs_on_fastbn(input, weight, bias, running_mean, running_var)
+            or not _fits(input.shape[1], weight, bias, running_mean, running_var)
+            or (running_mean is None) != (running_var is None)):
+        return torch_functional.instance_norm(input, running_mean, running_var, weight, bias,
+                                              use_input_stats, momentum, eps)
+    if use_input_stats:
+        torch_functional._verify_spatial_size(input.shape)
+    record = _function.needs_grad(input, weight, bias)
+    if backend is None and torch_is_faster(input, not record):
+        return torch.instance_norm(input, weight, bias, running_mean, running_var,
+                                   use_input_stats, momentum, eps, False)
+    op = _function.InstanceNormOp(running_mean, running_var, use_input_stats, momentum, eps,
+                                  backend)
+    return _function.apply(op, input, weight, bias, record)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, backend=None):
+    """Layer normalization, as :func:`torch.nn.functional.layer_norm`.
+
+    Parameters
+    ----------
+    input : Tensor of shape (*, *normalized_shape)
+    normalized_shape : sequence of ints
+        The trailing dims normalized together.
+    weight, bias : Tensor of shape `normalized_shape` or None
+    eps : float, >= 0
+    backend : {"cython", "numba", "numpy"}, optional
+        As in :func:`batch_norm`.
+
+    Returns
+    -------
+    Tensor
+        `input`'s shape and dtype, contiguous.
+    """
+    normalized_shape = _as_shape(normalized_shape)
+    if (torch.compiler.is_compiling()
+            or not _function.runs_on_fastbn(input, weight, bias, dims=_row_dims(normalized_shape))
+            or not _trailing_fits(input, normalized_shape, weight, bias)):
+        return torch_functional.layer_norm(input, normalized_shape, weight, bias, eps)
+    record = _function.needs_grad(input, weight, bias)
+    if backend is None and torch_is_faster(input, not record):
+        return torch.layer_norm(input, normalized_shape, weight, bias, eps, False)
+    op = _function.LayerNormOp(normalized_shape, bias, eps, backend)
+    return _function.apply(op, input, weight, bias, record)
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
+    """Root-mean-square normalization, as :func:`torch.nn.functional.rms_norm`.
+
+    Parameters
+    ----------
+    input : Tensor of shape (*, *normalized_shape)
+    normalized_shape : sequence of ints
+    weight : Tensor of shape `normalized_shape` or None
+    eps : float >= 0, or None
+        None: the machine epsilon of `input`'s dtype, as torch.
+    backend : {"cython", "numba", "numpy"}, optional
+        As in :func:`batch_norm`.
+
+    Returns
+    -------
+    Tensor
+        `input`'s shape and dtype, contiguous.
+    """
+    normalized_shape = _as_shape(normalized_shape)
+    if (torch.compiler.is_compiling()
+            or not _function.runs_on_fastbn(input, weight, dims=_row_dims(normalized_shape))
+            or not _trailing_fits(input, normalized_shape, weight)):
+        return torch_functional.rms_norm(input, normalized_shape, weight, eps)
+    record = _function.needs_grad(input, weight, None)
+    if backend is None and torch_is_faster(input, not record):
+        return torch.rms_norm(input, normalized_shape, weight, eps)
+    op = _function.RMSNormOp(normalized_shape, eps, backend)
+    return _function.apply(op, input, weight, None, record)
+
+
+def _fits(channels, *vectors):
+    """Whether every per-channel tensor given (not None) has `channels` values."""
+    return all(vector is None or vector.numel() == channels for vector in vectors)
+
+
+def _as_shape(normalized_shape):
+    return ((normalized_shape,) if isinstance(normalized_shape, int)
+            else tuple(normalized_shape))
+
+
+def _row_dims(normalized_shape):
+    """The numbers of input dims fastbn's row kernels are given: the normalized ones, and
+    up to 8 in all."""
+    return range(len(normalized_shape), 9)
+
+
+def _trailing_fits(input, normalized_shape, *parameters):
+    """Whether input ends with `normalized_shape`, and each parameter given has that shape."""
+    return (input.shape[input.dim() - len(normalized_shape):] == normalized_shape
+            and all(p is None or p.shape == normalized_shape for p in parameters))

@@ -13,7 +13,8 @@ from torch import nn
 from fastbn._backends import load_backend
 from fastbn.nn import functional
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d",
+           "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm"]
 
 
 class FastbnNorm:
@@ -87,6 +88,100 @@ class BatchNorm2d(_BatchNorm, nn.BatchNorm2d):
 
 class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     """:class:`torch.nn.BatchNorm3d` on fastbn's kernels; input (N, C, D, H, W).
+
+    Takes torch's arguments plus ``backend`` ({"cython", "numba", "numpy"} or None for
+    :func:`fastbn.get_backend`). See ``docs/nn.md``.
+    """
+
+
+class GroupNorm(FastbnNorm, nn.GroupNorm):
+    """:class:`torch.nn.GroupNorm` on fastbn's kernels; input (N, C, *spatial).
+
+    Takes torch's arguments plus ``backend`` ({"cython", "numba", "numpy"} or None for
+    :func:`fastbn.get_backend`). See ``docs/nn.md``.
+    """
+
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None,
+                 dtype=None, *, backend=None):
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
+        self.backend = backend
+
+    def forward(self, input):
+        return functional.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
+                                     backend=self.backend)
+
+
+class LayerNorm(FastbnNorm, nn.LayerNorm):
+    """:class:`torch.nn.LayerNorm` on fastbn's kernels; input (*, *normalized_shape).
+
+    Takes torch's arguments plus ``backend`` ({"cython", "numba", "numpy"} or None for
+    :func:`fastbn.get_backend`). See ``docs/nn.md``.
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
+                 device=None, dtype=None, *, backend=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+        self.backend = backend
+
+    def forward(self, input):
+        return functional.layer_norm(input, self.normalized_shape, self.weight, self.bias,
+                                     self.eps, backend=self.backend)
+
+
+class RMSNorm(FastbnNorm, nn.RMSNorm):
+    """:class:`torch.nn.RMSNorm` on fastbn's kernels; input (*, *normalized_shape).
+
+    Takes torch's arguments plus ``backend`` ({"cython", "numba", "numpy"} or None for
+    :func:`fastbn.get_backend`). See ``docs/nn.md``.
+    """
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None,
+                 dtype=None, *, backend=None):
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
+        self.backend = backend
+
+    def forward(self, input):
+        return functional.rms_norm(input, self.normalized_shape, self.weight, self.eps,
+                                   backend=self.backend)
+
+
+class _InstanceNorm(FastbnNorm):
+    """InstanceNorm*d's constructor and normalization; torch's forward checks the input and
+    handles an unbatched one. The torch class comes second in the bases."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
+                 track_running_stats=False, device=None, dtype=None, *, backend=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.backend = backend
+
+    def _apply_instance_norm(self, input):
+        # As torch's: the running statistics are updated in training, and used in eval mode
+        # when tracked.
+        return functional.instance_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0, self.eps, backend=self.backend)
+
+
+class InstanceNorm1d(_InstanceNorm, nn.InstanceNorm1d):
+    """:class:`torch.nn.InstanceNorm1d` on fastbn's kernels; input (N, C, L) or (C, L).
+
+    Takes torch's arguments plus ``backend`` ({"cython", "numba", "numpy"} or None for
+    :func:`fastbn.get_backend`). See ``docs/nn.md``.
+    """
+
+
+class InstanceNorm2d(_InstanceNorm, nn.InstanceNorm2d):
+    """:class:`torch.nn.InstanceNorm2d` on fastbn's kernels; input (N, C, H, W) or (C, H, W).
+
+    Takes torch's arguments plus ``backend`` ({"cython", "numba", "numpy"} or None for
+    :func:`fastbn.get_backend`). See ``docs/nn.md``.
+    """
+
+
+class InstanceNorm3d(_InstanceNorm, nn.InstanceNorm3d):
+    """:class:`torch.nn.InstanceNorm3d` on fastbn's kernels; input (N, C, D, H, W) or
+    (C, D, H, W).
 
     Takes torch's arguments plus ``backend`` ({"cython", "numba", "numpy"} or None for
     :func:`fastbn.get_backend`). See ``docs/nn.md``.
