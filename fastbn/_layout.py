@@ -53,6 +53,17 @@ def empty_like_layout(shape, dtype, channels_last):
     return buffer.reshape(shape), buffer
 
 
+def check_out(name, out, shape, dtype):
+    """Raise unless `out` is a writeable ndarray of `shape` and `dtype`."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if out.shape != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"{name} must have shape {tuple(shape)} and dtype {dtype}, "
+                         f"got shape {out.shape} and dtype {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only; pass a writeable array")
+
+
 def output_buffer(name, out, shape, dtype, channels_last):
     """(result array, 3-D kernel view to write into, array to copy into afterwards or None).
 
@@ -63,13 +74,7 @@ def output_buffer(name, out, shape, dtype, channels_last):
     if out is None:
         result, view = empty_like_layout(shape, dtype, channels_last)
         return result, view, None
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
-    if out.shape != tuple(shape) or out.dtype != dtype:
-        raise ValueError(f"{name} must have shape {tuple(shape)} and dtype {dtype}, "
-                         f"got shape {out.shape} and dtype {out.dtype}")
-    if not out.flags.writeable:
-        raise ValueError(f"{name} is read-only; pass a writeable array")
+    check_out(name, out, shape, dtype)
     view = view_as_layout(out, channels_last)
     if view is not None:
         return out, view, None

@@ -10,7 +10,7 @@ import operator
 
 import numpy as np
 
-from fastbn import _validation
+from fastbn import _layout, _validation
 
 
 def check_input(x, normalized_shape):
@@ -107,13 +107,7 @@ def output_buffer(name, out, shape, dtype, rows, D, inputs):
     if out is None:
         result = np.empty(shape, dtype)
         return result, rows_view(result, rows, D), None
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
-    if out.shape != tuple(shape) or out.dtype != dtype:
-        raise ValueError(f"{name} must have shape {tuple(shape)} and dtype {dtype}, "
-                         f"got shape {out.shape} and dtype {out.dtype}")
-    if not out.flags.writeable:
-        raise ValueError(f"{name} is read-only; pass a writeable array")
+    _layout.check_out(name, out, shape, dtype)
     if out.flags.c_contiguous and not any(np.may_share_memory(out, a) for a in inputs):
         return out, rows_view(out, rows, D), None
     buffer = np.empty(shape, dtype)
