@@ -87,7 +87,21 @@ def _torch_step(x, grad_out, weight, bias, running_mean, running_var, training):
     return y, save_mean, save_invstd, grad_x, grad_weight, grad_bias
 
 
-class BatchNormCase:
+class CaseArrays:
+    """What every benchmark case shares: arrays laid out as the case says, and
+    the input's size (subclasses set shape, dtype, channels_last and x)."""
+
+    def _array(self, values):
+        array, _ = _layout.empty_like_layout(self.shape, self.dtype, self.channels_last)
+        array[...] = values
+        return array
+
+    @property
+    def nbytes(self):
+        return self.x.nbytes
+
+
+class BatchNormCase(CaseArrays):
     """One benchmark input: x, grad_out and the per-channel vectors, made once.
 
     Parameters
@@ -112,15 +126,6 @@ class BatchNormCase:
         self.bias = rng.standard_normal(channels).astype(self.dtype)
         self.running_mean = rng.standard_normal(channels).astype(self.dtype)
         self.running_var = rng.uniform(0.5, 2.0, channels).astype(self.dtype)
-
-    def _array(self, values):
-        array, _ = _layout.empty_like_layout(self.shape, self.dtype, self.channels_last)
-        array[...] = values
-        return array
-
-    @property
-    def nbytes(self):
-        return self.x.nbytes
 
     def fastbn_step(self, backend, mode):
         """A callable running fastbn's `mode` with `backend`; returns the outputs."""

@@ -19,6 +19,7 @@ import numpy as np
 
 import fastbn
 from fastbn import _layout
+from fastbn.benchmarks.batch_norm import CaseArrays
 
 OPS = ("group_norm", "instance_norm", "layer_norm", "rms_norm")
 GROUPS = 32
@@ -26,7 +27,7 @@ EPS = 1e-5
 TOLERANCES = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-8}
 
 
-class NormCase:
+class NormCase(CaseArrays):
     """One benchmark input of a per-sample normalization: x, grad_out, weight, bias.
 
     Parameters
@@ -56,15 +57,6 @@ class NormCase:
         features = self.shape[-1] if op in ("layer_norm", "rms_norm") else self.shape[1]
         self.weight = rng.uniform(0.5, 1.5, features).astype(self.dtype)
         self.bias = rng.standard_normal(features).astype(self.dtype)
-
-    def _array(self, values):
-        array, _ = _layout.empty_like_layout(self.shape, self.dtype, self.channels_last)
-        array[...] = values
-        return array
-
-    @property
-    def nbytes(self):
-        return self.x.nbytes
 
     def fastbn_step(self, backend, mode):
         """A callable running fastbn's `mode` with `backend`; returns y and the gradients."""
