@@ -18,6 +18,30 @@ JIT_OPTIONS = dict(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy
 HELPER_OPTIONS = dict(JIT_OPTIONS, cache=False)
 
 
+def _thread_count_functions():
+    """numba's (get, set) of the calling thread's thread count, the cheap pair.
+
+    `numba.get_num_threads` / `set_num_threads` check their argument and the
+    pool on every call (about 1 us and 1.7 us from Python); the C functions
+    they end in cost 0.1 and 0.35 us through ctypes. Small inputs change the
+    count twice per kernel call, so this showed. The C functions are private
+    to numba (bound once its pool is started): fall back to the public ones
+    where a numba version lacks them. Setting them from compiled code instead
+    is as cheap, but makes the function uncacheable (a ctypes pointer).
+    """
+    numba.get_num_threads()  # starts numba's pool, which binds the C functions
+    from numba.np.ufunc import parallel
+
+    get, set_ = (getattr(parallel, name, None) for name in ("_get_num_threads",
+                                                             "_set_num_threads"))
+    if callable(get) and callable(set_):
+        return get, set_
+    return numba.get_num_threads, numba.set_num_threads
+
+
+_get_thread_count, _set_thread_count = _thread_count_functions()
+
+
 class numba_threads:
     """Context manager: run the block with numba's thread count set to `n_threads`.
 
@@ -33,10 +57,10 @@ class numba_threads:
         self.n_threads = max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS))
 
     def __enter__(self):
-        self.previous = numba.get_num_threads()
-        if self.n_threads != self.previous:  # each call into numba's runtime costs ~1 us
-            numba.set_num_threads(self.n_threads)
+        self.previous = _get_thread_count()
+        if self.n_threads != self.previous:
+            _set_thread_count(self.n_threads)
 
     def __exit__(self, *exc_info):
         if self.n_threads != self.previous:
-            numba.set_num_threads(self.previous)
+            _set_thread_count(self.previous)
