@@ -49,6 +49,11 @@ def _grid_options(grids, channels_last=False, floor=True):
         Also time channels-last inputs (the op has a channels-last layout).
     floor : bool
         Also time the bandwidth floor of each case.
+
+    Returns
+    -------
+    grids, layouts, floor
+        `layouts`: the names of the layouts to time, contiguous first.
     """
     layouts = ("contiguous", "channels_last") if channels_last else ("contiguous",)
     return grids, layouts, floor
