@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fastbn.benchmarks import batch_norm, norms, report, shapes
+from fastbn.benchmarks import batch_norm, nn_cases, norms, report, shapes
 from fastbn.benchmarks.timing import alternate
 
 _memory = pytest.importorskip("fastbn._cython._memory")
@@ -117,6 +117,25 @@ def test_norm_case_matches_torch_and_rejects_a_wrong_result(op, shape, channels_
     with pytest.raises(AssertionError, match="differs from torch"):
         case.check(wrong, expected, mode)
 
+
+
+@pytest.mark.parametrize("op, shape, channels_last", [
+    ("batch_norm_2d", (2, 3, 4, 5), True),
+    ("group_norm", (2, 64, 3, 4), False),
+    ("layer_norm", (2, 3, 16), False),
+])
+@pytest.mark.parametrize("mode", batch_norm.MODES)
+def test_module_case_matches_torch_and_rejects_a_wrong_result(op, shape, channels_last, mode):
+    pytest.importorskip("torch")
+    case = nn_cases.ModuleCase(op, shape, "float32", channels_last)
+    expected = case.torch_step(mode)()
+    outputs = case.fastbn_step("numpy", mode)()
+    case.check(outputs, expected, mode)
+    # The last output: the bias gradient in training, y in eval.
+    wrong = [output.detach().numpy().copy() for output in outputs]
+    wrong[-1].flat[0] += 0.1
+    with pytest.raises(AssertionError, match="differs from torch"):
+        case.check(wrong, expected, mode)
 
 TINY_GRIDS = {
     "batch_norm_2d": shapes.ShapeGrid((1, 2), ((4, 3, 3),)),

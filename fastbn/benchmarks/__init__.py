@@ -6,6 +6,7 @@ comparison scripts in bench/ and ``python -m fastbn bench``.
 - `batch_norm`, `norms`: the cases of each op: inputs, the implementations to
   compare (every fastbn backend, torch), the check against torch; and (in
   `batch_norm`) the bytes an ideal kernel must move.
+- `nn_cases`: the fastbn.nn module cases of bench/test_nn.py, with the same interface.
 - `compare`: the BatchNorm tables of bench/compare_batch_norm.py.
 - `report`: ``python -m fastbn bench``: every op, tables, results.json and plots.
 """

@@ -97,10 +97,21 @@ class NormCase(CaseArrays):
                                                              backend=backend))
         return step
 
-    def torch_step(self, mode):
-        """A callable running torch's `mode`; returns y and the gradients as tensors."""
+    def torch_step(self, mode, compiled=False):
+        """A callable running torch's `mode`; returns y and the gradients as tensors.
+
+        compiled=True runs it through ``torch.compile`` (Inductor's generated
+        kernels); the first call compiles, so warm up before timing.
+        """
         import torch
 
+        def maybe_compiled(function):
+            return torch.compile(function, dynamic=False) if compiled else function
+
+        if compiled:
+            # Forget earlier cases' graphs: past dynamo's recompile limit the same
+            # code would silently fall back to eager.
+            torch._dynamo.reset()
         x, grad_out = torch.from_numpy(self.x), torch.from_numpy(self.grad_out)
         weight, bias = torch.from_numpy(self.weight), torch.from_numpy(self.bias)
         training = mode == "training"
@@ -109,6 +120,7 @@ class NormCase(CaseArrays):
         if self.op == "group_norm":
             channels, spatial = self.shape[1], _layout.spatial_size(self.shape)
 
+            @maybe_compiled
             def step():
                 y, mean, rstd = torch.native_group_norm(x, weight, bias, n, channels, spatial,
                                                         GROUPS, EPS)
@@ -122,6 +134,7 @@ class NormCase(CaseArrays):
             merged = (1, n * channels) + self.shape[2:]
             weight_repeated, bias_repeated = weight.repeat(n), bias.repeat(n)
 
+            @maybe_compiled
             def step():
                 x_view = x.reshape(merged)
                 y, mean, invstd = torch.native_batch_norm(
@@ -134,6 +147,7 @@ class NormCase(CaseArrays):
                 return (y.reshape(self.shape), grad_x.reshape(self.shape),
                         grad_w.reshape(n, channels).sum(0), grad_b.reshape(n, channels).sum(0))
         elif self.op == "layer_norm":
+            @maybe_compiled
             def step():
                 y, mean, rstd = torch.native_layer_norm(x, [dim], weight, bias, EPS)
                 if not training:
@@ -143,13 +157,15 @@ class NormCase(CaseArrays):
         else:
             x_leaf = x.detach().requires_grad_(training)
             weight_leaf = weight.detach().requires_grad_(training)
+            # The backward comes from autograd: compiling the forward compiles it too.
+            rms_norm = maybe_compiled(torch.nn.functional.rms_norm)
 
             def step():
                 if not training:
                     with torch.no_grad():
-                        return (torch.nn.functional.rms_norm(x_leaf, [dim], weight_leaf, EPS),)
+                        return (rms_norm(x_leaf, [dim], weight_leaf, EPS),)
                 x_leaf.grad = weight_leaf.grad = None
-                y = torch.nn.functional.rms_norm(x_leaf, [dim], weight_leaf, EPS)
+                y = rms_norm(x_leaf, [dim], weight_leaf, EPS)
                 y.backward(grad_out)
                 return y.detach(), x_leaf.grad, weight_leaf.grad
         return step

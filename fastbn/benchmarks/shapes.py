@@ -50,6 +50,9 @@ BATCH_NORM_2D_QUICK = ShapeGrid(QUICK_BATCH_SIZES, (RESNET_FEATURE_MAPS[0], RESN
 GROUP_NORM_2D = ShapeGrid(SMALL_BATCH_SIZES, RESNET_FEATURE_MAPS)
 GROUP_NORM_2D_QUICK = ShapeGrid(QUICK_BATCH_SIZES,
                                 (RESNET_FEATURE_MAPS[0], RESNET_FEATURE_MAPS[-1]))
+# float64: the extreme stages at the extreme batch sizes, as for BatchNorm.
+GROUP_NORM_2D_FLOAT64 = ShapeGrid(QUICK_BATCH_SIZES,
+                                  (RESNET_FEATURE_MAPS[0], RESNET_FEATURE_MAPS[-1]))
 
 # LayerNorm and RMSNorm: (N, 128 tokens, D) normalized over the hidden size D,
 # i.e. N * 128 rows of a transformer block.
@@ -57,14 +60,16 @@ TOKENS = 128
 HIDDEN_SIZES = (256, 768)
 LAYER_NORM = ShapeGrid(tuple(range(1, 9)), tuple((TOKENS, d) for d in HIDDEN_SIZES))
 LAYER_NORM_QUICK = ShapeGrid((1, 8), tuple((TOKENS, d) for d in HIDDEN_SIZES))
+# float64: the extreme batch sizes.
+LAYER_NORM_FLOAT64 = ShapeGrid(QUICK_BATCH_SIZES, tuple((TOKENS, d) for d in HIDDEN_SIZES))
 
 # op -> dtype name -> grid; and op -> the grid of a smoke run.
 GRIDS = {
     "batch_norm_2d": {"float32": BATCH_NORM_2D, "float64": BATCH_NORM_2D_FLOAT64},
-    "group_norm": {"float32": GROUP_NORM_2D},
-    "instance_norm": {"float32": GROUP_NORM_2D},
-    "layer_norm": {"float32": LAYER_NORM},
-    "rms_norm": {"float32": LAYER_NORM},
+    "group_norm": {"float32": GROUP_NORM_2D, "float64": GROUP_NORM_2D_FLOAT64},
+    "instance_norm": {"float32": GROUP_NORM_2D, "float64": GROUP_NORM_2D_FLOAT64},
+    "layer_norm": {"float32": LAYER_NORM, "float64": LAYER_NORM_FLOAT64},
+    "rms_norm": {"float32": LAYER_NORM, "float64": LAYER_NORM_FLOAT64},
 }
 QUICK_GRIDS = {
     "batch_norm_2d": BATCH_NORM_2D_QUICK,
