@@ -9,7 +9,7 @@ backend named (always fastbn's kernels): one training step of the layer alone
 (module forward + backward through autograd) for N in {1, 2, 4, 8} and
 (C, H, W) in the ResNet shapes plus a tiny (16, 8, 8); the same with
 channels-last input; and eval-mode forward under no_grad. End to end: a
-ResNet-18 (tests/resnet.py) training step (forward, cross-entropy, backward,
+ResNet-18 (fastbn/benchmarks/resnet.py) training step (forward, cross-entropy, backward,
 SGD step) on 112x112 images with torch's layers and after fastbn.nn.convert,
 alternated on the same model (convert and revert are in place and free).
 
@@ -24,7 +24,6 @@ import copy
 import math
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -35,8 +34,7 @@ from torch import nn  # noqa: E402
 import fastbn  # noqa: E402
 import fastbn.nn as fnn  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from resnet import ResNet  # noqa: E402
+from fastbn.benchmarks.resnet import ResNet  # noqa: E402
 
 BATCH_SIZES = (1, 2, 4, 8)
 FEATURE_SHAPES = ((64, 56, 56), (128, 28, 28), (256, 14, 14), (512, 7, 7), (16, 8, 8))
