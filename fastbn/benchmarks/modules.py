@@ -46,7 +46,7 @@ class ModuleCase:
         return self.arrays.nbytes
 
     def _module(self, namespace, **backend):
-        """The layer of `op` from `namespace` (torch.nn or fastbn.nn), with the case's parameters."""
+        """The layer of `op` from `namespace` (torch.nn or fastbn.nn), with the case's values."""
         import torch
 
         features = self.shape[-1] if self.op in ("layer_norm", "rms_norm") else self.shape[1]

@@ -175,7 +175,8 @@ def assert_outputs_match(outputs, expected, tolerance, label, details=""):
     label, details : str
         The message says "<label> output <i> differs from torch's <details>".
     """
-    assert len(outputs) == len(expected), f"{label}: {len(outputs)} outputs, expected {len(expected)}"
+    assert len(outputs) == len(expected), (
+        f"{label}: {len(outputs)} outputs, expected {len(expected)}")
     for index, (got, want) in enumerate(zip(outputs, expected)):
         got = np.asarray(got.detach() if hasattr(got, "detach") else got)
         want = np.asarray(want.detach() if hasattr(want, "detach") else want)

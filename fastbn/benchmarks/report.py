@@ -229,7 +229,7 @@ LEVEL_TITLES = {
 
 
 def tables(records, threads):
-    """Markdown lines: per (level, op, layout, mode) a row per shape, then geometric-mean speedups."""
+    """Markdown lines: per (level, op, layout, mode) a row per shape, then mean speedups."""
     lines = []
     for (level,), level_records in _group(records, ("level",)).items():
         lines += ["", f"## {LEVEL_TITLES[level]}"]
@@ -500,7 +500,7 @@ def main(argv=None):
         "fastbn.nn.convert: markdown tables, results.json and PNG plots.")
     parser.add_argument("--full", action="store_true",
                         help="the whole grid, 30 rounds per case (default: a quick run, "
-                        "about 2 minutes on 2 cores)")
+                        "1-2 minutes on 2 cores)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for torch and fastbn (default: every usable CPU)")
     parser.add_argument("--backends", nargs="+", default=None,
