@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fastbn.nn as fnn
-from resnet import ResNet
+from fastbn.benchmarks.resnet import ResNet
 
 
 def train(model, rank, steps=2):

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fastbn.benchmarks import batch_norm, nn_cases, norms, report, shapes
+from fastbn.benchmarks import batch_norm, modules, norms, report, shapes
 from fastbn.benchmarks.timing import alternate
 
 _memory = pytest.importorskip("fastbn._cython._memory")
@@ -118,24 +118,52 @@ def test_norm_case_matches_torch_and_rejects_a_wrong_result(op, shape, channels_
         case.check(wrong, expected, mode)
 
 
-
 @pytest.mark.parametrize("op, shape, channels_last", [
+    ("batch_norm_2d", (2, 3, 4, 5), False),
     ("batch_norm_2d", (2, 3, 4, 5), True),
-    ("group_norm", (2, 64, 3, 4), False),
+    ("group_norm", (2, 64, 3, 4), True),
+    ("instance_norm", (2, 3, 4, 5), False),
     ("layer_norm", (2, 3, 16), False),
+    ("rms_norm", (2, 3, 16), False),
 ])
 @pytest.mark.parametrize("mode", batch_norm.MODES)
 def test_module_case_matches_torch_and_rejects_a_wrong_result(op, shape, channels_last, mode):
     pytest.importorskip("torch")
-    case = nn_cases.ModuleCase(op, shape, "float32", channels_last)
+    arrays = (batch_norm.BatchNormCase(shape, "float32", channels_last) if op == "batch_norm_2d"
+              else norms.NormCase(op, shape, "float32", channels_last))
+    case = modules.ModuleCase(op, arrays)
     expected = case.torch_step(mode)()
-    outputs = case.fastbn_step("numpy", mode)()
-    case.check(outputs, expected, mode)
-    # The last output: the bias gradient in training, y in eval.
-    wrong = [output.detach().numpy().copy() for output in outputs]
-    wrong[-1].flat[0] += 0.1
+    # y; in training also the input's and every parameter's gradient, and the buffers
+    parameters = 1 if op == "rms_norm" else 2
+    buffers = 3 if op == "batch_norm_2d" else 0
+    assert len(expected) == (1 if mode == "eval" else 2 + parameters + buffers)
+    for backend in (None, "numpy"):
+        outputs = case.fastbn_step(backend, mode)()
+        case.check(outputs, expected, mode, str(backend))
+    wrong = [output.detach().clone() for output in outputs]
+    wrong[0][(0,) * wrong[0].dim()] += 0.1
     with pytest.raises(AssertionError, match="differs from torch"):
         case.check(wrong, expected, mode)
+
+
+def test_resnet_case_checks_the_converted_model_against_torch():
+    torch = pytest.importorskip("torch")
+    import fastbn.nn as fnn
+
+    case = modules.ResNetCase(batch=2, image_size=32, widths=(4, 8, 8, 8))
+    case.check()
+    losses = {name: step() for name, step in case.steps().items()}
+    assert list(losses) == list(modules.ResNetCase.IMPLEMENTATIONS)
+    assert all(loss > 0 for loss in losses.values())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in case.no_batch_norm.modules())
+    # A converted layer that computes something else is caught (the last one: a
+    # later BatchNorm would normalize the error away).
+    layer = case.model.layers[-1].bn2
+    layer.register_forward_hook(lambda module, args, y: y + 0.1
+                                if isinstance(module, fnn.BatchNorm2d) else None)
+    with pytest.raises(AssertionError, match="differs from torch"):
+        case.check()
+
 
 TINY_GRIDS = {
     "batch_norm_2d": shapes.ShapeGrid((1, 2), ((4, 3, 3),)),
@@ -147,51 +175,104 @@ TINY_GRIDS = {
 def test_report_writes_every_measurement_and_the_plots(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
-    records = report.run_report(threads=2, backends=["cython"], repeats=1, output=tmp_path,
-                                grids=TINY_GRIDS, ops=list(TINY_GRIDS), progress=False,
+    results = report.run_report(threads=2, backends=["cython"], repeats=1, output=tmp_path,
+                                grids=TINY_GRIDS, ops=list(TINY_GRIDS), resnet_batch_sizes=(2,),
+                                resnet_image_size=32, resnet_widths=(4, 8, 8, 8), progress=False,
                                 print_fn=lambda line: None)
     with open(tmp_path / "results.json") as file:
         saved = json.load(file)
-    assert saved["measurements"] == records
+    assert saved == results
     assert saved["environment"]
-    # per op: layouts x modes x shapes cases; per case torch, cython, cython on 1 thread, floor
+    records = saved["measurements"]
+    # per op and level: layouts x modes x shapes cases; per case torch, cython, cython on
+    # 1 thread, floor, and at the module level fastbn.nn's default routing
     cases = 2 * 2 * 2 + 2 * 2 * 1 + 1 * 2 * 1
-    assert len(records) == cases * 4
-    keys = {"op", "mode", "layout", "shape", "dtype", "nbytes", "bytes_moved", "backend",
-            "threads", "median_s", "q1_s", "q3_s", "min_s", "max_s", "rounds"}
+    assert len(records) == cases * 4 + cases * 5
+    keys = {"level", "op", "mode", "layout", "shape", "dtype", "nbytes", "bytes_moved",
+            "backend", "threads", "median_s", "q1_s", "q3_s", "min_s", "max_s", "rounds"}
     for record in records:
         assert set(record) == keys
         assert record["op"] in TINY_GRIDS and record["mode"] in batch_norm.MODES
-        assert record["backend"] in ("torch", "cython", "floor")
+        assert record["backend"] in (("torch", "cython", "floor") if record["level"] == "kernel"
+                                     else ("torch", "default", "cython", "floor"))
         assert record["threads"] == 2 or record["backend"] == "cython"
         assert 0 < record["q1_s"] <= record["median_s"] <= record["q3_s"]
-    assert {(r["op"], r["layout"]) for r in records} == {
-        ("batch_norm_2d", "contiguous"), ("batch_norm_2d", "channels_last"),
-        ("group_norm", "contiguous"), ("group_norm", "channels_last"),
-        ("layer_norm", "contiguous")}
-    assert sum(r["threads"] == 1 for r in records) == cases
+    assert {(r["level"], r["op"], r["layout"]) for r in records} == {
+        (level, op, layout) for level in report.LEVELS for op, layout in [
+            ("batch_norm_2d", "contiguous"), ("batch_norm_2d", "channels_last"),
+            ("group_norm", "contiguous"), ("group_norm", "channels_last"),
+            ("layer_norm", "contiguous")]}
+    assert sum(r["threads"] == 1 for r in records) == 2 * cases
+    assert [(r["batch"], r["widths"], r["backend"]) for r in saved["resnet18"]] == [
+        (2, [4, 8, 8, 8], name) for name in modules.ResNetCase.IMPLEMENTATIONS]
     for name in ["speedup_batch_norm_2d", "speedup_group_norm", "speedup_layer_norm",
                  "time_vs_bytes"]:
         with open(tmp_path / f"{name}.png", "rb") as file:
             assert file.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_command_runs_the_parts_asked_for(tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    assert report.main(["--ops", "layer_norm", "--backends", "cython", "--repeats", "1",
+                        "--no-kernels", "--no-resnet", "--output", str(tmp_path)]) == 0
+    with open(tmp_path / "results.json") as file:
+        saved = json.load(file)
+    assert {(r["level"], r["op"]) for r in saved["measurements"]} == {("module", "layer_norm")}
+    assert saved["resnet18"] == []
+    assert "### module layer_norm contiguous training" in capsys.readouterr().out
+    # no kernel measurements, no plot of kernel time against bytes moved
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "results.json", "speedup_layer_norm.png"]
+
+
+def _records(level, backends):
+    return [dict(level=level, op="layer_norm", mode="eval", layout="contiguous",
+                 shape=[1, 2, 8], nbytes=64, backend=backend, threads=threads, median_s=median,
+                 q1_s=median * 0.9, q3_s=median * (1.1 + extra_spread))
+            for backend, threads, median, extra_spread in backends]
+
+
 def test_report_tables_give_speedup_and_scaling():
-    records = [dict(op="layer_norm", mode="eval", layout="contiguous", shape=[1, 2, 8],
-                    nbytes=64, backend=backend, threads=threads, median_s=median,
-                    q1_s=median * 0.9, q3_s=median * (1.1 + extra_spread))
-               for backend, threads, median, extra_spread in [
-                   ("torch", 2, 4e-6, 0.0), ("cython", 2, 1e-6, 0.1), ("cython", 1, 3e-6, 0.0),
-                   ("floor", 2, 5e-7, 0.0)]]
-    lines = report.tables(records, threads=2)
+    lines = report.tables(_records("kernel", [
+        ("torch", 2, 4e-6, 0.0), ("cython", 2, 1e-6, 0.1), ("cython", 1, 3e-6, 0.0),
+        ("floor", 2, 5e-7, 0.0)]), threads=2)
+    assert "### kernel layer_norm contiguous eval" in lines
     row = next(line for line in lines if line.startswith("| 1x2x8"))
     assert row.split(" | ")[1:] == ["0.00", "4.0", "1.0", "4.00x", "3.0", "3.00x", "0.5",
                                     "2.00", "30% |"]
 
 
-def test_plan_lays_out_every_op_layout_mode_and_shape():
+def test_report_module_tables_have_a_column_per_implementation():
+    lines = report.tables(_records("module", [
+        ("torch", 2, 4e-6, 0.0), ("default", 2, 4e-6, 0.0), ("cython", 2, 2e-6, 0.0),
+        ("floor", 2, 1e-6, 0.0)]), threads=2)
+    assert "## " + report.LEVEL_TITLES["module"] in lines
+    header = next(line for line in lines if line.startswith("| shape"))
+    assert header.split(" | ")[2:6] == ["torch us", "default us", "cython us", "default speedup"]
+    row = next(line for line in lines if line.startswith("| 1x2x8"))
+    assert row.split(" | ")[2:7] == ["4.0", "4.0", "2.0", "1.00x", "2.00x"]
+    assert "- cython: geometric-mean speedup over torch 2.00x, worst 2.00x" in lines
+
+
+def test_resnet_table_gives_the_speedup_of_convert_and_the_bound():
+    records = [dict(batch=2, image_size=112, widths=None, dtype="float32", threads=2,
+                    backend=backend,
+                    median_s=median, q1_s=median, q3_s=median)
+               for backend, median in [("torch", 0.06), ("convert", 0.05),
+                                       ("no_batch_norm", 0.04)]]
+    lines = report.resnet_table(records)
+    assert lines[1].startswith("## End to end: ResNet-18 training step")
+    row = next(line for line in lines if line.startswith("| 2 "))
+    assert row == "| 2 | 60.0 | 50.0 | 1.20x | 40.0 | 1.50x | 0% |"
+    assert report.resnet_table([]) == []
+
+
+def test_plan_lays_out_every_level_op_layout_mode_and_shape():
     cases = report.plan(TINY_GRIDS, ops=["batch_norm_2d", "layer_norm"])
-    assert cases[0] == ("batch_norm_2d", "contiguous", "training", (1, 4, 3, 3))
-    assert ("batch_norm_2d", "channels_last", "eval", (2, 4, 3, 3)) in cases
-    assert ("layer_norm", "contiguous", "eval", (1, 2, 8)) in cases
-    assert len(cases) == 2 * 2 * 2 + 2
+    assert cases[0] == ("kernel", "batch_norm_2d", "contiguous", "training", (1, 4, 3, 3))
+    assert ("kernel", "batch_norm_2d", "channels_last", "eval", (2, 4, 3, 3)) in cases
+    assert ("module", "layer_norm", "contiguous", "eval", (1, 2, 8)) in cases
+    assert len(cases) == 2 * (2 * 2 * 2 + 2)
+    assert report.plan(TINY_GRIDS, ops=["layer_norm"], levels=["module"]) == [
+        ("module", "layer_norm", "contiguous", mode, (1, 2, 8)) for mode in batch_norm.MODES]

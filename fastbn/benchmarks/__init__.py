@@ -6,7 +6,10 @@ comparison scripts in bench/ and ``python -m fastbn bench``.
 - `batch_norm`, `norms`: the cases of each op: inputs, the implementations to
   compare (every fastbn backend, torch), the check against torch; and (in
   `batch_norm`) the bytes an ideal kernel must move.
-- `nn_cases`: the fastbn.nn module cases of bench/test_nn.py, with the same interface.
+- `modules`: the module-level cases (torch.nn against fastbn.nn through autograd)
+  and the ResNet-18 training step, end to end (the report and bench/test_nn.py).
+- `resnet`: the ResNet (torchvision style) of that step and of the fastbn.nn tests.
 - `compare`: the BatchNorm tables of bench/compare_batch_norm.py.
-- `report`: ``python -m fastbn bench``: every op, tables, results.json and plots.
+- `report`: ``python -m fastbn bench``: every op at both levels, the ResNet-18 step,
+  tables, results.json and plots.
 """

@@ -171,17 +171,32 @@ class NormCase(CaseArrays):
         return step
 
     def check(self, outputs, expected, mode, label=""):
-        """Assert that `outputs` match `expected` (y, then the gradients) within tolerance.
+        """Assert that `outputs` match `expected` (y, then the gradients) within tolerance."""
+        assert_outputs_match(
+            outputs, expected, TOLERANCES[self.dtype],
+            f"{label} {self.op} {mode}", f"(shape {self.shape}, {self.dtype}, "
+            f"channels_last={self.channels_last})")
 
-        The parameter gradients sum over every sample: the absolute tolerance
-        scales with each output's largest value.
-        """
-        assert len(outputs) == len(expected), f"{label}: {len(outputs)} outputs, expected {len(expected)}"
-        tolerance = TOLERANCES[self.dtype]
-        for index, (got, want) in enumerate(zip(outputs, expected)):
-            want = np.asarray(want.detach() if hasattr(want, "detach") else want)
-            scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-            np.testing.assert_allclose(
-                np.asarray(got), want, rtol=tolerance, atol=tolerance * scale,
-                err_msg=f"{label} {self.op} {mode} output {index} differs from torch's "
-                        f"(shape {self.shape}, {self.dtype}, channels_last={self.channels_last})")
+
+def assert_outputs_match(outputs, expected, tolerance, label, details=""):
+    """Assert that every output (array or tensor) matches the expected one.
+
+    The relative tolerance is `tolerance`, and so is the absolute one times the
+    output's largest value: parameter gradients sum over every sample.
+
+    Parameters
+    ----------
+    outputs, expected : sequence of arrays or tensors
+    tolerance : float
+    label, details : str
+        The message says "<label> output <i> differs from torch's <details>".
+    """
+    assert len(outputs) == len(expected), (
+        f"{label}: {len(outputs)} outputs, expected {len(expected)}")
+    for index, (got, want) in enumerate(zip(outputs, expected)):
+        got = np.asarray(got.detach() if hasattr(got, "detach") else got)
+        want = np.asarray(want.detach() if hasattr(want, "detach") else want)
+        scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+        np.testing.assert_allclose(
+            got, want, rtol=tolerance, atol=tolerance * scale,
+            err_msg=f"{label} output {index} differs from torch's {details}")

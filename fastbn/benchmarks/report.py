@@ -1,12 +1,22 @@
 """`python -m fastbn bench`: every op, every fastbn backend against torch, saved and plotted.
 
-For each op (BatchNorm2d, GroupNorm, InstanceNorm, LayerNorm, RMSNorm), layout
-(contiguous; channels-last for BatchNorm and GroupNorm), mode ("training":
-forward + backward, "eval": forward) and shape of its grid (`shapes`), the
-case is checked against torch, then timed interleaved (`timing.alternate`):
-torch, each fastbn backend, the cython backend on 1 thread (thread scaling)
-and the bandwidth floor (`timing.bandwidth_floor`). It prints one markdown
-table per (op, layout, mode) and writes `results.json` and PNG plots.
+Two levels, one table format:
+
+- kernel: the NumPy API (`fastbn.batch_norm_forward`, ...) against torch's aten
+  ops on the same memory (`batch_norm`, `norms`).
+- module: what a user gets, fastbn.nn layers against torch.nn's through autograd
+  (`modules.ModuleCase`): fastbn.nn's default routing (``backend=None``) and
+  each backend named.
+
+For each level, op (BatchNorm2d, GroupNorm, InstanceNorm, LayerNorm, RMSNorm),
+layout (contiguous; channels-last for BatchNorm and GroupNorm), mode
+("training": forward + backward, "eval": forward) and shape of its grid
+(`shapes`), the case is checked against torch, then timed interleaved
+(`timing.alternate`): torch, each fastbn implementation, the cython backend on
+1 thread (thread scaling) and the bandwidth floor (`timing.bandwidth_floor`).
+End to end, a ResNet-18 training step (`modules.ResNetCase`) with torch's
+layers, after ``fastbn.nn.convert`` and without BatchNorm. It prints markdown
+tables and writes `results.json` and PNG plots.
 """
 import argparse
 import json
@@ -15,39 +25,45 @@ import os
 import statistics
 
 import fastbn
-from fastbn.benchmarks import batch_norm, norms, shapes
+from fastbn.benchmarks import batch_norm, modules, norms, shapes
 from fastbn.benchmarks.compare import environment_lines
 from fastbn.benchmarks.timing import alternate, bandwidth_floor
 
 OPS = ("batch_norm_2d",) + norms.OPS
 CHANNELS_LAST_OPS = ("batch_norm_2d", "group_norm")
+LEVELS = ("kernel", "module")
 SCALING_BACKEND = "cython"
+# fastbn.nn's modules with backend=None: torch's op where it was measured faster.
+DEFAULT_ROUTING = "default"
 DTYPE = "float32"
+RESNET_BATCH_SIZES = (2, 8)
 
 
-def plan(grids, ops=OPS):
-    """Every case to run, as (op, layout, mode, shape) in report order.
+def plan(grids, ops=OPS, levels=LEVELS):
+    """Every case to run, as (level, op, layout, mode, shape) in report order.
 
     Parameters
     ----------
     grids : dict of str to shapes.ShapeGrid
         The grid of each op.
     ops : sequence of str
+    levels : sequence of {"kernel", "module"}
     """
     cases = []
-    for op in ops:
-        layouts = ("contiguous", "channels_last") if op in CHANNELS_LAST_OPS else ("contiguous",)
-        for layout in layouts:
-            for mode in batch_norm.MODES:
-                cases.extend((op, layout, mode, shape) for shape in grids[op].shapes())
+    for level in levels:
+        for op in ops:
+            layouts = (("contiguous", "channels_last") if op in CHANNELS_LAST_OPS
+                       else ("contiguous",))
+            for layout in layouts:
+                for mode in batch_norm.MODES:
+                    cases.extend((level, op, layout, mode, shape)
+                                 for shape in grids[op].shapes())
     return cases
 
 
-def _make_case(op, shape, layout):
-    channels_last = layout == "channels_last"
-    if op == "batch_norm_2d":
-        return batch_norm.BatchNormCase(shape, DTYPE, channels_last)
-    return norms.NormCase(op, shape, DTYPE, channels_last)
+def _make_case(level, op, shape, layout):
+    arrays = modules.kernel_case(op, shape, DTYPE, layout == "channels_last")
+    return arrays if level == "kernel" else modules.ModuleCase(op, arrays)
 
 
 def _on_threads(step, n_threads, restore_threads):
@@ -72,56 +88,114 @@ def _torch_on_threads(step, n_threads):
     return call
 
 
-def measure(cases, threads, backends, repeats, warmup, progress=True):
+def _timing_record(timing, **keys):
+    return dict(keys, median_s=timing.median_s, q1_s=timing.q1_s, q3_s=timing.q3_s,
+                min_s=timing.min_s, max_s=timing.max_s, rounds=timing.rounds)
+
+
+def measure(cases, threads, backends, repeats, warmup, bar=None):
     """Check and time every case; return one record per (case, implementation).
 
     Parameters
     ----------
-    cases : list of (op, layout, mode, shape)
+    cases : list of (level, op, layout, mode, shape)
         From `plan`.
     threads : int
         Threads of torch and fastbn; the cython backend is timed on 1 thread as well.
     backends : list of str
+        fastbn backends; the module level also runs fastbn.nn's default routing.
     repeats, warmup : int
         For `timing.alternate`.
-    progress : bool
-        Show a progress bar (tqdm) over the cases.
+    bar : tqdm progress bar, optional
+        Advanced by one per case.
 
     Returns
     -------
     list of dict
-        Keys: op, mode, layout, shape, dtype, nbytes, bytes_moved, backend
-        ("torch", a fastbn backend or "floor"), threads, median_s, q1_s, q3_s,
-        min_s, max_s, rounds.
+        Keys: level, op, mode, layout, shape, dtype, nbytes, bytes_moved, backend
+        ("torch", a fastbn backend, "default" (module level: ``backend=None``)
+        or "floor"), threads, median_s, q1_s, q3_s, min_s, max_s, rounds.
     """
     import torch
-    from tqdm import tqdm
 
     torch.set_num_threads(threads)
     fastbn.set_num_threads(threads)
     records = []
-    bar = tqdm(cases, desc="fastbn bench", unit="case", disable=not progress)
-    for op, layout, mode, shape in bar:
-        bar.set_postfix_str(f"{op} {layout} {mode} {shapes.format_shape(shape)}")
-        case = _make_case(op, shape, layout)
+    for level, op, layout, mode, shape in cases:
+        if bar is not None:
+            bar.set_postfix_str(f"{level} {op} {layout} {mode} {shapes.format_shape(shape)}")
+        case = _make_case(level, op, shape, layout)
+        implementations = {backend: backend for backend in backends}
+        if level == "module":
+            implementations = {DEFAULT_ROUTING: None, **implementations}
         steps = {("torch", threads): _torch_on_threads(case.torch_step(mode), threads)}
         expected = steps[("torch", threads)]()
-        for backend in backends:
+        for name, backend in implementations.items():
             step = case.fastbn_step(backend, mode)
-            case.check(step(), expected, mode, backend)
-            steps[(backend, threads)] = step
+            if level == "module":
+                # Through autograd torch runs ops on fastbn's side too (and all of
+                # them where the default routing picks torch's op).
+                step = _torch_on_threads(step, threads)
+            case.check(step(), expected, mode, name)
+            steps[(name, threads)] = step
         if SCALING_BACKEND in backends and threads > 1:
-            steps[(SCALING_BACKEND, 1)] = _on_threads(
-                case.fastbn_step(SCALING_BACKEND, mode), 1, threads)
+            # fastbn's kernels on 1 thread; at the module level torch's ops keep `threads`.
+            steps[(SCALING_BACKEND, 1)] = _on_threads(steps[(SCALING_BACKEND, threads)], 1,
+                                                      threads)
         moved = batch_norm.bytes_moved(case.nbytes, mode)
         steps[("floor", threads)] = bandwidth_floor(moved, threads)
         timings = alternate(steps, repeats=repeats, warmup=warmup)
         for (name, n_threads), timing in timings.items():
-            records.append(dict(
-                op=op, mode=mode, layout=layout, shape=list(shape), dtype=DTYPE,
-                nbytes=case.nbytes, bytes_moved=moved, backend=name, threads=n_threads,
-                median_s=timing.median_s, q1_s=timing.q1_s, q3_s=timing.q3_s,
-                min_s=timing.min_s, max_s=timing.max_s, rounds=timing.rounds))
+            records.append(_timing_record(
+                timing, level=level, op=op, mode=mode, layout=layout, shape=list(shape),
+                dtype=DTYPE, nbytes=case.nbytes, bytes_moved=moved, backend=name,
+                threads=n_threads))
+        if bar is not None:
+            bar.update()
+    return records
+
+
+def measure_resnet(batch_sizes, threads, repeats, warmup, image_size=modules.RESNET_IMAGE_SIZE,
+                   widths=None, bar=None):
+    """Check and time a ResNet-18 training step per batch size (`modules.ResNetCase`).
+
+    Parameters
+    ----------
+    batch_sizes : sequence of int
+    threads : int
+    repeats, warmup : int
+        For `timing.alternate`.
+    image_size : int
+    widths : tuple of int, optional
+        The stages' channels; None: ResNet-18's.
+    bar : tqdm progress bar, optional
+        Advanced by one per batch size.
+
+    Returns
+    -------
+    list of dict
+        Keys: batch, image_size, widths (None: ResNet-18's), dtype, backend
+        ("torch", "convert" or "no_batch_norm"), threads, median_s, q1_s, q3_s,
+        min_s, max_s, rounds.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    fastbn.set_num_threads(threads)
+    records = []
+    for batch in batch_sizes:
+        if bar is not None:
+            bar.set_postfix_str(f"ResNet-18 training step, batch {batch}")
+        case = modules.ResNetCase(batch, image_size, widths)
+        case.check()
+        steps = {name: _torch_on_threads(step, threads) for name, step in case.steps().items()}
+        for name, timing in alternate(steps, repeats=repeats, warmup=warmup).items():
+            records.append(_timing_record(
+                timing, batch=batch, image_size=image_size,
+                widths=None if widths is None else list(widths), dtype=DTYPE, backend=name,
+                threads=threads))
+        if bar is not None:
+            bar.update()
     return records
 
 
@@ -144,66 +218,113 @@ def _by_sample(records):
     return groups
 
 
+LEVEL_TITLES = {
+    "kernel": "Kernel level: the NumPy API against torch's aten ops",
+    "module": "Module level: fastbn.nn against torch.nn, through autograd",
+}
+
+
 def tables(records, threads):
-    """Markdown lines: per (op, layout, mode) a row per shape, then geometric-mean speedups."""
+    """Markdown lines: per (level, op, layout, mode) a row per shape, then mean speedups."""
     lines = []
-    for (op, layout, mode), group in _group(records, ("op", "layout", "mode")).items():
-        by_shape = _group(group, ("shape",))
-        first = next(iter(by_shape.values()))
-        backends = [r["backend"] for r in first
-                    if r["backend"] not in ("torch", "floor") and r["threads"] == threads]
-        scaling = any(r["threads"] != threads for r in first)
-        header = (["shape", "MB", "torch us"] + [f"{b} us" for b in backends]
-                  + [f"{b} speedup" for b in backends]
-                  + ([f"{SCALING_BACKEND} 1 thread us", f"{SCALING_BACKEND} scaling"]
-                     if scaling else [])
-                  + ["floor us"] + [f"{b} / floor" for b in backends] + ["spread"])
-        lines += ["", f"### {op} {layout} {mode}", "", "| " + " | ".join(header) + " |",
-                  "|" + "---|" * len(header)]
-        speedups = {b: [] for b in backends}
-        for (shape,), rows in by_shape.items():
-            at = {(r["backend"], r["threads"]): r["median_s"] for r in rows}
-            torch_s, floor_s = at[("torch", threads)], at[("floor", threads)]
-            for b in backends:
-                speedups[b].append(torch_s / at[(b, threads)])
-            cells = ([shapes.format_shape(shape), f"{rows[0]['nbytes'] / 1e6:.2f}",
-                      f"{torch_s * 1e6:.1f}"]
-                     + [f"{at[(b, threads)] * 1e6:.1f}" for b in backends]
-                     + [f"{torch_s / at[(b, threads)]:.2f}x" for b in backends])
-            if scaling:
-                one = at[(SCALING_BACKEND, 1)]
-                cells += [f"{one * 1e6:.1f}", f"{one / at[(SCALING_BACKEND, threads)]:.2f}x"]
-            spread = max((r["q3_s"] - r["q1_s"]) / r["median_s"] for r in rows)
-            cells += ([f"{floor_s * 1e6:.1f}"]
-                      + [f"{at[(b, threads)] / floor_s:.2f}" for b in backends]
-                      + [f"{spread:.0%}"])
-            lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
-        for b, values in speedups.items():
-            geomean = math.exp(sum(map(math.log, values)) / len(values))
-            lines.append(f"- {b}: geometric-mean speedup over torch {geomean:.2f}x, "
-                         f"worst {min(values):.2f}x")
-    lines += ["", f"speedup: torch time / fastbn time on {threads} threads; scaling: "
-              f"{SCALING_BACKEND} time on 1 thread / on {threads}; floor: a parallel copy "
-              "moving the bytes an ideal kernel moves (training 5 x, eval 2 x the input's); spread: the "
-              "largest interquartile range / median of the row's timings."]
+    for (level,), level_records in _group(records, ("level",)).items():
+        lines += ["", f"## {LEVEL_TITLES[level]}"]
+        for (op, layout, mode), group in _group(level_records, ("op", "layout", "mode")).items():
+            lines += _table(f"{level} {op} {layout} {mode}", group, threads)
+        lines += ["", f"speedup: torch time / fastbn time on {threads} threads; scaling: "
+                  f"{SCALING_BACKEND} time on 1 thread / on {threads}; floor: a parallel copy "
+                  "moving the bytes an ideal kernel moves (training 5 x, eval 2 x the input's); "
+                  "spread: the largest interquartile range / median of the row's timings."]
+        if level == "module":
+            lines.append(f"{DEFAULT_ROUTING}: fastbn.nn with backend=None (torch's op on the "
+                         "inputs where it was measured faster: small or channels-last ones); "
+                         "a backend's name: the modules with that backend named.")
     return lines
 
 
-def write_json(records, path, environment):
-    """Write `records` and the environment lines as JSON to `path`."""
+def _table(title, records, threads):
+    """Lines of one table: a row per shape, then each backend's geometric-mean speedup."""
+    by_shape = _group(records, ("shape",))
+    first = next(iter(by_shape.values()))
+    backends = [r["backend"] for r in first
+                if r["backend"] not in ("torch", "floor") and r["threads"] == threads]
+    scaling = any(r["threads"] != threads for r in first)
+    header = (["shape", "MB", "torch us"] + [f"{b} us" for b in backends]
+              + [f"{b} speedup" for b in backends]
+              + ([f"{SCALING_BACKEND} 1 thread us", f"{SCALING_BACKEND} scaling"]
+                 if scaling else [])
+              + ["floor us"] + [f"{b} / floor" for b in backends] + ["spread"])
+    lines = ["", f"### {title}", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]
+    speedups = {b: [] for b in backends}
+    for (shape,), rows in by_shape.items():
+        at = {(r["backend"], r["threads"]): r["median_s"] for r in rows}
+        torch_s, floor_s = at[("torch", threads)], at[("floor", threads)]
+        for b in backends:
+            speedups[b].append(torch_s / at[(b, threads)])
+        cells = ([shapes.format_shape(shape), f"{rows[0]['nbytes'] / 1e6:.2f}",
+                  f"{torch_s * 1e6:.1f}"]
+                 + [f"{at[(b, threads)] * 1e6:.1f}" for b in backends]
+                 + [f"{torch_s / at[(b, threads)]:.2f}x" for b in backends])
+        if scaling:
+            one = at[(SCALING_BACKEND, 1)]
+            cells += [f"{one * 1e6:.1f}", f"{one / at[(SCALING_BACKEND, threads)]:.2f}x"]
+        cells += ([f"{floor_s * 1e6:.1f}"]
+                  + [f"{at[(b, threads)] / floor_s:.2f}" for b in backends]
+                  + [f"{_spread(rows):.0%}"])
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for b, values in speedups.items():
+        lines.append(f"- {b}: geometric-mean speedup over torch {_geomean(values):.2f}x, "
+                     f"worst {min(values):.2f}x")
+    return lines
+
+
+def _spread(records):
+    return max((r["q3_s"] - r["q1_s"]) / r["median_s"] for r in records)
+
+
+def _geomean(values):
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def resnet_table(records):
+    """Markdown lines: the ResNet-18 training step per batch size (records of `measure_resnet`)."""
+    if not records:
+        return []
+    first = records[0]
+    model = "ResNet-18" if first["widths"] is None else f"ResNet-18 with widths {first['widths']}"
+    lines = ["", f"## End to end: {model} training step (forward, cross-entropy, backward, "
+             f"SGD step), {first['image_size']}x{first['image_size']}, {first['dtype']}, "
+             f"{first['threads']} threads", "",
+             "| batch | torch layers ms | fastbn.nn.convert ms | speedup | no BatchNorm ms "
+             "| torch / no BatchNorm | spread |", "|" + "---|" * 7]
+    for (batch,), rows in _group(records, ("batch",)).items():
+        at = {r["backend"]: r["median_s"] for r in rows}
+        lines.append(f"| {batch} | {at['torch'] * 1e3:.1f} | {at['convert'] * 1e3:.1f} | "
+                     f"{at['torch'] / at['convert']:.2f}x | {at['no_batch_norm'] * 1e3:.1f} | "
+                     f"{at['torch'] / at['no_batch_norm']:.2f}x | {_spread(rows):.0%} |")
+    lines += ["", "convert: the same model after fastbn.nn.convert (default routing); "
+              "no BatchNorm: the network with its BatchNorm layers removed, the bound of what "
+              "any BatchNorm speed-up can give."]
+    return lines
+
+
+def write_json(results, path):
+    """Write `results` (the dict `run_report` returns) as JSON to `path`."""
     with open(path, "w") as file:
-        json.dump({"environment": environment, "measurements": records}, file, indent=1)
+        json.dump(results, file, indent=1)
 
 
 def plot(records, output_dir, threads):
     """Write the PNG plots into `output_dir`; return their paths.
 
     - ``speedup_<op>.png``: torch time / fastbn time against the batch size,
-      one panel per mode, a line per (sample shape, layout, backend).
-    - ``time_vs_bytes.png``: per-call time against bytes moved (log-log) for
-      torch and every backend, with the bandwidth floor: its measurements and
-      the line of their median bandwidth.
+      a row of panels per level (kernel, module), a panel per mode, a line per
+      (sample shape, layout, fastbn implementation).
+    - ``time_vs_bytes.png`` (kernel level): per-call time against bytes moved
+      (log-log) for torch and every backend, with the bandwidth floor: its
+      measurements and the line of their median bandwidth.
     """
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
@@ -215,49 +336,57 @@ def plot(records, output_dir, threads):
     paths = []
     at_threads = [r for r in records if r["threads"] == threads]
     for (op,), op_records in _group(at_threads, ("op",)).items():
+        levels = list(dict.fromkeys(r["level"] for r in op_records))
         modes = list(dict.fromkeys(r["mode"] for r in op_records))
-        figure, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4.5),
+        figure, axes = plt.subplots(len(levels), len(modes),
+                                    figsize=(6 * len(modes), 4.5 * len(levels)),
                                     squeeze=False, sharey=True)
-        for axis, mode in zip(axes[0], modes):
-            torch_s = {(tuple(r["shape"]), r["layout"]): r["median_s"] for r in op_records
-                       if r["mode"] == mode and r["backend"] == "torch"}
-            lines = _group([r for r in op_records if r["mode"] == mode
-                            and r["backend"] not in ("torch", "floor")],
-                           ("backend", "layout"))
-            sample_shapes = list(dict.fromkeys(tuple(r["shape"][1:]) for r in op_records))
-            colors = {s: f"C{i}" for i, s in enumerate(sample_shapes)}
-            # colour: sample shape; marker: backend; line style: layout
-            backends = list(dict.fromkeys(backend for backend, _ in lines))
-            markers = {b: "osD^v"[i % 5] for i, b in enumerate(backends)}
-            styles = {"contiguous": "-", "channels_last": ":"}
-            for (backend, layout), rows in lines.items():
-                for sample, sample_rows in _by_sample(rows).items():
-                    sample_rows.sort(key=lambda r: r["shape"][0])
-                    axis.plot([r["shape"][0] for r in sample_rows],
-                              [torch_s[(tuple(r["shape"]), layout)] / r["median_s"]
-                               for r in sample_rows],
-                              styles[layout], marker=markers[backend], color=colors[sample],
-                              label=f"{backend} {layout} {shapes.format_shape(sample)}")
-            axis.axhline(1.0, color="grey", linewidth=0.8)
-            axis.set_xscale("log", base=2)
-            axis.set_yscale("log")  # ratios: 2x faster and 2x slower sit equally far from 1
-            axis.set_xticks(sorted({r["shape"][0] for r in op_records}))
-            axis.xaxis.set_major_formatter(ScalarFormatter())
-            axis.yaxis.set_major_formatter(plain)
-            axis.yaxis.set_minor_formatter(plain)
-            axis.set_xlabel("batch size N")
-            axis.set_title(f"{op} {mode}")
-            axis.grid(True, alpha=0.3)
-        axes[0][0].set_ylabel("speedup over torch (> 1: fastbn faster)")
-        axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        # colour: sample shape; marker: implementation; line style: layout
+        sample_shapes = list(dict.fromkeys(tuple(r["shape"][1:]) for r in op_records))
+        colors = {s: f"C{i}" for i, s in enumerate(sample_shapes)}
+        backends = list(dict.fromkeys(r["backend"] for r in op_records
+                                      if r["backend"] not in ("torch", "floor")))
+        markers = {b: "osD^v"[i % 5] for i, b in enumerate(backends)}
+        styles = {"contiguous": "-", "channels_last": ":"}
+        for row, level in zip(axes, levels):
+            for axis, mode in zip(row, modes):
+                panel = [r for r in op_records if r["level"] == level and r["mode"] == mode]
+                torch_s = {(tuple(r["shape"]), r["layout"]): r["median_s"] for r in panel
+                           if r["backend"] == "torch"}
+                lines = _group([r for r in panel if r["backend"] not in ("torch", "floor")],
+                               ("backend", "layout"))
+                for (backend, layout), rows in lines.items():
+                    for sample, sample_rows in _by_sample(rows).items():
+                        sample_rows.sort(key=lambda r: r["shape"][0])
+                        axis.plot([r["shape"][0] for r in sample_rows],
+                                  [torch_s[(tuple(r["shape"]), layout)] / r["median_s"]
+                                   for r in sample_rows],
+                                  styles[layout], marker=markers[backend],
+                                  color=colors[sample],
+                                  label=f"{backend} {layout} {shapes.format_shape(sample)}")
+                axis.axhline(1.0, color="grey", linewidth=0.8)
+                axis.set_xscale("log", base=2)
+                axis.set_yscale("log")  # ratios: 2x faster and 2x slower sit equally far from 1
+                axis.set_xticks(sorted({r["shape"][0] for r in op_records}))
+                axis.xaxis.set_major_formatter(ScalarFormatter())
+                axis.yaxis.set_major_formatter(plain)
+                axis.yaxis.set_minor_formatter(plain)
+                axis.set_xlabel("batch size N")
+                axis.set_title(f"{op} {mode}, {level} level")
+                axis.grid(True, alpha=0.3)
+            row[0].set_ylabel("speedup over torch (> 1: fastbn faster)")
+            row[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         figure.suptitle(f"{op}: torch time / fastbn time, {threads} threads, {DTYPE}")
         path = os.path.join(output_dir, f"speedup_{op}.png")
         figure.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(figure)
         paths.append(path)
 
+    kernel_records = [r for r in at_threads if r["level"] == "kernel"]
+    if not kernel_records:
+        return paths
     figure, axis = plt.subplots(figsize=(7, 5))
-    by_backend = _group(at_threads, ("backend",))
+    by_backend = _group(kernel_records, ("backend",))
     for index, ((backend,), rows) in enumerate(by_backend.items()):
         if backend == "floor":
             # The measured floors, and as a line the copy bandwidth they share
@@ -276,7 +405,7 @@ def plot(records, output_dir, threads):
     axis.set_yscale("log")
     axis.set_xlabel("bytes moved by an ideal kernel")
     axis.set_ylabel("time per call (s)")
-    axis.set_title(f"time against bytes moved, every op and mode, {threads} threads")
+    axis.set_title(f"kernels: time against bytes moved, every op and mode, {threads} threads")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8, loc="upper left")
     path = os.path.join(output_dir, "time_vs_bytes.png")
@@ -287,7 +416,9 @@ def plot(records, output_dir, threads):
 
 
 def run_report(full=False, threads=None, backends=None, repeats=None, output="bench-results",
-               grids=None, ops=OPS, progress=True, print_fn=print):
+               grids=None, ops=OPS, levels=LEVELS, resnet_batch_sizes=RESNET_BATCH_SIZES,
+               resnet_image_size=modules.RESNET_IMAGE_SIZE, resnet_widths=None, progress=True,
+               print_fn=print):
     """Run the benchmark, print the tables, write results.json and the plots into `output`.
 
     Parameters
@@ -300,62 +431,93 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     backends : list of str, optional
         fastbn backends (default every available one but the NumPy reference).
     repeats : int, optional
-        Timed rounds per case.
+        Timed rounds per case; the ResNet-18 steps, 50-200 ms each, get half as many (at least 3).
     output : str or None
         Directory for results.json and the PNGs (created); None writes nothing.
     grids : dict of str to shapes.ShapeGrid, optional
         A grid per op, overriding the quick / full one (e.g. a tiny grid in tests).
     ops : sequence of str
+    levels : sequence of {"kernel", "module"}
+        The levels of the per-op tables.
+    resnet_batch_sizes : sequence of int
+        Batch sizes of the ResNet-18 training step; empty: no ResNet.
+    resnet_image_size : int
+    resnet_widths : tuple of int, optional
+        The ResNet stages' channels (default ResNet-18's; narrower: a smoke run).
     progress : bool
+        Show a progress bar (tqdm) over the cases.
     print_fn : callable
 
     Returns
     -------
-    list of dict
-        The records of `measure`.
+    dict
+        What results.json holds: "environment" (lines), "measurements" (the
+        records of `measure`) and "resnet18" (those of `measure_resnet`).
     """
+    from tqdm import tqdm
+
     if threads is None:
         threads = fastbn.get_num_threads()
     if backends is None:
         backends = batch_norm.backends(include_reference=False)
     if repeats is None:
         repeats = 30 if full else 10
+    warmup = 3 if full else 2
     chosen = {op: shapes.GRIDS[op][DTYPE] if full else shapes.QUICK_GRIDS[op] for op in ops}
     chosen.update(grids or {})
     environment = environment_lines(threads)
     for line in environment:
         print_fn(line)
-    records = measure(plan(chosen, ops), threads, backends, repeats,
-                      warmup=3 if full else 2, progress=progress)
-    for line in tables(records, threads):
+    cases = plan(chosen, ops, levels)
+    with tqdm(total=len(cases) + len(resnet_batch_sizes), desc="fastbn bench", unit="case",
+              disable=not progress) as bar:
+        records = measure(cases, threads, backends, repeats, warmup, bar)
+        resnet_records = measure_resnet(resnet_batch_sizes, threads, max(3, repeats // 2),
+                                        warmup=1, image_size=resnet_image_size,
+                                        widths=resnet_widths, bar=bar)
+    for line in tables(records, threads) + resnet_table(resnet_records):
         print_fn(line)
+    results = {"environment": environment, "measurements": records, "resnet18": resnet_records}
     if output is not None:
         os.makedirs(output, exist_ok=True)
-        write_json(records, os.path.join(output, "results.json"), environment)
+        write_json(results, os.path.join(output, "results.json"))
         for path in plot(records, output, threads):
             print_fn(f"wrote {path}")
         print_fn(f"wrote {os.path.join(output, 'results.json')}")
-    return records
+    return results
 
 
 def main(argv=None):
     """Command line of `python -m fastbn bench`."""
     parser = argparse.ArgumentParser(
-        prog="fastbn bench", description="Time every op in torch and in fastbn's backends: "
-        "markdown tables, results.json and PNG plots.")
+        prog="fastbn bench", description="Time every op in torch and in fastbn's backends, "
+        "through the NumPy API (kernel level) and through fastbn.nn and autograd (module "
+        "level), and a ResNet-18 training step with torch's layers and after "
+        "fastbn.nn.convert: markdown tables, results.json and PNG plots.")
     parser.add_argument("--full", action="store_true",
-                        help="the whole grid, 30 rounds per case (default: a quick run)")
+                        help="the whole grid, 30 rounds per case (default: a quick run, "
+                        "1-2 minutes on 2 cores)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for torch and fastbn (default: every usable CPU)")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="fastbn backends (default: every available one but numpy)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
-                        help="the ops to run (default: all)")
+                        help="the ops of the kernel and module tables (default: all)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed rounds per case (default 10, --full 30)")
+                        help="timed rounds per case (default 10, --full 30; the ResNet "
+                        "steps get half)")
+    parser.add_argument("--no-kernels", action="store_true",
+                        help="skip the kernel-level tables (the NumPy API)")
+    parser.add_argument("--no-modules", action="store_true",
+                        help="skip the module-level tables (fastbn.nn through autograd)")
+    parser.add_argument("--no-resnet", action="store_true",
+                        help="skip the ResNet-18 training step")
     parser.add_argument("--output", default="bench-results",
                         help="directory for results.json and the plots (default bench-results/)")
     args = parser.parse_args(argv)
+    levels = [level for level, skip in (("kernel", args.no_kernels), ("module", args.no_modules))
+              if not skip]
     run_report(full=args.full, threads=args.threads, backends=args.backends,
-               repeats=args.repeats, output=args.output, ops=args.ops)
+               repeats=args.repeats, output=args.output, ops=args.ops, levels=levels,
+               resnet_batch_sizes=() if args.no_resnet else RESNET_BATCH_SIZES)
     return 0

@@ -19,10 +19,10 @@ from fastbn.nn import _function
 __all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
 
 # With no backend named, fastbn's path runs only where it was measured to beat torch's
-# (2 threads on the project machine, bench/compare_nn.py, docs/nn.md). fastbn's path
-# costs about 40 us more per training step (forward + backward) than torch's native
-# one (the autograd.Function round trip, NumPy views, argument checks) and about 15 us
-# more per eval forward. Its kernels win that back from about 64Ki values in training
+# (2 threads on the project machine, the module level of `python -m fastbn bench`,
+# docs/nn.md). fastbn's path costs about 40 us more per training step (forward +
+# backward) than torch's native one (the autograd.Function round trip, NumPy views,
+# argument checks) and about 15 us more per eval forward. Its kernels win that back from about 64Ki values in training
 # (or whenever autograd records the call), but only from about 512Ki values in an
 # eval-mode forward, whose single pass torch already runs near memory speed. On
 # channels-last memory torch's kernels were as fast or faster at every size measured.

@@ -1,5 +1,5 @@
-"""A ResNet in the torchvision style (torchvision is not a dependency), for the
-fastbn.nn tests (a small one) and bench/compare_nn.py (ResNet-18)."""
+"""A ResNet in the torchvision style (torchvision is not a dependency): ResNet-18 for
+the end-to-end row of ``python -m fastbn bench``, small ones for the fastbn.nn tests."""
 from torch import nn
 
 

@@ -1,0 +1,233 @@
+"""Module-level benchmark cases: what a user gets, torch.nn layers against fastbn.nn's.
+
+- `ModuleCase`: one norm layer alone. A torch.nn module and fastbn.nn modules
+  built with the same parameters and buffers, on the arrays of the kernel-level
+  case (`batch_norm.BatchNormCase`, `norms.NormCase`) seen as tensors without a
+  copy, so both levels time the same data. "training": one step as in a
+  training loop (gradients set to None, module forward, backward of grad_out
+  through autograd); "eval": an eval-mode forward under ``torch.no_grad()``.
+  fastbn's modules run with ``backend=None`` (fastbn.nn's default routing:
+  torch's op where it was measured faster, see `fastbn.nn.functional`) or
+  with a backend named (always fastbn's kernels).
+- `ResNetCase`: end to end, a ResNet-18 training step (forward, cross-entropy,
+  backward, SGD step) with torch's layers, after ``fastbn.nn.convert``, and
+  with no BatchNorm at all (the bound of what any BatchNorm speed-up can give).
+
+torch is imported when a case is built, so this module imports without it.
+"""
+import copy
+
+from fastbn.benchmarks import batch_norm, norms
+
+# float32 through autograd: each side rounds its own intermediates.
+TOLERANCE = 1e-3
+RESNET_IMAGE_SIZE = 112
+RESNET_CLASSES = 10
+
+
+def kernel_case(op, shape, dtype="float32", channels_last=False):
+    """The kernel-level case of `op` on `shape`: a `batch_norm.BatchNormCase` or `norms.NormCase`."""
+    if op == "batch_norm_2d":
+        return batch_norm.BatchNormCase(shape, dtype, channels_last)
+    return norms.NormCase(op, shape, dtype, channels_last)
+
+
+class ModuleCase:
+    """One norm layer and its input, as torch.nn and fastbn.nn modules.
+
+    Parameters
+    ----------
+    op : {"batch_norm_2d", "group_norm", "instance_norm", "layer_norm", "rms_norm"}
+    arrays : batch_norm.BatchNormCase or norms.NormCase
+        The kernel-level case of `op`: x, grad_out, weight, bias (and BatchNorm's
+        running statistics) become the modules' input and parameters.
+    """
+
+    def __init__(self, op, arrays):
+        self.op = op
+        self.arrays = arrays
+        self.shape = arrays.shape
+
+    @property
+    def nbytes(self):
+        return self.arrays.nbytes
+
+    @property
+    def dtype(self):
+        return self.arrays.dtype
+
+    @property
+    def channels_last(self):
+        return self.arrays.channels_last
+
+    def _module(self, namespace, **backend):
+        """The layer of `op` from `namespace` (torch.nn or fastbn.nn), with the case's values."""
+        import torch
+
+        features = self.shape[-1] if self.op in ("layer_norm", "rms_norm") else self.shape[1]
+        if self.op == "batch_norm_2d":
+            module = namespace.BatchNorm2d(features, batch_norm.EPS, batch_norm.MOMENTUM,
+                                           **backend)
+        elif self.op == "group_norm":
+            module = namespace.GroupNorm(norms.GROUPS, features, norms.EPS, **backend)
+        elif self.op == "instance_norm":
+            instance_norm = getattr(namespace, f"InstanceNorm{len(self.shape) - 2}d")
+            module = instance_norm(features, norms.EPS, affine=True, **backend)
+        elif self.op == "layer_norm":
+            module = namespace.LayerNorm(features, norms.EPS, **backend)
+        else:
+            module = namespace.RMSNorm(features, norms.EPS, **backend)
+        values = {"weight": self.arrays.weight, "bias": self.arrays.bias,
+                  "running_mean": getattr(self.arrays, "running_mean", None),
+                  "running_var": getattr(self.arrays, "running_var", None)}
+        with torch.no_grad():
+            for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+                if values.get(name) is not None:
+                    tensor.copy_(torch.from_numpy(values[name]))
+        return module
+
+    def _step(self, module, mode, compiled=False):
+        import torch
+
+        x = torch.from_numpy(self.arrays.x)  # the array's memory and strides: no copy
+        module.train(mode == "training")
+        parameters = list(module.parameters())
+        buffers = list(module.buffers())  # BatchNorm's running statistics, updated in place
+        if compiled:
+            # Forget earlier cases' graphs: past dynamo's recompile limit the same
+            # code would silently fall back to eager.
+            torch._dynamo.reset()
+            module = torch.compile(module, dynamic=False)
+        if mode == "eval":
+            def step():
+                with torch.no_grad():
+                    return (module(x),)
+            return step
+
+        x.requires_grad_()
+        grad_out = torch.from_numpy(self.arrays.grad_out)
+
+        def step():
+            # Gradients set to None, as between the steps of a training loop: no
+            # accumulation pass (in a network the input's gradient flows on instead).
+            x.grad = None
+            for parameter in parameters:
+                parameter.grad = None
+            y = module(x)
+            y.backward(grad_out)
+            return [y, x.grad] + [parameter.grad for parameter in parameters] + buffers
+        return step
+
+    def torch_step(self, mode, compiled=False):
+        """A callable running torch.nn's layer in `mode`; returns y, the gradients, the buffers.
+
+        compiled=True wraps the module in ``torch.compile`` (Inductor's generated
+        forward and, through AOTAutograd, backward); the first call compiles, so
+        warm up before timing.
+        """
+        from torch import nn
+
+        return self._step(self._module(nn), mode, compiled)
+
+    def fastbn_step(self, backend, mode):
+        """A callable running fastbn.nn's layer with `backend` (None: default routing) in `mode`."""
+        import fastbn.nn
+
+        return self._step(self._module(fastbn.nn, backend=backend), mode)
+
+    def check(self, outputs, expected, mode, label=""):
+        """Assert that `outputs` of a step match torch's `expected` ones within tolerance."""
+        norms.assert_outputs_match(
+            outputs, expected, TOLERANCE, f"{label} {self.op} module {mode}",
+            f"(shape {self.shape}, channels_last={self.arrays.channels_last})")
+
+
+def without_batch_norm(model):
+    """A copy of `model` with every BatchNorm2d replaced by the identity."""
+    from torch import nn
+
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(parent, name, nn.Identity())
+    return model
+
+
+class ResNetCase:
+    """A ResNet-18 training step on random images: torch's layers, converted, no BatchNorm.
+
+    Parameters
+    ----------
+    batch : int
+    image_size : int
+        Height and width of the (batch, 3, image_size, image_size) float32 images.
+    widths : tuple of 4 int, optional
+        Channels of the four stages (default ResNet-18's, 64 to 512; narrower
+        ones make a quick smoke run).
+    seed : int
+    """
+
+    IMPLEMENTATIONS = ("torch", "convert", "no_batch_norm")
+
+    def __init__(self, batch, image_size=RESNET_IMAGE_SIZE, widths=None, seed=0):
+        import torch
+
+        from fastbn.benchmarks.resnet import ResNet
+
+        generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        self.batch, self.image_size = batch, image_size
+        stages = {} if widths is None else {"widths": widths}
+        self.model = ResNet(num_classes=RESNET_CLASSES, **stages)
+        self.no_batch_norm = without_batch_norm(self.model)
+        self.x = torch.randn(batch, 3, image_size, image_size, generator=generator)
+        self.target = torch.randint(0, RESNET_CLASSES, (batch,), generator=generator)
+        self.optimizers = {model: torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+                           for model in (self.model, self.no_batch_norm)}
+
+    def _train_step(self, model):
+        from torch import nn
+
+        optimizer = self.optimizers[model]
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(self.x), self.target)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    def steps(self):
+        """{implementation: callable running one training step and returning the loss}.
+
+        "torch" and "convert" train the same model: ``fastbn.nn.convert`` and
+        ``revert`` switch its layers' classes in place (the same weights and
+        memory, no cost), so the two alternate on one model and one optimizer.
+        """
+        import fastbn.nn
+
+        return {
+            "torch": lambda: self._train_step(fastbn.nn.revert(self.model)),
+            "convert": lambda: self._train_step(fastbn.nn.convert(self.model)),
+            "no_batch_norm": lambda: self._train_step(self.no_batch_norm),
+        }
+
+    def check(self):
+        """Assert that the converted model's logits and loss match torch's layers'.
+
+        Not the gradients: through 20 BatchNorm layers at initialisation, float32
+        rounding alone moves some by about 1 % of their largest value (torch's
+        own float32 ones against float64): a tolerance that lets rounding pass
+        lets a wrong backward pass too. tests/test_nn.py checks the converted
+        backward on a small ResNet.
+        """
+        import fastbn.nn
+        from torch import nn
+
+        results = []
+        for switch in (fastbn.nn.revert, fastbn.nn.convert):
+            logits = switch(self.model)(self.x).detach()
+            results.append([logits, nn.functional.cross_entropy(logits, self.target)])
+        fastbn.nn.revert(self.model)
+        norms.assert_outputs_match(results[1], results[0], TOLERANCE,
+                                   "ResNet-18 after fastbn.nn.convert:",
+                                   f"(batch {self.batch}, {self.image_size}x{self.image_size})")
