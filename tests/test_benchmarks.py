@@ -58,6 +58,19 @@ def test_alternate_warms_up_then_times_every_implementation():
         assert 0 < timing.min_s <= timing.q1_s <= timing.median_s <= timing.q3_s <= timing.max_s
 
 
+def test_alternate_does_not_keep_an_implementation_behind_the_same_one():
+    """A call pays for what the one before it left behind: no implementation may always
+    follow the same other one (as a rotating fixed order would do)."""
+    order = []
+    callables = {name: (lambda name=name: order.append(name)) for name in "abcd"}
+    alternate(callables, repeats=40, warmup=1, min_round_s=0.0)
+    timed = order[len(callables):]  # after the warm-up round
+    predecessors = {name: set() for name in callables}
+    for before, after in zip(timed, timed[1:]):
+        predecessors[after].add(before)
+    assert all(len(names - {name}) >= 3 for name, names in predecessors.items())
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_case_inputs_have_the_requested_layout(channels_last):
     case = batch_norm.BatchNormCase((2, 3, 4, 5), "float64", channels_last)

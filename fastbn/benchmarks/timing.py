@@ -4,9 +4,17 @@ Why interleaved: on a shared or thermally throttled machine the speed drifts
 over seconds. Timing A for a while and then B puts that drift into the A/B
 ratio; rounds of A B C, A B C, ... expose every implementation to the same
 drift, and the median over rounds drops the rounds a neighbour disturbed.
+
+Why in a new random order each round: an implementation pays for what the one
+before it left behind (freed memory the allocator gave back to the system, which
+the next call's first touches must fault in again; another pool's threads still
+spinning). Measured: the same fastbn.nn step took 280 us right after torch's and
+211 us elsewhere in the same run. Rotating a fixed order (A B C, B C A, ...) keeps
+every implementation behind the same predecessor; shuffling does not.
 """
 import gc
 import math
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -48,8 +56,8 @@ def _time_calls(fn, calls):
     return time.perf_counter() - start
 
 
-def alternate(callables, repeats=30, warmup=3, min_round_s=5e-4):
-    """Time implementations interleaved: rounds of A B C, B C A, C A B, ...
+def alternate(callables, repeats=30, warmup=3, min_round_s=5e-4, seed=0):
+    """Time implementations interleaved: rounds of A B C, C A B, B A C, ... (shuffled).
 
     Parameters
     ----------
@@ -57,7 +65,7 @@ def alternate(callables, repeats=30, warmup=3, min_round_s=5e-4):
         The implementations, each called with no arguments.
     repeats : int, >= 1
         Timed rounds. Each round calls every implementation once in turn (its
-        `calls_per_round` calls back to back); the order rotates by one each
+        `calls_per_round` calls back to back), in an order shuffled anew each
         round, so no implementation always runs first or after the same one.
     warmup : int, >= 1
         Untimed interleaved rounds first, so JIT compilation, first-touch page
@@ -66,6 +74,8 @@ def alternate(callables, repeats=30, warmup=3, min_round_s=5e-4):
         Fast calls are repeated within a round until the round lasts at least
         this long (calibrated on the fastest warm-up call), so the clock's
         resolution and the loop overhead do not matter.
+    seed : int
+        Of the shuffles: the same seed gives the same orders.
 
     Returns
     -------
@@ -83,12 +93,12 @@ def alternate(callables, repeats=30, warmup=3, min_round_s=5e-4):
                        for name in names}
 
     per_call_s = {name: [] for name in names}
+    order = random.Random(seed)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection inside one implementation's round is not its cost
     try:
-        for round_index in range(repeats):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
+        for _ in range(repeats):
+            for name in order.sample(names, len(names)):
                 calls = calls_per_round[name]
                 per_call_s[name].append(_time_calls(callables[name], calls) / calls)
     finally:
