@@ -181,8 +181,7 @@ def test_without_a_backend_torch_runs_where_it_is_faster():
     others fastbn's default backend (its bits)."""
     generator = torch.Generator().manual_seed(7)
     cases = []
-    for training, values in [(True, fnn.functional.MIN_VALUES),
-                             (False, fnn.functional.MIN_VALUES_EVAL_FORWARD)]:
+    for training, values in zip((True, False), fnn.functional.MIN_VALUES["batch_norm"]):
         cases += [(training, torch.randn(2, 4, values // 16, generator=generator), "torch"),
                   (training, torch.randn(2, 4, values // 8, generator=generator), "fastbn")]
     channels_last = torch.randn(2, 4, 128, 64, generator=generator).to(

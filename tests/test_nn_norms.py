@@ -111,13 +111,17 @@ def test_double_backward(backend, op):
     assert torch.autograd.gradgradcheck(fastbn_call, inputs)
 
 
-@pytest.mark.parametrize("name", ["group_2d_channels_last", "layer", "rms", "instance_1d"])
-def test_half_precision_and_default_backend_give_torchs_numbers(name):
+@pytest.mark.parametrize("name, dtype, backend", [
+    (name, torch.bfloat16, "numpy") for name in ("group_2d_channels_last", "layer", "rms",
+                                                 "instance_1d")] + [
+    # Small inputs without a named backend, for the ops where torch's op is faster there
+    # (fastbn.nn.functional.torch_is_faster; RMSNorm and InstanceNorm run fastbn's).
+    ("group_2d_channels_last", torch.float32, None), ("layer", torch.float32, None)])
+def test_half_precision_and_default_backend_give_torchs_numbers(name, dtype, backend):
     """16-bit dtypes run torch's op, and so do small inputs without a named backend."""
-    for dtype, backend in [(torch.bfloat16, "numpy"), (torch.float32, None)]:
-        reference, module = module_pair(name, "default", backend, dtype)
-        x = torch.randn(MODULES[name][3], generator=torch.Generator().manual_seed(2)).to(dtype)
-        torch.testing.assert_close(module(x), reference(x), rtol=0, atol=0)
+    reference, module = module_pair(name, "default", backend, dtype)
+    x = torch.randn(MODULES[name][3], generator=torch.Generator().manual_seed(2)).to(dtype)
+    torch.testing.assert_close(module(x), reference(x), rtol=0, atol=0)
 
 
 def test_failed_call_changes_no_state(backend):
@@ -165,17 +169,51 @@ def test_module_matches_torch_float64(backend, name):
                   torch.float64)
 
 
-@pytest.mark.parametrize("op", ["group_norm", "layer_norm", "rms_norm", "instance_norm"])
-def test_functional_with_a_large_input_and_no_backend_runs_fastbn(op):
-    """backend=None: past torch_is_faster's size, fastbn's default backend runs (its bits)."""
-    generator = torch.Generator().manual_seed(7)
-    x = torch.randn(2, 4, fnn.functional.MIN_VALUES // 4, generator=generator)
-    weight = torch.rand(x.shape[-1] if op in ("layer_norm", "rms_norm") else 4,
-                        generator=generator).requires_grad_()
-    args = {"group_norm": (2, weight), "layer_norm": (x.shape[-1:], weight),
-            "rms_norm": (x.shape[-1:], weight), "instance_norm": (None, None, weight)}[op]
+NORM_ARGUMENTS = {"group_norm": lambda x, weight: (2, weight),
+                  "layer_norm": lambda x, weight: (x.shape[-1:], weight),
+                  "rms_norm": lambda x, weight: (x.shape[-1:], weight),
+                  "instance_norm": lambda x, weight: (None, None, weight)}
+
+
+def runs_fastbn(op, x, requires_grad):
+    """Whether fnn.functional.`op` with backend=None gave fastbn's bits on x (else torch's)."""
+    generator = torch.Generator().manual_seed(3)
+    channels = x.shape[-1] if op in ("layer_norm", "rms_norm") else x.shape[1]
+    weight = torch.rand(channels, generator=generator).requires_grad_(requires_grad)
+    args = NORM_ARGUMENTS[op](x, weight)
     function = getattr(fnn.functional, op)
     y = function(x, *args)
-    torch.testing.assert_close(y, function(x, *args, backend=fastbn.get_backend()),
-                               rtol=0, atol=0)
-    torch.testing.assert_close(y, getattr(torch.nn.functional, op)(x, *args))
+    fastbn_y = function(x, *args, backend=fastbn.get_backend())
+    torch_y = getattr(torch.nn.functional, op)(x, *args)
+    torch.testing.assert_close(y, torch_y)
+    assert not torch.equal(fastbn_y, torch_y), "pick an input where the two differ in bits"
+    if torch.equal(y, fastbn_y):
+        return True
+    assert torch.equal(y, torch_y), "backend=None gave neither fastbn's nor torch's bits"
+    return False
+
+
+@pytest.mark.parametrize("op", ["group_norm", "layer_norm", "rms_norm", "instance_norm"])
+@pytest.mark.parametrize("requires_grad", [True, False])
+def test_functional_without_a_backend_runs_fastbn_from_the_ops_measured_size(op, requires_grad):
+    """backend=None: from torch_is_faster's size for the op, fastbn's default backend runs
+    (its bits); below it, torch's op (torch's bits)."""
+    generator = torch.Generator().manual_seed(7)
+    threshold = fnn.functional.MIN_VALUES[op][not requires_grad]
+    large = torch.randn(2, 4, max(threshold, 256) // 8 + 3, generator=generator) * 3 + 1
+    assert runs_fastbn(op, large, requires_grad)
+    if threshold:
+        small = torch.randn(2, 4, threshold // 16, generator=generator) * 3 + 1
+        assert not runs_fastbn(op, small, requires_grad)
+
+
+@pytest.mark.parametrize("batch, spatial, expected", [(16, 28, True), (64, 14, False)])
+def test_channels_last_group_norm_runs_fastbn_through_autograd_on_large_maps(batch, spatial,
+                                                                            expected):
+    """Channels-last memory runs torch's op, except GroupNorm through autograd from 28x28."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(batch, 64, spatial, spatial, generator=generator).to(
+        memory_format=torch.channels_last) * 3 + 1
+    assert x.numel() >= max(fnn.functional.MIN_VALUES["group_norm"])  # not too small
+    assert runs_fastbn("group_norm", x, requires_grad=True) is expected
+    assert not runs_fastbn("group_norm", x, requires_grad=False)

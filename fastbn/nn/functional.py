@@ -6,8 +6,8 @@ dtypes, other devices, tensor subclasses, torch.compile tracing) to torch's own
 op, so the numbers are always torch's or fastbn's float32/float64 ones.
 
 With ``backend=None``, inputs on which torch's op was measured to be faster
-(small ones, channels-last ones; see `torch_is_faster`) also run torch's op;
-naming a backend always runs fastbn.
+(small ones, below a size measured per op, and most channels-last ones; see
+`torch_is_faster`) also run torch's op; naming a backend always runs fastbn.
 """
 import math
 
@@ -19,27 +19,42 @@ from fastbn.nn import _function
 __all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
 
 # With no backend named, fastbn's path runs only where it was measured to beat torch's
-# (2 threads on the project machine, the module level of `python -m fastbn bench`,
-# docs/nn.md). fastbn's path costs about 40 us more per training step (forward +
-# backward) than torch's native one (the autograd.Function round trip, NumPy views,
-# argument checks) and about 15 us more per eval forward. Its kernels win that back from about 64Ki values in training
-# (or whenever autograd records the call), but only from about 512Ki values in an
-# eval-mode forward, whose single pass torch already runs near memory speed. On
-# channels-last memory torch's kernels were as fast or faster at every size measured.
-MIN_VALUES = 1 << 16
-MIN_VALUES_EVAL_FORWARD = 1 << 19
+# (the module-level tables of `python -m fastbn bench`, 2 threads on the project
+# machine; docs/nn.md). fastbn's path costs 40-80 us more per training step (forward +
+# backward: the autograd.Function round trip, NumPy views, argument checks) and about
+# 15 us more per eval forward than torch's native ops; its kernels win that back only
+# from some size on, which differs per op with how fast torch's own kernel is:
+# op -> (values from which fastbn runs when autograd records the call,
+#        values from which it runs in a forward autograd does not record).
+MIN_VALUES = {
+    "batch_norm": (1 << 16, 1 << 19),  # torch's eval pass already runs near memory speed
+    "group_norm": (1 << 18, 1 << 19),
+    "layer_norm": (3 << 17, 3 << 17),  # torch's row kernels are vectorised and parallel
+    "instance_norm": (0, 0),  # torch runs it as a batch norm over N * C channels, slowly
+    "rms_norm": (0, 0),  # torch 2.13 has no fused CPU kernel: several ops
+}
+# Channels-last memory runs torch's op, whose channels-last kernels were as fast or
+# faster, except GroupNorm through autograd on large feature maps (from this many
+# spatial values), where torch's was 1.3-3x slower than fastbn's.
+MIN_SPATIAL_GROUP_NORM_CHANNELS_LAST = 28 * 28
 
 
-def torch_is_faster(input, eval_forward):
-    """Whether torch's op beats fastbn's path on `input` (rules measured, see above).
+def torch_is_faster(op, input, eval_forward):
+    """Whether torch's `op` beats fastbn's path on `input` (rules measured, see above).
 
-    `eval_forward`: an eval-mode call that autograd does not record.
+    `eval_forward`: a forward that autograd does not record.
     """
-    if input.numel() < (MIN_VALUES_EVAL_FORWARD if eval_forward else MIN_VALUES):
+    if input.numel() < MIN_VALUES[op][eval_forward]:
         return True
-    # Channels-last (or other strides, which fastbn would copy first); an (N, C) input
-    # is contiguous.
-    return not input.is_contiguous()
+    if input.is_contiguous():  # (an (N, C) input is both contiguous and channels-last)
+        return False
+    return not (op == "group_norm" and not eval_forward and _is_channels_last(input)
+                and math.prod(input.shape[2:]) >= MIN_SPATIAL_GROUP_NORM_CHANNELS_LAST)
+
+
+def _is_channels_last(input):
+    memory_format = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
+    return memory_format is not None and input.is_contiguous(memory_format=memory_format)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -86,7 +101,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if training:
         _check_batch_size(input)
     record = _function.needs_grad(input, weight, bias)
-    if backend is None and torch_is_faster(input, not (training or record)):
+    if backend is None and torch_is_faster("batch_norm", input, not (training or record)):
         return torch.batch_norm(input, weight, bias, running_mean, running_var, training,
                                 momentum, eps, False)  # False: no cuDNN on the CPU
     _function.check_channel_vectors(input, (("running_mean", running_mean),
@@ -129,7 +144,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
     torch_functional._verify_batch_size([input.shape[0] * input.shape[1] // num_groups,
                                          num_groups] + list(input.shape[2:]))
     record = _function.needs_grad(input, weight, bias)
-    if backend is None and torch_is_faster(input, not record):
+    if backend is None and torch_is_faster("group_norm", input, not record):
         return torch.group_norm(input, num_groups, weight, bias, eps, False)
     op = _function.GroupNormOp(num_groups, eps, backend)
     return _function.apply(op, input, weight, bias, record)
@@ -166,7 +181,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     if use_input_stats:
         torch_functional._verify_spatial_size(input.shape)
     record = _function.needs_grad(input, weight, bias)
-    if backend is None and torch_is_faster(input, not record):
+    if backend is None and torch_is_faster("instance_norm", input, not record):
         return torch.instance_norm(input, weight, bias, running_mean, running_var,
                                    use_input_stats, momentum, eps, False)
     op = _function.InstanceNormOp(running_mean, running_var, use_input_stats, momentum, eps,
@@ -198,7 +213,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, bac
             or not _trailing_fits(input, normalized_shape, weight, bias)):
         return torch_functional.layer_norm(input, normalized_shape, weight, bias, eps)
     record = _function.needs_grad(input, weight, bias)
-    if backend is None and torch_is_faster(input, not record):
+    if backend is None and torch_is_faster("layer_norm", input, not record):
         return torch.layer_norm(input, normalized_shape, weight, bias, eps, False)
     op = _function.LayerNormOp(normalized_shape, bias, eps, backend)
     return _function.apply(op, input, weight, bias, record)
@@ -228,7 +243,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
             or not _trailing_fits(input, normalized_shape, weight)):
         return torch_functional.rms_norm(input, normalized_shape, weight, eps)
     record = _function.needs_grad(input, weight, None)
-    if backend is None and torch_is_faster(input, not record):
+    if backend is None and torch_is_faster("rms_norm", input, not record):
         return torch.rms_norm(input, normalized_shape, weight, eps)
     op = _function.RMSNormOp(normalized_shape, eps, backend)
     return _function.apply(op, input, weight, None, record)
