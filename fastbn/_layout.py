@@ -11,6 +11,13 @@ broadcast) is copied to C order first.
 import numpy as np
 
 
+# ndim -> the transpose that moves axis 1 (channels) last, and its inverse. A transpose
+# with these costs 0.15 us; np.moveaxis, which normalises its arguments first, 3 us,
+# several times per call on the channels-last path.
+_CHANNELS_LAST = {ndim: (0,) + tuple(range(2, ndim)) + (1,) for ndim in range(2, 6)}
+_CHANNELS_FIRST = {ndim: (0, ndim - 1) + tuple(range(1, ndim - 1)) for ndim in range(2, 6)}
+
+
 def spatial_size(shape):
     size = 1
     for dim in shape[2:]:
@@ -26,7 +33,7 @@ def kernel_view(x):
         if S == 1:
             return x.reshape(N, 1, C), True
         return x.reshape(N, C, S), False
-    moved = np.moveaxis(x, 1, -1)
+    moved = x.transpose(_CHANNELS_LAST[x.ndim])
     if moved.flags.c_contiguous:
         return moved.reshape(N, S, C), True
     return kernel_view(np.ascontiguousarray(x))
@@ -37,7 +44,7 @@ def view_as_layout(a, channels_last):
     N, C = a.shape[:2]
     S = spatial_size(a.shape)
     if channels_last:
-        moved = np.moveaxis(a, 1, -1)
+        moved = a.transpose(_CHANNELS_LAST[a.ndim])
         return moved.reshape(N, S, C) if moved.flags.c_contiguous else None
     return a.reshape(N, C, S) if a.flags.c_contiguous else None
 
@@ -48,7 +55,8 @@ def empty_like_layout(shape, dtype, channels_last):
     S = spatial_size(shape)
     if channels_last:
         buffer = np.empty((N, S, C), dtype)
-        return np.moveaxis(buffer.reshape((N,) + tuple(shape[2:]) + (C,)), -1, 1), buffer
+        channels_last_shape = (N,) + tuple(shape[2:]) + (C,)
+        return buffer.reshape(channels_last_shape).transpose(_CHANNELS_FIRST[len(shape)]), buffer
     buffer = np.empty((N, C, S), dtype)
     return buffer.reshape(shape), buffer
 
