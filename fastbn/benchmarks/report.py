@@ -425,7 +425,7 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     ----------
     full : bool
         The whole grid (`shapes.GRIDS`) and 30 rounds per case, instead of the
-        quick grid (`shapes.QUICK_GRIDS`) and 10 rounds.
+        quick grid (`shapes.QUICK_GRIDS`) and 20 rounds.
     threads : int, optional
         Threads of torch and fastbn (default `fastbn.get_num_threads()`: every usable CPU).
     backends : list of str, optional
@@ -461,7 +461,7 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     if backends is None:
         backends = batch_norm.backends(include_reference=False)
     if repeats is None:
-        repeats = 30 if full else 10
+        repeats = 30 if full else 20
     warmup = 3 if full else 2
     chosen = {op: shapes.GRIDS[op][DTYPE] if full else shapes.QUICK_GRIDS[op] for op in ops}
     chosen.update(grids or {})
@@ -504,7 +504,7 @@ def main(argv=None):
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
                         help="the ops of the kernel and module tables (default: all)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed rounds per case (default 10, --full 30; the ResNet "
+                        help="timed rounds per case (default 20, --full 30; the ResNet "
                         "steps get half)")
     parser.add_argument("--no-kernels", action="store_true",
                         help="skip the kernel-level tables (the NumPy API)")
