@@ -7,7 +7,12 @@ An (N, C, *spatial) array is handed to the kernels as
 where S is the product of the spatial sizes. Both are views, not copies.
 An array whose strides fit neither (a slice with steps, a transpose, a
 broadcast) is copied to C order first.
+
+Outputs and grad_out have x's shape, so the helpers below take the 3-D shape of
+x's kernel view (`view_shape`) rather than working it out again on each call.
 """
+import math
+
 import numpy as np
 
 
@@ -19,16 +24,14 @@ _CHANNELS_FIRST = {ndim: (0, ndim - 1) + tuple(range(1, ndim - 1)) for ndim in r
 
 
 def spatial_size(shape):
-    size = 1
-    for dim in shape[2:]:
-        size *= dim
-    return size
+    return math.prod(shape[2:])
 
 
 def kernel_view(x):
     """(view, channels_last): x as a 3-D C-contiguous view, copied only if it must be."""
-    N, C = x.shape[:2]
-    S = spatial_size(x.shape)
+    shape = x.shape
+    N, C = shape[:2]
+    S = math.prod(shape[2:])
     if x.flags.c_contiguous:
         if S == 1:
             return x.reshape(N, 1, C), True
@@ -39,25 +42,27 @@ def kernel_view(x):
     return kernel_view(np.ascontiguousarray(x))
 
 
-def view_as_layout(a, channels_last):
+def view_as_layout(a, view_shape, channels_last):
     """a's 3-D kernel view in the given layout, or None if its memory is not laid out so."""
-    N, C = a.shape[:2]
-    S = spatial_size(a.shape)
     if channels_last:
-        moved = a.transpose(_CHANNELS_LAST[a.ndim])
-        return moved.reshape(N, S, C) if moved.flags.c_contiguous else None
-    return a.reshape(N, C, S) if a.flags.c_contiguous else None
+        a = a.transpose(_CHANNELS_LAST[a.ndim])
+    return a.reshape(view_shape) if a.flags.c_contiguous else None
 
 
-def empty_like_layout(shape, dtype, channels_last):
-    """(array of `shape`, its 3-D kernel view): new memory laid out like the input's."""
+def empty_like_layout(shape, dtype, channels_last, view_shape=None):
+    """(array of `shape`, its 3-D kernel view): new memory laid out like the input's.
+
+    view_shape, the kernel view's (N, C, S) or (N, S, C), is worked out from `shape`
+    unless the caller passes it (the ops do: they have x's kernel view at hand).
+    """
     N, C = shape[:2]
-    S = spatial_size(shape)
+    if view_shape is None:
+        S = spatial_size(shape)
+        view_shape = (N, S, C) if channels_last else (N, C, S)
+    buffer = np.empty(view_shape, dtype)
     if channels_last:
-        buffer = np.empty((N, S, C), dtype)
-        channels_last_shape = (N,) + tuple(shape[2:]) + (C,)
+        channels_last_shape = (N,) + shape[2:] + (C,)
         return buffer.reshape(channels_last_shape).transpose(_CHANNELS_FIRST[len(shape)]), buffer
-    buffer = np.empty((N, C, S), dtype)
     return buffer.reshape(shape), buffer
 
 
@@ -72,29 +77,30 @@ def check_out(name, out, shape, dtype):
         raise ValueError(f"{name} is read-only; pass a writeable array")
 
 
-def output_buffer(name, out, shape, dtype, channels_last):
+def output_buffer(name, out, x, x_view, channels_last):
     """(result array, 3-D kernel view to write into, array to copy into afterwards or None).
 
-    With out=None a new array in the input's layout. With an `out` array whose
-    memory fits the layout, the kernel writes into it directly; otherwise into
-    a temporary that is then copied into `out`.
+    The result has x's shape and dtype. With out=None a new array laid out as
+    x_view (x's kernel view). With an `out` array whose memory fits the layout,
+    the kernel writes into it directly; otherwise into a temporary that is then
+    copied into `out`.
     """
     if out is None:
-        result, view = empty_like_layout(shape, dtype, channels_last)
+        result, view = empty_like_layout(x.shape, x.dtype, channels_last, x_view.shape)
         return result, view, None
-    check_out(name, out, shape, dtype)
-    view = view_as_layout(out, channels_last)
+    check_out(name, out, x.shape, x.dtype)
+    view = view_as_layout(out, x_view.shape, channels_last)
     if view is not None:
         return out, view, None
-    result, view = empty_like_layout(shape, dtype, channels_last)
+    result, view = empty_like_layout(x.shape, x.dtype, channels_last, x_view.shape)
     return out, view, result
 
 
-def view_or_copy_as_layout(a, channels_last):
-    """a's 3-D kernel view in the given layout, copying `a` into that layout if needed
-    (e.g. a grad_out laid out unlike x)."""
-    view = view_as_layout(a, channels_last)
+def view_or_copy_as_layout(a, x_view, channels_last):
+    """a (of x's shape) as a kernel view laid out as x_view, copying `a` into that
+    layout if needed (e.g. a grad_out laid out unlike x)."""
+    view = view_as_layout(a, x_view.shape, channels_last)
     if view is None:
-        copy, view = empty_like_layout(a.shape, a.dtype, channels_last)
+        copy, view = empty_like_layout(a.shape, a.dtype, channels_last, x_view.shape)
         np.copyto(copy, a)
     return view

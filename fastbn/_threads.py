@@ -74,5 +74,7 @@ def get_num_threads():
                         else _cpus_available())
         n = _default
     if _openmp_max_threads is not None:
-        n = max(1, min(n, _openmp_max_threads()))
+        limit = _openmp_max_threads()
+        if limit < n:  # not min/max: two builtin calls cost 0.15 us, and this runs on every call
+            n = max(1, limit)
     return n

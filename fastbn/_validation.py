@@ -29,6 +29,16 @@ def check_same_dtype(name, a, x):
                         "fastbn does not mix float32 and float64: convert one of them")
 
 
+def raise_dtype_error(name, a, x):
+    """The TypeError for an `a` whose dtype is not x's: a non-float dtype, or the other float.
+
+    Callers test `a.dtype != x.dtype` first, which is all a call with the right dtype
+    costs (x's is float32 or float64, so an equal one is too)."""
+    if a.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64 like the input, got dtype {a.dtype}")
+    check_same_dtype(name, a, x)
+
+
 def check_vector(name, a, length, x, what="one value per channel", contiguous=True):
     """A 1-D array of `length` values of x's dtype, or None.
 
@@ -43,9 +53,8 @@ def check_vector(name, a, length, x, what="one value per channel", contiguous=Tr
             raise TypeError(f"{name} must be a NumPy array (it is updated in place), "
                             f"got {type(a).__name__}")
         a = np.asarray(a)
-    if a.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32 or float64 like the input, got dtype {a.dtype}")
-    check_same_dtype(name, a, x)
+    if a.dtype != x.dtype:
+        raise_dtype_error(name, a, x)
     if a.shape != (length,):
         raise ValueError(f"{name} must have shape ({length},) ({what}), got shape {a.shape}")
     if contiguous and not a.flags.c_contiguous:

@@ -77,7 +77,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     kernels = load_backend(backend)
 
     x_view, channels_last = _layout.kernel_view(x)
-    y, y_view, copy_into = _layout.output_buffer("out", out, x.shape, x.dtype, channels_last)
+    y, y_view, copy_into = _layout.output_buffer("out", out, x, x_view, channels_last)
     save_mean = np.empty(C, x.dtype)
     save_invstd = np.empty(C, x.dtype)
     if x.size == 0:
@@ -153,14 +153,14 @@ def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training, *
     grad_x = grad_x_view = copy_into = None
     if want_x:
         grad_x, grad_x_view, copy_into = _layout.output_buffer(
-            "out", out, x.shape, x.dtype, channels_last)
+            "out", out, x, x_view, channels_last)
     # Sums over an empty batch are 0, as in PyTorch.
     grad_weight = np.zeros(C, x.dtype) if want_weight else None
     grad_bias = np.zeros(C, x.dtype) if want_bias else None
     if x.size == 0:
         return grad_x, grad_weight, grad_bias
 
-    grad_out_view = _layout.view_or_copy_as_layout(grad_out, channels_last)
+    grad_out_view = _layout.view_or_copy_as_layout(grad_out, x_view, channels_last)
     kernels.batch_norm_backward(grad_out_view, x_view, weight, save_mean, save_invstd, training,
                                 grad_x_view, grad_weight, grad_bias, channels_last,
                                 get_num_threads())

@@ -63,7 +63,7 @@ def run_forward(x, num_groups, weight, bias, eps, out, backend, given_stats=None
     """
     kernels = load_backend(backend)
     x_view, channels_last = _layout.kernel_view(x)
-    y, y_view, copy_into = _layout.output_buffer("out", out, x.shape, x.dtype, channels_last)
+    y, y_view, copy_into = _layout.output_buffer("out", out, x, x_view, channels_last)
     if given_stats is None:
         mean = np.empty((x.shape[0], num_groups), x.dtype)
         rstd = np.empty((x.shape[0], num_groups), x.dtype)
@@ -90,14 +90,14 @@ def run_backward(grad_out, x, mean, rstd, weight, stats_from_input, mask, out, b
     grad_x = grad_x_view = copy_into = None
     if want_x:
         grad_x, grad_x_view, copy_into = _layout.output_buffer(
-            "out", out, x.shape, x.dtype, channels_last)
+            "out", out, x, x_view, channels_last)
     # Sums over no values are 0, as in PyTorch.
     grad_weight = np.zeros(C, x.dtype) if want_weight else None
     grad_bias = np.zeros(C, x.dtype) if want_bias else None
     if x.size == 0 or not (want_x or want_weight or want_bias):
         return grad_x, grad_weight, grad_bias
 
-    grad_out_view = _layout.view_or_copy_as_layout(grad_out, channels_last)
+    grad_out_view = _layout.view_or_copy_as_layout(grad_out, x_view, channels_last)
     kernels.group_norm_backward(grad_out_view, x_view, weight, mean, rstd, stats_from_input,
                                 grad_x_view, grad_weight, grad_bias, channels_last,
                                 get_num_threads())
