@@ -54,7 +54,7 @@ def environment_lines(threads):
     lines.append(f"OpenMP runtimes loaded: {', '.join(runtimes) or 'none'}")
     if len(runtimes) > 1:
         lines.append("WARNING: several OpenMP runtimes: the idle threads of one spin on the "
-                     "cores the other needs; rerun with OMP_WAIT_POLICY=passive")
+                     "cores the other needs (docs/design.md, Threads: how to make them one)")
     wait_settings = {name: os.environ[name] for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
                      if name in os.environ}
     lines.append(f"OpenMP wait settings: {wait_settings or 'defaults'}")
