@@ -58,6 +58,23 @@ def test_importing_fastbn_does_not_import_numba():
     assert out.split() == ["False", "False", "True"]
 
 
+@needs_numba
+def test_a_call_loads_the_kernels_of_its_op_only():
+    """Loading kernels costs about 0.2 s per op in a new process: only the op used pays."""
+    out = run_python("""
+        import sys
+        import numpy as np
+        import fastbn
+        x = np.random.default_rng(0).standard_normal((4, 3, 5)).astype(np.float32)
+        fastbn.batch_norm_forward(x, training=True, backend="numba")
+        print(*(f"fastbn._numba.{op}" in sys.modules
+                for op in ("batch_norm", "group_norm", "layer_norm")))
+        fastbn.layer_norm_forward(x, 5, backend="numba")
+        print("fastbn._numba.layer_norm" in sys.modules)
+    """)
+    assert out.split() == ["True", "False", "False", "True"]
+
+
 def test_missing_numba_names_the_package_and_other_backends_work():
     # sys.modules["numba"] = None is how Python marks a module as not importable:
     # `import numba` then raises ModuleNotFoundError, as on a machine without it.
