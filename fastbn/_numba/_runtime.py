@@ -64,3 +64,23 @@ class numba_threads:
     def __exit__(self, *exc_info):
         if self.n_threads != self.previous:
             _set_thread_count(self.previous)
+
+
+def serial(parallel_function):
+    """`parallel_function` (a ``parallel=True`` dispatcher) compiled without numba's
+    thread pool: its ``prange`` loops run as plain loops, in the same order, so the
+    results are the same to the bit. A call on one thread then skips the pool's
+    scheduler, which costs about 1 us per parallel loop (four per BatchNorm step).
+    (With NUMBA_DISABLE_JIT=1 the "dispatcher" is the Python function itself.)"""
+    return numba.njit(**HELPER_OPTIONS)(getattr(parallel_function, "py_func", parallel_function))
+
+
+def run_kernel(kernel, n_threads, *args):
+    """``kernel(*args, parallel)`` on `n_threads` threads (already capped for the input):
+    on one, with parallel=False (the serial passes) and numba's thread count untouched;
+    on more, with parallel=True inside `numba_threads`."""
+    if n_threads <= 1:
+        return kernel(*args, False)
+    with numba_threads(n_threads):
+        return kernel(*args, True)
+

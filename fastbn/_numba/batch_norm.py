@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from fastbn._numba._runtime import HELPER_OPTIONS, JIT_OPTIONS, numba_threads
+from fastbn._numba._runtime import HELPER_OPTIONS, JIT_OPTIONS, run_kernel, serial
 
 # Values in one work item: big enough to amortise the per-item overhead, small
 # enough that N = 1 with few channels still gives every thread work.
@@ -300,6 +300,13 @@ def _grad_input_pass(dy, x, dx, mean, a, b, d, channels_last):
                              mean[c0:c1], a[c0:c1], b[c0:c1], d[c0:c1])
 
 
+# The same passes for calls on one thread (see _runtime.serial).
+_statistics_partials_serial = serial(_statistics_partials)
+_gradient_partials_serial = serial(_gradient_partials)
+_affine_pass_serial = serial(_affine_pass)
+_grad_input_pass_serial = serial(_grad_input_pass)
+
+
 # ---------------------------------------------------------------------------
 # Compiled entry points. Inputs are typed read-only so that read-only arrays
 # are accepted (a writeable array converts to that type); a length-0 array
@@ -318,18 +325,19 @@ def _forward_signature(dtype):
     running = _array(dtype, 1, "A")  # updated in place, may be strided
     return types.void(tensor_in, vector_in, vector_in, running, running, types.boolean,
                       types.float64, types.float64, _array(dtype, 3), _array(dtype, 1),
-                      _array(dtype, 1), types.boolean)
+                      _array(dtype, 1), types.boolean, types.boolean)
 
 
 def _backward_signature(dtype):
     tensor_in, vector_in = _array(dtype, 3, readonly=True), _array(dtype, 1, readonly=True)
     return types.void(tensor_in, tensor_in, vector_in, vector_in, vector_in, types.boolean,
-                      _array(dtype, 3), _array(dtype, 1), _array(dtype, 1), types.boolean)
+                      _array(dtype, 3), _array(dtype, 1), _array(dtype, 1), types.boolean,
+                      types.boolean)
 
 
 @njit(_signatures(_forward_signature), **JIT_OPTIONS)
 def _forward_kernel(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                    y, save_mean, save_invstd, channels_last):
+                    y, save_mean, save_invstd, channels_last, parallel):
     C, S = _channels_spatial(x, channels_last)
     count = x.shape[0] * S
     has_weight, has_bias = weight.size > 0, bias.size > 0
@@ -342,7 +350,11 @@ def _forward_kernel(x, weight, bias, running_mean, running_var, training, moment
             first = np.float64(x[0, 0, c] if channels_last else x[0, c, 0])
             # A non-finite pivot would turn an inf mean into nan; 0 keeps PyTorch's result.
             pivot[c] = first if np.isfinite(first) else 0.0
-        sum_shifted, sum_sq = _sum_partials(*_statistics_partials(x, pivot, channels_last))
+        if parallel:
+            partials = _statistics_partials(x, pivot, channels_last)
+        else:
+            partials = _statistics_partials_serial(x, pivot, channels_last)
+        sum_shifted, sum_sq = _sum_partials(*partials)
         for c in range(C):
             mean = pivot[c] + sum_shifted[c] / count
             var_sum = sum_sq[c] - sum_shifted[c] * sum_shifted[c] / count
@@ -373,19 +385,26 @@ def _forward_kernel(x, weight, bias, running_mean, running_var, training, moment
             scale[c] = alpha
             save_mean[c] = running_mean[c]
             save_invstd[c] = invstd
-    _affine_pass(x, y, shift, scale, offset, channels_last)
+    if parallel:
+        _affine_pass(x, y, shift, scale, offset, channels_last)
+    else:
+        _affine_pass_serial(x, y, shift, scale, offset, channels_last)
 
 
 @njit(_signatures(_backward_signature), **JIT_OPTIONS)
 def _backward_kernel(grad_out, x, weight, save_mean, save_invstd, training,
-                     grad_x, grad_weight, grad_bias, channels_last):
+                     grad_x, grad_weight, grad_bias, channels_last, parallel):
     C, S = _channels_spatial(x, channels_last)
     count = x.shape[0] * S
     has_weight = weight.size > 0
     want_dx, want_dw, want_db = grad_x.size > 0, grad_weight.size > 0, grad_bias.size > 0
     if want_dw or want_db or (want_dx and training):
-        sum_dy, dot = _sum_partials(*_gradient_partials(grad_out, x, save_mean.astype(np.float64),
-                                                        channels_last))
+        mean = save_mean.astype(np.float64)
+        if parallel:
+            partials = _gradient_partials(grad_out, x, mean, channels_last)
+        else:
+            partials = _gradient_partials_serial(grad_out, x, mean, channels_last)
+        sum_dy, dot = _sum_partials(*partials)
     else:
         sum_dy, dot = np.zeros(C), np.zeros(C)
     scale_dy = np.empty_like(save_mean)
@@ -407,11 +426,18 @@ def _backward_kernel(grad_out, x, weight, save_mean, save_invstd, training,
             offset[c] = -sum_dy[c] / count * invstd * w_c
     if want_dx:
         if training:
-            _grad_input_pass(grad_out, x, grad_x, save_mean, scale_dy, scale_x, offset,
-                             channels_last)
+            if parallel:
+                _grad_input_pass(grad_out, x, grad_x, save_mean, scale_dy, scale_x, offset,
+                                 channels_last)
+            else:
+                _grad_input_pass_serial(grad_out, x, grad_x, save_mean, scale_dy, scale_x,
+                                        offset, channels_last)
         else:
             # scale_x and offset are zero here: dx = (dy - 0) * scale_dy + 0.
-            _affine_pass(grad_out, grad_x, scale_x, scale_dy, offset, channels_last)
+            if parallel:
+                _affine_pass(grad_out, grad_x, scale_x, scale_dy, offset, channels_last)
+            else:
+                _affine_pass_serial(grad_out, grad_x, scale_x, scale_dy, offset, channels_last)
 
 
 # ---------------------------------------------------------------------------
@@ -434,19 +460,19 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
             running_mean = running_mean.copy()
         if not running_var.flags.writeable:
             running_var = running_var.copy()
-    with numba_threads(_threads(n_threads, x)):
-        _forward_kernel(x, absent if weight is None else weight, absent if bias is None else bias,
-                        absent if running_mean is None else running_mean,
-                        absent if running_var is None else running_var,
-                        training, momentum, eps, y, save_mean, save_invstd, channels_last)
+    run_kernel(_forward_kernel, _threads(n_threads, x),
+               x, absent if weight is None else weight, absent if bias is None else bias,
+               absent if running_mean is None else running_mean,
+               absent if running_var is None else running_var,
+               training, momentum, eps, y, save_mean, save_invstd, channels_last)
 
 
 def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training,
                         grad_x, grad_weight, grad_bias, channels_last, n_threads):
     absent_vector, absent_tensor = _ABSENT[x.dtype]
-    with numba_threads(_threads(n_threads, x)):
-        _backward_kernel(grad_out, x, absent_vector if weight is None else weight,
-                         save_mean, save_invstd, training,
-                         absent_tensor if grad_x is None else grad_x,
-                         absent_vector if grad_weight is None else grad_weight,
-                         absent_vector if grad_bias is None else grad_bias, channels_last)
+    run_kernel(_backward_kernel, _threads(n_threads, x),
+               grad_out, x, absent_vector if weight is None else weight,
+               save_mean, save_invstd, training,
+               absent_tensor if grad_x is None else grad_x,
+               absent_vector if grad_weight is None else grad_weight,
+               absent_vector if grad_bias is None else grad_bias, channels_last)
