@@ -62,6 +62,16 @@ def check_vector(name, a, length, x, what="one value per channel", contiguous=Tr
     return a
 
 
+def check_channel_parameters(x, weight, bias, running_mean, running_var):
+    """(weight, bias, running_mean, running_var) of an op with one value of each per
+    channel of x (BatchNorm, InstanceNorm), each checked by `check_vector`; the running
+    statistics are returned as given (they are updated in place)."""
+    C = x.shape[1]
+    return (check_vector("weight", weight, C, x), check_vector("bias", bias, C, x),
+            check_vector("running_mean", running_mean, C, x, contiguous=False),
+            check_vector("running_var", running_var, C, x, contiguous=False))
+
+
 def check_writeable(name, a, why):
     if a is not None and not a.flags.writeable:
         raise ValueError(f"{name} is read-only, but {why}; pass a writeable array")

@@ -56,10 +56,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     """
     x = _check_input(x)
     N, C = x.shape[:2]
-    weight = _validation.check_vector("weight", weight, C, x)
-    bias = _validation.check_vector("bias", bias, C, x)
-    running_mean = _validation.check_vector("running_mean", running_mean, C, x, contiguous=False)
-    running_var = _validation.check_vector("running_var", running_var, C, x, contiguous=False)
+    weight, bias, running_mean, running_var = _validation.check_channel_parameters(
+        x, weight, bias, running_mean, running_var)
     eps = _validation.check_eps(eps)
     training = bool(training)
     # Only training reads momentum.

@@ -62,10 +62,8 @@ def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_
     """
     x = check_input(x)
     N, C = x.shape[:2]
-    weight = _validation.check_vector("weight", weight, C, x)
-    bias = _validation.check_vector("bias", bias, C, x)
-    running_mean = _validation.check_vector("running_mean", running_mean, C, x, contiguous=False)
-    running_var = _validation.check_vector("running_var", running_var, C, x, contiguous=False)
+    weight, bias, running_mean, running_var = _validation.check_channel_parameters(
+        x, weight, bias, running_mean, running_var)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     eps = _validation.check_eps(eps)

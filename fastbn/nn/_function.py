@@ -42,14 +42,15 @@ FLOAT_DTYPES = (torch.float32, torch.float64)
 
 def runs_on_fastbn(input, *others, dims=range(2, 6)):
     """Whether the fastbn kernels can take these tensors: plain CPU tensors of one float
-    dtype, the input with a number of dims in `dims` (`others` may be None).
+    dtype, the input with a number of dims in `dims` (`others` may be None), outside
+    torch.compile's tracing.
 
     Anything else (float16, bfloat16, mixed dtypes, other devices, tensor subclasses
     such as the fake tensors of tracers, the wrapped tensors of torch.func transforms,
-    more dims) goes to torch's own op, so a call never gives numbers that differ from
-    torch's.
+    more dims, a graph being traced) goes to torch's own op, so a call never gives
+    numbers that differ from torch's.
     """
-    if type(input) not in PLAIN_TENSOR_TYPES:
+    if type(input) not in PLAIN_TENSOR_TYPES or torch.compiler.is_compiling():
         return False
     dtype = input.dtype
     if (dtype not in FLOAT_DTYPES

@@ -92,8 +92,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if torch.compiler.is_compiling() or not _function.runs_on_fastbn(
-            input, weight, bias, running_mean, running_var):
+    if not _function.runs_on_fastbn(input, weight, bias, running_mean, running_var):
         return torch_functional.batch_norm(input, running_mean, running_var, weight, bias,
                                            training, momentum, eps)
     # torch.nn.functional.batch_norm's checks, with its errors and messages, for both the
@@ -137,7 +136,7 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
     Tensor
         Same shape, dtype and memory layout (channels-last or not) as `input`.
     """
-    if (torch.compiler.is_compiling() or not _function.runs_on_fastbn(input, weight, bias)
+    if (not _function.runs_on_fastbn(input, weight, bias)
             or not _fits(input.shape[1], weight, bias) or input.shape[1] % num_groups):
         # torch's op, which also raises torch's errors on what does not fit.
         return torch_functional.group_norm(input, num_groups, weight, bias, eps)
@@ -172,8 +171,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     Tensor
         Same shape, dtype and memory layout (channels-last or not) as `input`.
     """
-    if (torch.compiler.is_compiling()
-            or not _function.runs_on_fastbn(input, weight, bias, running_mean, running_var)
+    if (not _function.runs_on_fastbn(input, weight, bias, running_mean, running_var)
             or not _fits(input.shape[1], weight, bias, running_mean, running_var)
             or (running_mean is None) != (running_var is None)):
         return torch_functional.instance_norm(input, running_mean, running_var, weight, bias,
@@ -208,8 +206,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, bac
         `input`'s shape and dtype, contiguous.
     """
     normalized_shape = _as_shape(normalized_shape)
-    if (torch.compiler.is_compiling()
-            or not _function.runs_on_fastbn(input, weight, bias, dims=_row_dims(normalized_shape))
+    if (not _function.runs_on_fastbn(input, weight, bias, dims=_row_dims(normalized_shape))
             or not _trailing_fits(input, normalized_shape, weight, bias)):
         return torch_functional.layer_norm(input, normalized_shape, weight, bias, eps)
     record = _function.needs_grad(input, weight, bias)
@@ -238,8 +235,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
         `input`'s shape and dtype, contiguous.
     """
     normalized_shape = _as_shape(normalized_shape)
-    if (torch.compiler.is_compiling()
-            or not _function.runs_on_fastbn(input, weight, dims=_row_dims(normalized_shape))
+    if (not _function.runs_on_fastbn(input, weight, dims=_row_dims(normalized_shape))
             or not _trailing_fits(input, normalized_shape, weight)):
         return torch_functional.rms_norm(input, normalized_shape, weight, eps)
     record = _function.needs_grad(input, weight, None)
