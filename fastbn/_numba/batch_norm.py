@@ -10,7 +10,8 @@ partials array; the partials of a channel are then added in a fixed order, so
 the result is the same to the bit for any number of threads. Statistics
 accumulate in float64 over values shifted by a per-channel pivot (the
 channel's first value), and y = (x - pivot) * scale + offset keeps that
-accuracy in the output.
+accuracy in the output. Channels-first runs are summed by _sums.py (blocks in
+x's type, then float64).
 
 The `prange` passes are `parallel=True` functions; the per-item loops are plain
 `@njit` helpers inlined into them. Fast-math "reassoc" lets LLVM split a sum
@@ -26,6 +27,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from fastbn._numba._runtime import HELPER_OPTIONS, JIT_OPTIONS, run_kernel, serial
+from fastbn._numba._sums import grad_sums, shifted_sums
 
 # Values in one work item: big enough to amortise the per-item overhead, small
 # enough that N = 1 with few channels still gives every thread work.
@@ -54,41 +56,60 @@ def _channels_spatial(x, channels_last):
 
 @njit(**HELPER_OPTIONS)
 def _work_split(N, C, S, channels_last):
-    """(items, groups, chunks, rows_per_block).
+    """(items, groups, chunks, rows_per_item).
 
-    channels-first: N * C rows of length S, each cut into `chunks` pieces;
-    channels-last: `groups` row blocks of `rows_per_block` rows, times blocks
-    of CHANNEL_BLOCK channels. The partials of the items fill a
-    (groups, C, chunks) array, chunks = 1 for channels-last.
+    channels-first: N * C rows of length S, each cut into `chunks` pieces; an
+    item is one piece of a long row (chunks > 1) or `rows_per_item` whole rows.
+    channels-last: `groups` row blocks of `rows_per_item` rows, times blocks
+    of CHANNEL_BLOCK channels. The partials fill a (groups, C, chunks) array,
+    chunks = 1 for channels-last.
     """
     if not channels_last:
         chunks = (S + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
-        return N * C * chunks, N, chunks, 0
-    rows_per_block = max(1, CHUNK_ELEMENTS // min(C, CHANNEL_BLOCK))
-    row_blocks = (N * S + rows_per_block - 1) // rows_per_block
+        if chunks > 1:
+            return N * C * chunks, N, chunks, 1
+        # Several short rows per item: numba's per-item cost (the prange step, the
+        # slices) weighs on rows of 49 values (7 x 7 maps).
+        rows_per_item = max(1, CHUNK_ELEMENTS // max(S, 1))
+        return (N * C + rows_per_item - 1) // rows_per_item, N, 1, rows_per_item
+    rows_per_item = max(1, CHUNK_ELEMENTS // min(C, CHANNEL_BLOCK))
+    row_blocks = (N * S + rows_per_item - 1) // rows_per_item
     channel_blocks = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-    return row_blocks * channel_blocks, row_blocks, 1, rows_per_block
+    return row_blocks * channel_blocks, row_blocks, 1, rows_per_item
 
 
 @njit(**INLINE_OPTIONS)
-def _run(item, chunks, S):
-    """Channels-first item -> (row n * C + c, start, stop) of its run of S values."""
-    if chunks == 1:  # the common case, S <= CHUNK_ELEMENTS: skip three divisions
-        # (a prange index is unsigned: cast it, or the two returns unify to float)
-        return np.int64(item), 0, S
+def _row_block(item, rows_per_item, n_rows):
+    """Channels-first item of whole rows -> (first row, end row); rows are n * C + c."""
+    # (a prange index is unsigned: cast it, or mixed arithmetic turns to float)
+    r0 = np.int64(item) * rows_per_item
+    return r0, min(r0 + rows_per_item, n_rows)
+
+
+@njit(**INLINE_OPTIONS)
+def _next_channel(c, C):
+    """The channel of the next row: stepped, since a division per row of 49 values shows."""
+    c += 1
+    return c if c < C else 0
+
+
+@njit(**INLINE_OPTIONS)
+def _chunk(item, chunks, S):
+    """Channels-first item of a long row -> (row, start, stop) of its piece."""
+    item = np.int64(item)
     row = item // chunks
     chunk = item - row * chunks
     return row, chunk * S // chunks, (chunk + 1) * S // chunks
 
 
 @njit(**INLINE_OPTIONS)
-def _tile(item, C, rows_per_block, n_rows):
+def _tile(item, C, rows_per_item, n_rows):
     """Channels-last item -> (row block, first row, end row, first channel, end channel)."""
     channel_blocks = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
     row_block = item // channel_blocks
     c0 = (item - row_block * channel_blocks) * CHANNEL_BLOCK
-    r0 = row_block * rows_per_block
-    return row_block, r0, min(r0 + rows_per_block, n_rows), c0, min(c0 + CHANNEL_BLOCK, C)
+    r0 = row_block * rows_per_item
+    return row_block, r0, min(r0 + rows_per_item, n_rows), c0, min(c0 + CHANNEL_BLOCK, C)
 
 
 @njit(**HELPER_OPTIONS)
@@ -121,30 +142,6 @@ def _coef_jit(a, i):
     if isinstance(a, types.Array):
         return lambda a, i: a[i]
     return lambda a, i: a
-
-
-@njit(**INLINE_OPTIONS)
-def _shifted_sums(x, pivot):
-    """sum(x - pivot) and sum((x - pivot)**2) over a run, in float64."""
-    s1 = 0.0
-    s2 = 0.0
-    for i in range(x.size):
-        d = np.float64(x[i]) - pivot
-        s1 += d
-        s2 += d * d
-    return s1, s2
-
-
-@njit(**INLINE_OPTIONS)
-def _grad_sums(dy, x, mean):
-    """sum(dy) and sum((x - mean) * dy) over a run, in float64."""
-    s1 = 0.0
-    s2 = 0.0
-    for i in range(dy.size):
-        g = np.float64(dy[i])
-        s1 += g
-        s2 += (np.float64(x[i]) - mean) * g
-    return s1, s2
 
 
 @njit(**INLINE_OPTIONS)
@@ -204,25 +201,36 @@ def _grad_input_tile(dy, x, dx, stride, r0, r1, c0, c1, mean, a, b, d):
 
 @njit(parallel=True, **HELPER_OPTIONS)
 def _statistics_partials(x, pivot, channels_last):
-    """Per-item sum(x - pivot) and sum((x - pivot)**2), as (groups, C, chunks) arrays."""
+    """Per-run sum(x - pivot) and sum((x - pivot)**2), as (groups, C, chunks) arrays."""
     N = x.shape[0]
     C, S = _channels_spatial(x, channels_last)
-    items, groups, chunks, rows_per_block = _work_split(N, C, S, channels_last)
+    items, groups, chunks, rows_per_item = _work_split(N, C, S, channels_last)
     part_sum = np.empty((groups, C, chunks))
     part_sq = np.empty((groups, C, chunks))
     if not channels_last:
         rows = x.reshape(N * C, S)
-        flat_sum = part_sum.reshape(items)
-        flat_sq = part_sq.reshape(items)
-        for item in prange(items):
-            row, start, stop = _run(item, chunks, S)
-            flat_sum[item], flat_sq[item] = _shifted_sums(rows[row, start:stop], pivot[row % C])
+        flat_sum = part_sum.reshape(N * C * chunks)
+        flat_sq = part_sq.reshape(N * C * chunks)
+        if chunks == 1:
+            # Whole rows, indexed whole: a slice with bounds known only at run time
+            # costs numba more than a 49-value row does.
+            for item in prange(items):
+                r0, r1 = _row_block(item, rows_per_item, N * C)
+                c = r0 % C
+                for row in range(r0, r1):
+                    flat_sum[row], flat_sq[row] = shifted_sums(rows[row], pivot[c])
+                    c = _next_channel(c, C)
+        else:
+            for item in prange(items):
+                row, start, stop = _chunk(item, chunks, S)
+                flat_sum[item], flat_sq[item] = shifted_sums(rows[row, start:stop],
+                                                             pivot[row % C])
     else:
         flat = x.reshape(N * S * C)
         block_sum = part_sum.reshape(groups, C)
         block_sq = part_sq.reshape(groups, C)
         for item in prange(items):
-            rb, r0, r1, c0, c1 = _tile(item, C, rows_per_block, N * S)
+            rb, r0, r1, c0, c1 = _tile(item, C, rows_per_item, N * S)
             _shifted_sums_tile(flat, C, r0, r1, c0, c1, pivot[c0:c1],
                                block_sum[rb, c0:c1], block_sq[rb, c0:c1])
     return part_sum, part_sq
@@ -230,28 +238,36 @@ def _statistics_partials(x, pivot, channels_last):
 
 @njit(parallel=True, **HELPER_OPTIONS)
 def _gradient_partials(dy, x, mean, channels_last):
-    """Per-item sum(dy) and sum((x - mean) * dy), as (groups, C, chunks) arrays."""
+    """Per-run sum(dy) and sum((x - mean) * dy), as (groups, C, chunks) arrays."""
     N = x.shape[0]
     C, S = _channels_spatial(x, channels_last)
-    items, groups, chunks, rows_per_block = _work_split(N, C, S, channels_last)
+    items, groups, chunks, rows_per_item = _work_split(N, C, S, channels_last)
     part_dy = np.empty((groups, C, chunks))
     part_dot = np.empty((groups, C, chunks))
     if not channels_last:
         dy_rows = dy.reshape(N * C, S)
         x_rows = x.reshape(N * C, S)
-        flat_dy = part_dy.reshape(items)
-        flat_dot = part_dot.reshape(items)
-        for item in prange(items):
-            row, start, stop = _run(item, chunks, S)
-            flat_dy[item], flat_dot[item] = _grad_sums(dy_rows[row, start:stop],
-                                                       x_rows[row, start:stop], mean[row % C])
+        flat_dy = part_dy.reshape(N * C * chunks)
+        flat_dot = part_dot.reshape(N * C * chunks)
+        if chunks == 1:  # as in _statistics_partials
+            for item in prange(items):
+                r0, r1 = _row_block(item, rows_per_item, N * C)
+                c = r0 % C
+                for row in range(r0, r1):
+                    flat_dy[row], flat_dot[row] = grad_sums(dy_rows[row], x_rows[row], mean[c])
+                    c = _next_channel(c, C)
+        else:
+            for item in prange(items):
+                row, start, stop = _chunk(item, chunks, S)
+                flat_dy[item], flat_dot[item] = grad_sums(dy_rows[row, start:stop],
+                                                          x_rows[row, start:stop], mean[row % C])
     else:
         dy_flat = dy.reshape(N * S * C)
         x_flat = x.reshape(N * S * C)
         block_dy = part_dy.reshape(groups, C)
         block_dot = part_dot.reshape(groups, C)
         for item in prange(items):
-            rb, r0, r1, c0, c1 = _tile(item, C, rows_per_block, N * S)
+            rb, r0, r1, c0, c1 = _tile(item, C, rows_per_item, N * S)
             _grad_sums_tile(dy_flat, x_flat, C, r0, r1, c0, c1, mean[c0:c1],
                             block_dy[rb, c0:c1], block_dot[rb, c0:c1])
     return part_dy, part_dot
@@ -262,18 +278,28 @@ def _affine_pass(x, y, shift, scale, offset, channels_last):
     """y = (x - shift) * scale + offset with per-channel coefficients."""
     N = x.shape[0]
     C, S = _channels_spatial(x, channels_last)
-    items, groups, chunks, rows_per_block = _work_split(N, C, S, channels_last)
+    items, groups, chunks, rows_per_item = _work_split(N, C, S, channels_last)
     x_flat = x.reshape(N * C * S)
     y_flat = y.reshape(N * C * S)
-    if not channels_last:
+    if not channels_last and chunks == 1:  # as in _statistics_partials
+        x_rows = x.reshape(N * C, S)
+        y_rows = y.reshape(N * C, S)
         for item in prange(items):
-            row, start, stop = _run(item, chunks, S)
+            r0, r1 = _row_block(item, rows_per_item, N * C)
+            c = r0 % C
+            for row in range(r0, r1):
+                _affine_tile(x_rows[row], y_rows[row], S, 0, 1, 0, S,
+                             shift[c], scale[c], offset[c])
+                c = _next_channel(c, C)
+    elif not channels_last:
+        for item in prange(items):
+            row, start, stop = _chunk(item, chunks, S)
             c = row % C
             _affine_tile(x_flat, y_flat, S, row, row + 1, start, stop,
                          shift[c], scale[c], offset[c])
     else:
         for item in prange(items):
-            rb, r0, r1, c0, c1 = _tile(item, C, rows_per_block, N * S)
+            rb, r0, r1, c0, c1 = _tile(item, C, rows_per_item, N * S)
             _affine_tile(x_flat, y_flat, C, r0, r1, c0, c1,
                          shift[c0:c1], scale[c0:c1], offset[c0:c1])
 
@@ -283,19 +309,30 @@ def _grad_input_pass(dy, x, dx, mean, a, b, d, channels_last):
     """dx = dy * a + (x - mean) * b + d with per-channel coefficients."""
     N = x.shape[0]
     C, S = _channels_spatial(x, channels_last)
-    items, groups, chunks, rows_per_block = _work_split(N, C, S, channels_last)
+    items, groups, chunks, rows_per_item = _work_split(N, C, S, channels_last)
     dy_flat = dy.reshape(N * C * S)
     x_flat = x.reshape(N * C * S)
     dx_flat = dx.reshape(N * C * S)
-    if not channels_last:
+    if not channels_last and chunks == 1:  # as in _statistics_partials
+        dy_rows = dy.reshape(N * C, S)
+        x_rows = x.reshape(N * C, S)
+        dx_rows = dx.reshape(N * C, S)
         for item in prange(items):
-            row, start, stop = _run(item, chunks, S)
+            r0, r1 = _row_block(item, rows_per_item, N * C)
+            c = r0 % C
+            for row in range(r0, r1):
+                _grad_input_tile(dy_rows[row], x_rows[row], dx_rows[row], S, 0, 1, 0, S,
+                                 mean[c], a[c], b[c], d[c])
+                c = _next_channel(c, C)
+    elif not channels_last:
+        for item in prange(items):
+            row, start, stop = _chunk(item, chunks, S)
             c = row % C
             _grad_input_tile(dy_flat, x_flat, dx_flat, S, row, row + 1, start, stop,
                              mean[c], a[c], b[c], d[c])
     else:
         for item in prange(items):
-            rb, r0, r1, c0, c1 = _tile(item, C, rows_per_block, N * S)
+            rb, r0, r1, c0, c1 = _tile(item, C, rows_per_item, N * S)
             _grad_input_tile(dy_flat, x_flat, dx_flat, C, r0, r1, c0, c1,
                              mean[c0:c1], a[c0:c1], b[c0:c1], d[c0:c1])
 
@@ -345,7 +382,8 @@ def _forward_kernel(x, weight, bias, running_mean, running_var, training, moment
     scale = np.empty_like(save_mean)
     offset = np.empty_like(save_mean)
     if training:
-        pivot = np.empty(C)
+        # The pivot is a value of x's type: the run sums subtract it in that type (_sums.py).
+        pivot = np.empty(C, x.dtype)
         for c in range(C):
             first = np.float64(x[0, 0, c] if channels_last else x[0, c, 0])
             # A non-finite pivot would turn an inf mean into nan; 0 keeps PyTorch's result.
@@ -399,11 +437,10 @@ def _backward_kernel(grad_out, x, weight, save_mean, save_invstd, training,
     has_weight = weight.size > 0
     want_dx, want_dw, want_db = grad_x.size > 0, grad_weight.size > 0, grad_bias.size > 0
     if want_dw or want_db or (want_dx and training):
-        mean = save_mean.astype(np.float64)
         if parallel:
-            partials = _gradient_partials(grad_out, x, mean, channels_last)
+            partials = _gradient_partials(grad_out, x, save_mean, channels_last)
         else:
-            partials = _gradient_partials_serial(grad_out, x, mean, channels_last)
+            partials = _gradient_partials_serial(grad_out, x, save_mean, channels_last)
         sum_dy, dot = _sum_partials(*partials)
     else:
         sum_dy, dot = np.zeros(C), np.zeros(C)

@@ -11,9 +11,9 @@ shape alone:
     rows x a block of channels (channels-last); the partials are added in a
     fixed order, then an elementwise pass applies per-(n, c) coefficients.
 Inside `prange` each item writes only its own slots, so the result is the same
-to the bit for any number of threads. Sums are float64 (whole blocks of BLOCK
-values first summed in x's type) over values shifted by a per-group pivot (the
-group's first value); fast-math "reassoc" lets LLVM vectorise them.
+to the bit for any number of threads. Sums are float64 (blocks of values first
+summed in x's type, see _sums.py) over values shifted by a per-group pivot (the
+group's first value).
 
 The `prange` drivers are `parallel=True` functions and the per-item loops plain
 `@njit` helpers, all called from two entry points compiled for float32 and
@@ -21,9 +21,9 @@ float64 when this module is imported (or loaded from numba's on-disk cache).
 """
 import numpy as np
 from numba import njit, prange, types
-from numba.extending import overload
 
 from fastbn._numba._runtime import HELPER_OPTIONS, JIT_OPTIONS, numba_threads
+from fastbn._numba._sums import grad_sums, shifted_sums
 
 # The work split's constants: the same as the Cython kernels'.
 CHUNK_ELEMENTS = 4096
@@ -31,9 +31,6 @@ CHANNEL_BLOCK = 256
 MIN_ELEMENTS_PER_THREAD = 16384
 MIN_GROUP_ITEMS = 16
 MAX_GROUP_ELEMENTS = 32768
-# Values summed in x's type before the sums go to float64 (LLVM spreads them over
-# 4 vectors of 16 float32 lanes: 16 values per lane, as in the Cython kernels).
-BLOCK = 1024
 
 
 def _split(N, C, S, G, channels_last):
@@ -54,76 +51,7 @@ def _split(N, C, S, G, channels_last):
 
 
 # ---------------------------------------------------------------------------
-# Loops over one run of values.
-
-def _zero_like(x):
-    """0 in the dtype of the array x."""
-
-
-@overload(_zero_like, jit_options=HELPER_OPTIONS)
-def _zero_like_overload(x):
-    if x.dtype == types.float32:
-        return lambda x: np.float32(0.0)
-    return lambda x: np.float64(0.0)
-
-
-@njit(**HELPER_OPTIONS)
-def _shifted_sums(x, pivot):
-    """sum(x - pivot) and sum((x - pivot)**2) over a run, in float64.
-
-    Whole blocks of BLOCK values are summed in x's type (LLVM vectorises that
-    at full width, also for float32), then added in float64; the rest is summed
-    in float64 directly (for short runs LLVM's handling of a float32 remainder
-    costs more than it saves). The pivot is a value of x's type, so x - pivot
-    is exact for values near it.
-    """
-    s1 = 0.0
-    s2 = 0.0
-    n_blocked = x.size - x.size % BLOCK
-    for start in range(0, n_blocked, BLOCK):
-        # A slice, so that indices start at 0: LLVM drops numba's negative-index checks.
-        block = x[start:start + BLOCK]
-        block1 = _zero_like(x)
-        block2 = _zero_like(x)
-        for i in range(BLOCK):
-            d = block[i] - pivot
-            block1 += d
-            block2 += d * d
-        s1 += block1
-        s2 += block2
-    rest = x[n_blocked:]
-    for i in range(rest.size):
-        d = np.float64(rest[i]) - np.float64(pivot)
-        s1 += d
-        s2 += d * d
-    return s1, s2
-
-
-@njit(**HELPER_OPTIONS)
-def _grad_sums(dy, x, mean):
-    """sum(dy) and sum((x - mean) * dy) over a run, in float64, blocked as _shifted_sums;
-    mean is a value of x's type."""
-    s1 = 0.0
-    s2 = 0.0
-    n_blocked = x.size - x.size % BLOCK
-    for start in range(0, n_blocked, BLOCK):
-        dy_block = dy[start:start + BLOCK]
-        x_block = x[start:start + BLOCK]
-        block1 = _zero_like(x)
-        block2 = _zero_like(x)
-        for i in range(BLOCK):
-            block1 += dy_block[i]
-            block2 += (x_block[i] - mean) * dy_block[i]
-        s1 += block1
-        s2 += block2
-    dy_rest = dy[n_blocked:]
-    x_rest = x[n_blocked:]
-    for i in range(x_rest.size):
-        g = np.float64(dy_rest[i])
-        s1 += g
-        s2 += (np.float64(x_rest[i]) - np.float64(mean)) * g
-    return s1, s2
-
+# Loops over one run of values (the sums are shared with BatchNorm: _sums.py).
 
 @njit(**HELPER_OPTIONS)
 def _affine(x, y, shift, scale, offset):
@@ -176,7 +104,7 @@ def _forward_groups(x, y, G, weight, bias, eps, compute_stats, mean, rstd, varia
         row = x[item]
         if compute_stats:
             shift[item] = _pivot(row[0])
-            sum_shifted, sum_sq = _shifted_sums(row, shift[item])
+            sum_shifted, sum_sq = shifted_sums(row, shift[item])
             rstd_g, var = _rstd(sum_shifted, sum_sq, row.size, eps)
             centre_offset = sum_shifted / row.size  # mean - pivot
             mean[item] = np.float64(shift[item]) + centre_offset
@@ -209,7 +137,7 @@ def _backward_groups(dy, x, dx, G, weight, mean, rstd, stats_from_input, need_su
         weighted_dot = 0.0
         if need_sums:
             for c in range(D):
-                s, t = _grad_sums(dy[item, c * S:(c + 1) * S], x[item, c * S:(c + 1) * S],
+                s, t = grad_sums(dy[item, c * S:(c + 1) * S], x[item, c * S:(c + 1) * S],
                                   mean[item])
                 sum_dy[item, c] = s
                 dot[item, c] = t
@@ -246,10 +174,10 @@ def _reduce_rows(first, second, centre, gradient, rows_per_item, part_a, part_b)
         stop = (chunk + 1) * S // chunks
         for row in range(row0, min(row0 + rows_per_item, rows)):
             if gradient:
-                part_a[row, chunk], part_b[row, chunk] = _grad_sums(
+                part_a[row, chunk], part_b[row, chunk] = grad_sums(
                     first[row, start:stop], second[row, start:stop], centre[row])
             else:
-                part_a[row, chunk], part_b[row, chunk] = _shifted_sums(
+                part_a[row, chunk], part_b[row, chunk] = shifted_sums(
                     first[row, start:stop], centre[row])
 
 
