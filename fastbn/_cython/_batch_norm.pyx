@@ -24,6 +24,7 @@ from cython.parallel cimport prange
 from libc.math cimport sqrt, isfinite
 from fastbn._cython._openmp_helpers cimport effective_threads
 from libc.stdlib cimport calloc, free
+from fastbn._cython._arrays cimport data
 
 cnp.import_array()
 
@@ -331,9 +332,6 @@ cdef int backward(const floating* dyp, const floating* xp, const floating* w,
 # Python entry points. The caller (fastbn/batch_norm.py) has checked every
 # argument: one float dtype, C-contiguous arrays, 3-D views of x / y. Raw data
 # pointers keep the per-call cost low (no buffer acquisition per argument).
-
-cdef inline void* data(object array):
-    return NULL if array is None else cnp.PyArray_DATA(<cnp.ndarray>array)
 
 
 def batch_norm_forward(cnp.ndarray x, weight, bias, running_mean, running_var, bint training,

@@ -33,11 +33,15 @@ and n = D * S (as ATen's GroupNormBackward):
 and with statistics that do not depend on x (instance norm on running
 statistics) grad_x = dy * rstd * w_c.
 """
+cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt, isfinite
 from fastbn._cython._openmp_helpers cimport effective_threads
 from libc.stdlib cimport calloc, free
+from fastbn._cython._arrays cimport data
+
+cnp.import_array()
 
 # Values in one chunk-split item: big enough to amortise the per-item overhead,
 # small enough that N = 1 with few groups still gives every thread work.
@@ -608,36 +612,15 @@ cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
 
 
 # ---------------------------------------------------------------------------
-# Entry points (argument checks are the caller's job).
+# The kernels (argument checks are the caller's job).
 
-def group_norm_forward(const floating[:, :, ::1] x, object weight, object bias, double eps,
-                       bint compute_stats, floating[:, :, ::1] y,
-                       floating[:, ::1] mean, floating[:, ::1] rstd, object variance,
-                       bint channels_last, int n_threads):
-    cdef Py_ssize_t N = x.shape[0]
-    cdef Py_ssize_t C = x.shape[1] if not channels_last else x.shape[2]
-    cdef Py_ssize_t S = x.shape[2] if not channels_last else x.shape[1]
-    cdef Py_ssize_t G = mean.shape[1], D = C // G
+cdef int forward(const floating* xp, const floating* wp, const floating* bp, double eps,
+                 bint compute_stats, floating* yp, floating* meanp, floating* rstdp,
+                 double* varp, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
+                 bint channels_last, int n_threads) noexcept nogil:
+    """Returns 0, or -1 when the work arrays cannot be allocated."""
+    cdef Py_ssize_t D = C // G
     cdef Py_ssize_t item, n, g, c, k
-    cdef const floating[::1] w
-    cdef const floating[::1] b
-    cdef double[:, ::1] var_view
-    cdef const floating* wp = NULL
-    cdef const floating* bp = NULL
-    cdef double* varp = NULL
-    if weight is not None:
-        w = weight
-        wp = &w[0]
-    if bias is not None:
-        b = bias
-        bp = &b[0]
-    if variance is not None:
-        var_view = variance
-        varp = &var_view[0, 0]
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef floating* yp = &y[0, 0, 0]
-    cdef floating* meanp = &mean[0, 0]
-    cdef floating* rstdp = &rstd[0, 0]
     cdef Split split = make_split(N, C, S, G, channels_last)
     cdef int threads = effective_threads(n_threads, N * C * S, split.items)
 
@@ -647,7 +630,7 @@ def group_norm_forward(const floating[:, :, ::1] x, object weight, object bias, 
     if work == NULL or coef == NULL:
         free(work)
         free(coef)
-        raise MemoryError()
+        return -1
     cdef double* part_a = work
     cdef double* part_b = work + split.n_partials
     cdef double* sum_shifted = part_b + split.n_partials
@@ -657,92 +640,69 @@ def group_norm_forward(const floating[:, :, ::1] x, object weight, object bias, 
     cdef floating* offset = coef + 2 * N * C
     cdef double pivot, group_shifted, group_sq, var, rstd_g, centre_offset, alpha
     cdef Py_ssize_t count = D * S
-    try:
-        with nogil:
-            if split.whole_groups:
-                for item in prange(N * G, num_threads=threads, schedule="static"):
-                    g = item % G
-                    forward_group(xp + item * D * S, yp + item * D * S, D, S,
-                                  wp + g * D if wp != NULL else NULL,
-                                  bp + g * D if bp != NULL else NULL,
-                                  compute_stats, eps, meanp + item, rstdp + item,
-                                  varp + item if varp != NULL else NULL,
-                                  shift + item * D, scale + item * D, offset + item * D)
-            else:
+    if split.whole_groups:
+        for item in prange(N * G, num_threads=threads, schedule="static"):
+            g = item % G
+            forward_group(xp + item * D * S, yp + item * D * S, D, S,
+                          wp + g * D if wp != NULL else NULL,
+                          bp + g * D if bp != NULL else NULL,
+                          compute_stats, eps, meanp + item, rstdp + item,
+                          varp + item if varp != NULL else NULL,
+                          shift + item * D, scale + item * D, offset + item * D)
+    else:
+        if compute_stats:
+            for n in range(N):
+                for g in range(G):
+                    pivot = group_pivot(xp[(n * C + g * D) * S] if not channels_last
+                                        else xp[n * S * C + g * D])
+                    for c in range(g * D, (g + 1) * D):
+                        shift[n * C + c] = <floating>pivot
+            reduce_pass(xp, NULL, shift, N, C, S, channels_last, False, split, threads,
+                        part_a, part_b)
+            sum_partials(part_a, part_b, N, C, channels_last, split, sum_shifted, sum_sq)
+        for n in range(N):
+            for g in range(G):
+                k = n * G + g
                 if compute_stats:
-                    for n in range(N):
-                        for g in range(G):
-                            pivot = group_pivot(xp[(n * C + g * D) * S] if not channels_last
-                                                else xp[n * S * C + g * D])
-                            for c in range(g * D, (g + 1) * D):
-                                shift[n * C + c] = <floating>pivot
-                    reduce_pass(xp, NULL, shift, N, C, S, channels_last, False, split, threads,
-                                part_a, part_b)
-                    sum_partials(part_a, part_b, N, C, channels_last, split, sum_shifted, sum_sq)
-                for n in range(N):
-                    for g in range(G):
-                        k = n * G + g
-                        if compute_stats:
-                            group_shifted = 0.0
-                            group_sq = 0.0
-                            for c in range(n * C + g * D, n * C + (g + 1) * D):
-                                group_shifted += sum_shifted[c]
-                                group_sq += sum_sq[c]
-                            pivot = <double>shift[n * C + g * D]
-                            rstd_g = group_rstd(group_shifted, group_sq, count, eps, &var)
-                            centre_offset = group_shifted / count
-                            meanp[k] = <floating>(pivot + centre_offset)
-                            rstdp[k] = <floating>rstd_g
-                            if varp != NULL:
-                                varp[k] = var
-                        else:
-                            pivot = <double>meanp[k]
-                            rstd_g = <double>rstdp[k]
-                            centre_offset = 0.0
-                        for c in range(g * D, (g + 1) * D):
-                            alpha = rstd_g * (<double>wp[c] if wp != NULL else 1.0)
-                            shift[n * C + c] = <floating>pivot
-                            scale[n * C + c] = <floating>alpha
-                            offset[n * C + c] = <floating>((<double>bp[c] if bp != NULL else 0.0)
-                                                           - centre_offset * alpha)
-                elementwise_pass(xp, NULL, yp, shift, scale, offset, NULL,
-                                 N, C, S, channels_last, split, threads)
-    finally:
-        free(work)
-        free(coef)
+                    group_shifted = 0.0
+                    group_sq = 0.0
+                    for c in range(n * C + g * D, n * C + (g + 1) * D):
+                        group_shifted += sum_shifted[c]
+                        group_sq += sum_sq[c]
+                    pivot = <double>shift[n * C + g * D]
+                    rstd_g = group_rstd(group_shifted, group_sq, count, eps, &var)
+                    centre_offset = group_shifted / count
+                    meanp[k] = <floating>(pivot + centre_offset)
+                    rstdp[k] = <floating>rstd_g
+                    if varp != NULL:
+                        varp[k] = var
+                else:
+                    pivot = <double>meanp[k]
+                    rstd_g = <double>rstdp[k]
+                    centre_offset = 0.0
+                for c in range(g * D, (g + 1) * D):
+                    alpha = rstd_g * (<double>wp[c] if wp != NULL else 1.0)
+                    shift[n * C + c] = <floating>pivot
+                    scale[n * C + c] = <floating>alpha
+                    offset[n * C + c] = <floating>((<double>bp[c] if bp != NULL else 0.0)
+                                                   - centre_offset * alpha)
+        elementwise_pass(xp, NULL, yp, shift, scale, offset, NULL,
+                         N, C, S, channels_last, split, threads)
+    free(work)
+    free(coef)
+    return 0
 
 
-def group_norm_backward(const floating[:, :, ::1] grad_out, const floating[:, :, ::1] x,
-                        object weight, const floating[:, ::1] mean, const floating[:, ::1] rstd,
-                        bint stats_from_input, object grad_x, object grad_weight,
-                        object grad_bias, bint channels_last, int n_threads):
-    cdef Py_ssize_t N = x.shape[0]
-    cdef Py_ssize_t C = x.shape[1] if not channels_last else x.shape[2]
-    cdef Py_ssize_t S = x.shape[2] if not channels_last else x.shape[1]
-    cdef Py_ssize_t G = mean.shape[1], D = C // G
+cdef int backward(const floating* dyp, const floating* xp, const floating* wp,
+                  const floating* meanp, const floating* rstdp, bint stats_from_input,
+                  floating* dxp, floating* dwp, floating* dbp, Py_ssize_t N, Py_ssize_t C,
+                  Py_ssize_t S, Py_ssize_t G, bint channels_last, int n_threads) noexcept nogil:
+    """Returns 0, or -1 when the work arrays cannot be allocated. dxp, dwp, dbp: NULL
+    for the gradients not wanted."""
+    cdef Py_ssize_t D = C // G
     cdef Py_ssize_t item, n, g, c, k
-    cdef const floating[::1] w
-    cdef floating[:, :, ::1] dx
-    cdef floating[::1] dw
-    cdef floating[::1] db
-    cdef const floating* wp = NULL
-    cdef floating* dxp = NULL
-    if weight is not None:
-        w = weight
-        wp = &w[0]
-    if grad_x is not None:
-        dx = grad_x
-        dxp = &dx[0, 0, 0]
-    cdef bint want_dw = grad_weight is not None, want_db = grad_bias is not None
-    if want_dw:
-        dw = grad_weight
-    if want_db:
-        db = grad_bias
+    cdef bint want_dw = dwp != NULL, want_db = dbp != NULL
     cdef bint need_sums = want_dw or want_db or (dxp != NULL and stats_from_input)
-    cdef const floating* dyp = &grad_out[0, 0, 0]
-    cdef const floating* xp = &x[0, 0, 0]
-    cdef const floating* meanp = &mean[0, 0]
-    cdef const floating* rstdp = &rstd[0, 0]
     cdef Split split = make_split(N, C, S, G, channels_last)
     cdef int threads = effective_threads(n_threads, N * C * S, split.items)
 
@@ -752,7 +712,7 @@ def group_norm_backward(const floating[:, :, ::1] grad_out, const floating[:, :,
     if work == NULL or coef == NULL:
         free(work)
         free(coef)
-        raise MemoryError()
+        return -1
     cdef double* part_a = work
     cdef double* part_b = work + split.n_partials
     cdef double* sum_dy = part_b + split.n_partials
@@ -762,60 +722,122 @@ def group_norm_backward(const floating[:, :, ::1] grad_out, const floating[:, :,
     cdef floating* scale_x = coef + 2 * N * C
     cdef floating* offset = coef + 3 * N * C
     cdef double rstd_g, w_c, weighted_sum_dy, weighted_dot, total
-    try:
-        with nogil:
-            if split.whole_groups:
-                for item in prange(N * G, num_threads=threads, schedule="static"):
-                    g = item % G
-                    backward_group(dyp + item * D * S, xp + item * D * S,
-                                   dxp + item * D * S if dxp != NULL else NULL, D, S,
-                                   wp + g * D if wp != NULL else NULL,
-                                   meanp[item], <double>rstdp[item],
-                                   stats_from_input, need_sums,
-                                   sum_dy + item * D, dot + item * D,
-                                   shift + item * D, scale_dy + item * D,
-                                   scale_x + item * D, offset + item * D)
-            else:
-                if need_sums:
-                    for n in range(N):
-                        for c in range(C):
-                            shift[n * C + c] = meanp[n * G + c // D]
-                    reduce_pass(dyp, xp, shift, N, C, S, channels_last, True, split, threads,
-                                part_a, part_b)
-                    sum_partials(part_a, part_b, N, C, channels_last, split, sum_dy, dot)
-                if dxp != NULL:
-                    for n in range(N):
-                        for g in range(G):
-                            k = n * G + g
-                            rstd_g = <double>rstdp[k]
-                            weighted_sum_dy = 0.0
-                            weighted_dot = 0.0
-                            for c in range(g * D, (g + 1) * D):
-                                w_c = <double>wp[c] if wp != NULL else 1.0
-                                weighted_sum_dy += w_c * sum_dy[n * C + c]
-                                weighted_dot += w_c * dot[n * C + c]
-                            for c in range(g * D, (g + 1) * D):
-                                w_c = <double>wp[c] if wp != NULL else 1.0
-                                shift[n * C + c] = meanp[k]
-                                scale_dy[n * C + c] = <floating>(rstd_g * w_c)
-                                if stats_from_input:
-                                    scale_x[n * C + c] = <floating>(
-                                        -weighted_dot * rstd_g * rstd_g * rstd_g / (D * S))
-                                    offset[n * C + c] = <floating>(-weighted_sum_dy * rstd_g / (D * S))
-                    elementwise_pass(dyp, xp, dxp, shift, scale_dy, offset, scale_x,
-                                     N, C, S, channels_last, split, threads)
-            # Parameter gradients: sums over the batch in a fixed order.
-            for c in range(C):
-                if want_dw:
-                    total = 0.0
-                    for n in range(N):
-                        total += dot[n * C + c] * <double>rstdp[n * G + c // D]
-                    dw[c] = <floating>total
-                if want_db:
-                    total = 0.0
-                    for n in range(N):
-                        total += sum_dy[n * C + c]
-                    db[c] = <floating>total
-    finally:
-        free(work)
-        free(coef)
+    if split.whole_groups:
+        for item in prange(N * G, num_threads=threads, schedule="static"):
+            g = item % G
+            backward_group(dyp + item * D * S, xp + item * D * S,
+                           dxp + item * D * S if dxp != NULL else NULL, D, S,
+                           wp + g * D if wp != NULL else NULL,
+                           meanp[item], <double>rstdp[item],
+                           stats_from_input, need_sums,
+                           sum_dy + item * D, dot + item * D,
+                           shift + item * D, scale_dy + item * D,
+                           scale_x + item * D, offset + item * D)
+    else:
+        if need_sums:
+            for n in range(N):
+                for c in range(C):
+                    shift[n * C + c] = meanp[n * G + c // D]
+            reduce_pass(dyp, xp, shift, N, C, S, channels_last, True, split, threads,
+                        part_a, part_b)
+            sum_partials(part_a, part_b, N, C, channels_last, split, sum_dy, dot)
+        if dxp != NULL:
+            for n in range(N):
+                for g in range(G):
+                    k = n * G + g
+                    rstd_g = <double>rstdp[k]
+                    weighted_sum_dy = 0.0
+                    weighted_dot = 0.0
+                    for c in range(g * D, (g + 1) * D):
+                        w_c = <double>wp[c] if wp != NULL else 1.0
+                        weighted_sum_dy += w_c * sum_dy[n * C + c]
+                        weighted_dot += w_c * dot[n * C + c]
+                    for c in range(g * D, (g + 1) * D):
+                        w_c = <double>wp[c] if wp != NULL else 1.0
+                        shift[n * C + c] = meanp[k]
+                        scale_dy[n * C + c] = <floating>(rstd_g * w_c)
+                        if stats_from_input:
+                            scale_x[n * C + c] = <floating>(
+                                -weighted_dot * rstd_g * rstd_g * rstd_g / (D * S))
+                            offset[n * C + c] = <floating>(-weighted_sum_dy * rstd_g / (D * S))
+            elementwise_pass(dyp, xp, dxp, shift, scale_dy, offset, scale_x,
+                             N, C, S, channels_last, split, threads)
+    # Parameter gradients: sums over the batch in a fixed order.
+    for c in range(C):
+        if want_dw:
+            total = 0.0
+            for n in range(N):
+                total += dot[n * C + c] * <double>rstdp[n * G + c // D]
+            dwp[c] = <floating>total
+        if want_db:
+            total = 0.0
+            for n in range(N):
+                total += sum_dy[n * C + c]
+            dbp[c] = <floating>total
+    free(work)
+    free(coef)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Python entry points. The caller (fastbn/group_norm.py) has checked every
+# argument: one float dtype, C-contiguous arrays, 3-D views of x / y. Raw data
+# pointers keep the per-call cost low (no buffer acquisition per argument).
+
+def group_norm_forward(cnp.ndarray x, weight, bias, double eps, bint compute_stats,
+                       cnp.ndarray y, cnp.ndarray mean, cnp.ndarray rstd, variance,
+                       bint channels_last, int n_threads):
+    cdef Py_ssize_t N = x.shape[0]
+    cdef Py_ssize_t C = x.shape[2] if channels_last else x.shape[1]
+    cdef Py_ssize_t S = x.shape[1] if channels_last else x.shape[2]
+    cdef Py_ssize_t G = mean.shape[1]
+    cdef void* xp = data(x)
+    cdef void* wp = data(weight)
+    cdef void* bp = data(bias)
+    cdef void* yp = data(y)
+    cdef void* mp = data(mean)
+    cdef void* rp = data(rstd)
+    cdef double* varp = <double*>data(variance)
+    cdef int status
+    with nogil:
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+            status = forward(<const float*>xp, <const float*>wp, <const float*>bp, eps,
+                             compute_stats, <float*>yp, <float*>mp, <float*>rp, varp,
+                             N, C, S, G, channels_last, n_threads)
+        else:
+            status = forward(<const double*>xp, <const double*>wp, <const double*>bp, eps,
+                             compute_stats, <double*>yp, <double*>mp, <double*>rp, varp,
+                             N, C, S, G, channels_last, n_threads)
+    if status != 0:
+        raise MemoryError()
+
+
+def group_norm_backward(cnp.ndarray grad_out, cnp.ndarray x, weight, cnp.ndarray mean,
+                        cnp.ndarray rstd, bint stats_from_input, grad_x, grad_weight,
+                        grad_bias, bint channels_last, int n_threads):
+    cdef Py_ssize_t N = x.shape[0]
+    cdef Py_ssize_t C = x.shape[2] if channels_last else x.shape[1]
+    cdef Py_ssize_t S = x.shape[1] if channels_last else x.shape[2]
+    cdef Py_ssize_t G = mean.shape[1]
+    cdef void* dyp = data(grad_out)
+    cdef void* xp = data(x)
+    cdef void* wp = data(weight)
+    cdef void* mp = data(mean)
+    cdef void* rp = data(rstd)
+    cdef void* dxp = data(grad_x)
+    cdef void* dwp = data(grad_weight)
+    cdef void* dbp = data(grad_bias)
+    cdef int status
+    with nogil:
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+            status = backward(<const float*>dyp, <const float*>xp, <const float*>wp,
+                              <const float*>mp, <const float*>rp, stats_from_input,
+                              <float*>dxp, <float*>dwp, <float*>dbp,
+                              N, C, S, G, channels_last, n_threads)
+        else:
+            status = backward(<const double*>dyp, <const double*>xp, <const double*>wp,
+                              <const double*>mp, <const double*>rp, stats_from_input,
+                              <double*>dxp, <double*>dwp, <double*>dbp,
+                              N, C, S, G, channels_last, n_threads)
+    if status != 0:
+        raise MemoryError()
