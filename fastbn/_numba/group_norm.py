@@ -22,7 +22,7 @@ float64 when this module is imported (or loaded from numba's on-disk cache).
 import numpy as np
 from numba import njit, prange, types
 
-from fastbn._numba._runtime import HELPER_OPTIONS, JIT_OPTIONS, numba_threads
+from fastbn._numba._runtime import HELPER_OPTIONS, JIT_OPTIONS, run_kernel, serial
 from fastbn._numba._sums import grad_sums, shifted_sums
 
 # The work split's constants: the same as the Cython kernels'.
@@ -90,23 +90,24 @@ def _param(vector, c, default):
 
 
 # ---------------------------------------------------------------------------
-# Whole-group items: x, y, dy, dx are (N * G, D * S), one row per group.
+# Whole-group items: x, y, dy, dx are (N * G, D, S), one (D, S) block per group,
+# so that a channel's run is indexed whole (a slice with bounds known only at
+# run time costs numba more than a 49-value run does).
 
 @njit(parallel=True, **HELPER_OPTIONS)
 def _forward_groups(x, y, G, weight, bias, eps, compute_stats, mean, rstd, variance,
                     shift, scale, offset):
     """Statistics, then y, per group; mean, rstd, variance, shift are (N * G,),
     scale and offset (N * G, D) in x's type."""
-    items, D = scale.shape
-    S = x.shape[1] // D
+    items, D, S = x.shape
     for item in prange(items):
         g = item % G
-        row = x[item]
         if compute_stats:
-            shift[item] = _pivot(row[0])
-            sum_shifted, sum_sq = shifted_sums(row, shift[item])
-            rstd_g, var = _rstd(sum_shifted, sum_sq, row.size, eps)
-            centre_offset = sum_shifted / row.size  # mean - pivot
+            block = x[item].reshape(D * S)
+            shift[item] = _pivot(block[0])
+            sum_shifted, sum_sq = shifted_sums(block, shift[item])
+            rstd_g, var = _rstd(sum_shifted, sum_sq, block.size, eps)
+            centre_offset = sum_shifted / block.size  # mean - pivot
             mean[item] = np.float64(shift[item]) + centre_offset
             rstd[item] = rstd_g
             if variance.size > 0:
@@ -119,8 +120,7 @@ def _forward_groups(x, y, G, weight, bias, eps, compute_stats, mean, rstd, varia
             alpha = rstd_g * _param(weight, g * D + c, 1.0)
             scale[item, c] = alpha
             offset[item, c] = _param(bias, g * D + c, 0.0) - centre_offset * alpha
-            _affine(row[c * S:(c + 1) * S], y[item, c * S:(c + 1) * S],
-                    shift[item], scale[item, c], offset[item, c])
+            _affine(x[item, c], y[item, c], shift[item], scale[item, c], offset[item, c])
 
 
 @njit(parallel=True, **HELPER_OPTIONS)
@@ -128,8 +128,7 @@ def _backward_groups(dy, x, dx, G, weight, mean, rstd, stats_from_input, need_su
                      sum_dy, dot, shift, scale_dy, scale_x, offset):
     """Per-channel sums into sum_dy, dot (N * G, D), then grad_x per group (unless dx is empty).
     shift, scale_x, offset are (N * G,), scale_dy (N * G, D) in x's type."""
-    items, D = sum_dy.shape
-    S = x.shape[1] // D
+    items, D, S = x.shape
     for item in prange(items):
         g = item % G
         rstd_g = np.float64(rstd[item])
@@ -137,8 +136,7 @@ def _backward_groups(dy, x, dx, G, weight, mean, rstd, stats_from_input, need_su
         weighted_dot = 0.0
         if need_sums:
             for c in range(D):
-                s, t = grad_sums(dy[item, c * S:(c + 1) * S], x[item, c * S:(c + 1) * S],
-                                  mean[item])
+                s, t = grad_sums(dy[item, c], x[item, c], mean[item])
                 sum_dy[item, c] = s
                 dot[item, c] = t
                 w_c = _param(weight, g * D + c, 1.0)
@@ -152,8 +150,7 @@ def _backward_groups(dy, x, dx, G, weight, mean, rstd, stats_from_input, need_su
         offset[item] = -weighted_sum_dy * rstd_g / (D * S) if stats_from_input else 0.0
         for c in range(D):
             scale_dy[item, c] = rstd_g * _param(weight, g * D + c, 1.0)
-            _grad_input(dy[item, c * S:(c + 1) * S], x[item, c * S:(c + 1) * S],
-                        dx[item, c * S:(c + 1) * S], shift[item], scale_dy[item, c],
+            _grad_input(dy[item, c], x[item, c], dx[item, c], shift[item], scale_dy[item, c],
                         scale_x[item], offset[item])
 
 
@@ -261,8 +258,17 @@ def _elementwise_tiles(x, x2, y, shift, scale, offset, scale2, backward, rows_pe
                     y_row[j] = (x_row[j] - shift_n[j]) * scale_n[j] + offset_n[j]
 
 
+# The same passes for calls on one thread (see _runtime.serial).
+_forward_groups_serial = serial(_forward_groups)
+_backward_groups_serial = serial(_backward_groups)
+_reduce_rows_serial = serial(_reduce_rows)
+_elementwise_rows_serial = serial(_elementwise_rows)
+_reduce_tiles_serial = serial(_reduce_tiles)
+_elementwise_tiles_serial = serial(_elementwise_tiles)
+
+
 @njit(**HELPER_OPTIONS)
-def _channel_sums(first, second, centre, gradient, channels_last, split):
+def _channel_sums(first, second, centre, gradient, channels_last, split, parallel):
     """Per-(n, c) sums (N, C) of the chunk split, partials added in a fixed order."""
     _, _, rows_per_item, chunks, rows_per_block, row_blocks, channel_blocks = split
     N, C = centre.shape
@@ -270,14 +276,21 @@ def _channel_sums(first, second, centre, gradient, channels_last, split):
         S = first.shape[2]
         part_a = np.empty((N, C, chunks))
         part_b = np.empty((N, C, chunks))
-        _reduce_rows(first.reshape(N * C, S), second.reshape(N * C, S), centre.reshape(N * C),
-                     gradient, rows_per_item, part_a.reshape(N * C, chunks),
-                     part_b.reshape(N * C, chunks))
+        args = (first.reshape(N * C, S), second.reshape(N * C, S), centre.reshape(N * C),
+                gradient, rows_per_item, part_a.reshape(N * C, chunks),
+                part_b.reshape(N * C, chunks))
+        if parallel:
+            _reduce_rows(*args)
+        else:
+            _reduce_rows_serial(*args)
     else:
         part_a = np.empty((N, row_blocks, C))
         part_b = np.empty((N, row_blocks, C))
-        _reduce_tiles(first, second, centre, gradient, rows_per_block, channel_blocks,
-                      part_a, part_b)
+        args = (first, second, centre, gradient, rows_per_block, channel_blocks, part_a, part_b)
+        if parallel:
+            _reduce_tiles(*args)
+        else:
+            _reduce_tiles_serial(*args)
     total_a = np.zeros((N, C))
     total_b = np.zeros((N, C))
     for n in range(N):
@@ -294,16 +307,25 @@ def _channel_sums(first, second, centre, gradient, channels_last, split):
 
 
 @njit(**HELPER_OPTIONS)
-def _elementwise(x, x2, y, shift, scale, offset, scale2, backward, channels_last, split):
+def _elementwise(x, x2, y, shift, scale, offset, scale2, backward, channels_last, split,
+                 parallel):
     _, _, rows_per_item, chunks, rows_per_block, _, channel_blocks = split
     if not channels_last:
         N, C, S = x.shape
-        _elementwise_rows(x.reshape(N * C, S), x2.reshape(N * C, S), y.reshape(N * C, S),
-                          shift.reshape(N * C), scale.reshape(N * C), offset.reshape(N * C),
-                          scale2.reshape(N * C), backward, rows_per_item, chunks)
+        args = (x.reshape(N * C, S), x2.reshape(N * C, S), y.reshape(N * C, S),
+                shift.reshape(N * C), scale.reshape(N * C), offset.reshape(N * C),
+                scale2.reshape(N * C), backward, rows_per_item, chunks)
+        if parallel:
+            _elementwise_rows(*args)
+        else:
+            _elementwise_rows_serial(*args)
     else:
-        _elementwise_tiles(x, x2, y, shift, scale, offset, scale2, backward, rows_per_block,
-                           channel_blocks)
+        args = (x, x2, y, shift, scale, offset, scale2, backward, rows_per_block,
+                channel_blocks)
+        if parallel:
+            _elementwise_tiles(*args)
+        else:
+            _elementwise_tiles_serial(*args)
 
 
 # ---------------------------------------------------------------------------
@@ -325,7 +347,7 @@ def _forward_signature(dtype):
     tensor_in, vector_in = _array(dtype, 3, readonly=True), _array(dtype, 1, readonly=True)
     return types.void(tensor_in, vector_in, vector_in, types.float64, types.boolean,
                       _array(dtype, 3), _array(dtype, 2), _array(dtype, 2),
-                      _array(types.float64, 2), types.boolean, _SPLIT)
+                      _array(types.float64, 2), types.boolean, _SPLIT, types.boolean)
 
 
 def _backward_signature(dtype):
@@ -333,21 +355,25 @@ def _backward_signature(dtype):
     stats_in = _array(dtype, 2, readonly=True)
     return types.void(tensor_in, tensor_in, vector_in, stats_in, stats_in, types.boolean,
                       _array(dtype, 3), _array(dtype, 1), _array(dtype, 1), types.boolean,
-                      _SPLIT)
+                      _SPLIT, types.boolean)
 
 
 @njit(_signatures(_forward_signature), **JIT_OPTIONS)
 def _forward_kernel(x, weight, bias, eps, compute_stats, y, mean, rstd, variance,
-                    channels_last, split):
+                    channels_last, split, parallel):
     N, G = mean.shape
     C = x.shape[2] if channels_last else x.shape[1]
     S = x.size // (N * C)
     D = C // G
     if split[0]:
-        _forward_groups(x.reshape(N * G, D * S), y.reshape(N * G, D * S), G, weight, bias, eps,
-                        compute_stats, mean.reshape(N * G), rstd.reshape(N * G),
-                        variance.reshape(variance.size), np.empty(N * G, x.dtype),
-                        np.empty((N * G, D), x.dtype), np.empty((N * G, D), x.dtype))
+        args = (x.reshape(N * G, D, S), y.reshape(N * G, D, S), G, weight, bias, eps,
+                compute_stats, mean.reshape(N * G), rstd.reshape(N * G),
+                variance.reshape(variance.size), np.empty(N * G, x.dtype),
+                np.empty((N * G, D), x.dtype), np.empty((N * G, D), x.dtype))
+        if parallel:
+            _forward_groups(*args)
+        else:
+            _forward_groups_serial(*args)
         return
     # The sums' centres: each group's pivot, a value of x's type.
     centre = np.empty((N, C), x.dtype)
@@ -357,7 +383,7 @@ def _forward_kernel(x, weight, bias, eps, compute_stats, y, mean, rstd, variance
             for g in range(G):
                 centre[n, g * D:(g + 1) * D] = _pivot(
                     x[n, 0, g * D] if channels_last else x[n, g * D, 0])
-        sum_shifted, sum_sq = _channel_sums(x, x, centre, False, channels_last, split)
+        sum_shifted, sum_sq = _channel_sums(x, x, centre, False, channels_last, split, parallel)
     shift = np.empty((N, C), x.dtype)
     scale = np.empty((N, C), x.dtype)
     offset = np.empty((N, C), x.dtype)
@@ -385,12 +411,12 @@ def _forward_kernel(x, weight, bias, eps, compute_stats, y, mean, rstd, variance
                 shift[n, c] = pivot
                 scale[n, c] = alpha
                 offset[n, c] = _param(bias, c, 0.0) - centre_offset * alpha
-    _elementwise(x, x, y, shift, scale, offset, scale, False, channels_last, split)
+    _elementwise(x, x, y, shift, scale, offset, scale, False, channels_last, split, parallel)
 
 
 @njit(_signatures(_backward_signature), **JIT_OPTIONS)
 def _backward_kernel(grad_out, x, weight, mean, rstd, stats_from_input, grad_x, grad_weight,
-                     grad_bias, channels_last, split):
+                     grad_bias, channels_last, split, parallel):
     N, G = mean.shape
     C = x.shape[2] if channels_last else x.shape[1]
     S = x.size // (N * C)
@@ -400,12 +426,15 @@ def _backward_kernel(grad_out, x, weight, mean, rstd, stats_from_input, grad_x, 
     if split[0]:
         sum_dy = np.zeros((N * G, D))
         dot = np.zeros((N * G, D))
-        rows = (N * G, D * S) if want_dx else (0, D * S)
-        _backward_groups(grad_out.reshape(N * G, D * S), x.reshape(N * G, D * S),
-                         grad_x.reshape(rows), G, weight, mean.reshape(N * G),
-                         rstd.reshape(N * G), stats_from_input, need_sums, sum_dy, dot,
-                         np.empty(N * G, x.dtype), np.empty((N * G, D), x.dtype),
-                         np.empty(N * G, x.dtype), np.empty(N * G, x.dtype))
+        blocks = (N * G, D, S) if want_dx else (0, D, S)
+        args = (grad_out.reshape(N * G, D, S), x.reshape(N * G, D, S), grad_x.reshape(blocks),
+                G, weight, mean.reshape(N * G), rstd.reshape(N * G), stats_from_input,
+                need_sums, sum_dy, dot, np.empty(N * G, x.dtype), np.empty((N * G, D), x.dtype),
+                np.empty(N * G, x.dtype), np.empty(N * G, x.dtype))
+        if parallel:
+            _backward_groups(*args)
+        else:
+            _backward_groups_serial(*args)
         sum_dy = sum_dy.reshape(N, C)
         dot = dot.reshape(N, C)
     else:
@@ -416,7 +445,8 @@ def _backward_kernel(grad_out, x, weight, mean, rstd, stats_from_input, grad_x, 
             for n in range(N):
                 for c in range(C):
                     centre[n, c] = mean[n, c // D]
-            sum_dy, dot = _channel_sums(grad_out, x, centre, True, channels_last, split)
+            sum_dy, dot = _channel_sums(grad_out, x, centre, True, channels_last, split,
+                                        parallel)
         if want_dx:
             shift = np.empty((N, C), x.dtype)
             scale_dy = np.empty((N, C), x.dtype)
@@ -437,7 +467,7 @@ def _backward_kernel(grad_out, x, weight, mean, rstd, stats_from_input, grad_x, 
                             scale_x[n, c] = -weighted_dot * rstd_g * rstd_g * rstd_g / (D * S)
                             offset[n, c] = -weighted_sum_dy * rstd_g / (D * S)
             _elementwise(grad_out, x, grad_x, shift, scale_dy, offset, scale_x, True,
-                         channels_last, split)
+                         channels_last, split, parallel)
     # Parameter gradients: sums over the batch in a fixed order.
     for c in range(grad_weight.size):
         total = 0.0
@@ -474,18 +504,18 @@ def group_norm_forward(x, weight, bias, eps, compute_stats, y, mean, rstd, varia
                        channels_last, n_threads):
     absent = _ABSENT[x.dtype][0]
     split = _shape(x, mean.shape[1], channels_last)
-    with numba_threads(_threads(n_threads, x, split[1])):
-        _forward_kernel(x, absent if weight is None else weight, absent if bias is None else bias,
-                        eps, compute_stats, y, mean, rstd,
-                        _NO_VARIANCE if variance is None else variance, channels_last, split)
+    run_kernel(_forward_kernel, _threads(n_threads, x, split[1]),
+               x, absent if weight is None else weight, absent if bias is None else bias,
+               eps, compute_stats, y, mean, rstd,
+               _NO_VARIANCE if variance is None else variance, channels_last, split)
 
 
 def group_norm_backward(grad_out, x, weight, mean, rstd, stats_from_input,
                         grad_x, grad_weight, grad_bias, channels_last, n_threads):
     absent_vector, absent_tensor = _ABSENT[x.dtype]
     split = _shape(x, mean.shape[1], channels_last)
-    with numba_threads(_threads(n_threads, x, split[1])):
-        _backward_kernel(grad_out, x, absent_vector if weight is None else weight, mean, rstd,
-                         stats_from_input, absent_tensor if grad_x is None else grad_x,
-                         absent_vector if grad_weight is None else grad_weight,
-                         absent_vector if grad_bias is None else grad_bias, channels_last, split)
+    run_kernel(_backward_kernel, _threads(n_threads, x, split[1]),
+               grad_out, x, absent_vector if weight is None else weight, mean, rstd,
+               stats_from_input, absent_tensor if grad_x is None else grad_x,
+               absent_vector if grad_weight is None else grad_weight,
+               absent_vector if grad_bias is None else grad_bias, channels_last, split)
