@@ -26,12 +26,16 @@ the row's first values), which keeps the one-pass variance accurate on data
 with a large mean; y = ((x - pivot) * rstd + offset) * weight + bias keeps that
 accuracy in y.
 """
+cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport parallel, prange
 from libc.math cimport isfinite, sqrt
 from fastbn._cython._openmp_helpers cimport effective_threads
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
+from fastbn._cython._arrays cimport data
+
+cnp.import_array()
 
 cdef extern from *:
     """
@@ -565,135 +569,135 @@ cdef void backward(const floating* dy, const floating* x, const floating* centre
 
 
 # ---------------------------------------------------------------------------
-# Entry points (argument checks are the caller's job; inputs are never empty).
+# One call: the temporaries, then the driver (argument checks are the caller's
+# job; inputs are never empty). weight, bias, mean may be NULL: missing
+# parameters become weight 1 / bias 0, so one loop serves every case.
 
-cdef class Workspace:
-    """The temporaries of one call, freed with it."""
-    cdef void* memory
-
-    def __cinit__(self, size_t n_bytes):
-        self.memory = malloc(n_bytes if n_bytes > 0 else 1)
-        if self.memory == NULL:
-            raise MemoryError()
-
-    def __dealloc__(self):
-        free(self.memory)
-
-
-cdef run_forward(const floating[:, ::1] x, object weight, object bias, double eps,
-                 floating[:, ::1] y, object mean, floating[::1] rstd, bint centred,
-                 int n_threads):
-    cdef Py_ssize_t rows = x.shape[0], D = x.shape[1], j
+cdef int forward_call(const floating* x, const floating* weight, const floating* bias,
+                      double eps, floating* y, floating* mean, floating* rstd, Py_ssize_t rows,
+                      Py_ssize_t D, bint centred, int n_threads) noexcept nogil:
+    """Returns 0, or -1 when the temporaries cannot be allocated."""
     cdef Split split = make_split(rows, D)
     cdef int threads = effective_threads(n_threads, rows * D, split.items)
-    cdef const floating[::1] w_view
-    cdef const floating[::1] b_view
-    cdef floating[::1] mean_view
-    cdef Py_ssize_t n_sums = 2 * rows * split.chunks
-    # Missing parameters become weight 1 / bias 0, so one loop serves every case.
-    cdef Workspace workspace = Workspace(n_sums * sizeof(double)
-                                         + (3 * rows + 2 * D) * sizeof(floating))
-    cdef double* sums = <double*>workspace.memory
+    cdef Py_ssize_t n_sums = 2 * rows * split.chunks, j
+    cdef double* sums = <double*>malloc(n_sums * sizeof(double)
+                                        + (3 * rows + 2 * D) * sizeof(floating))
+    if sums == NULL:
+        return -1
     cdef floating* row_scalars = <floating*>(sums + n_sums)
     cdef floating* ones = row_scalars + 3 * rows
     cdef floating* zeros = ones + D
-    cdef const floating* w = ones
-    cdef const floating* b = zeros
-    cdef floating* mean_ptr = NULL
     for j in range(D):
         ones[j] = 1.0
         zeros[j] = 0.0
-    if weight is not None:
-        w_view = weight
-        w = &w_view[0]
-    if bias is not None:
-        b_view = bias
-        b = &b_view[0]
-    if mean is not None:
-        mean_view = mean
-        mean_ptr = &mean_view[0]
-    with nogil:
-        forward(&x[0, 0], w, b, &y[0, 0], mean_ptr, &rstd[0], rows, D, eps, centred, split,
-                threads, sums, row_scalars)
+    forward(x, weight if weight != NULL else ones, bias if bias != NULL else zeros, y, mean,
+            rstd, rows, D, eps, centred, split, threads, sums, row_scalars)
+    free(sums)
+    return 0
 
 
-cdef run_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x, object mean,
-                  const floating[::1] rstd, object weight, object grad_x, object grad_weight,
-                  object grad_bias, bint centred, int n_threads):
-    cdef Py_ssize_t rows = x.shape[0], D = x.shape[1], j
+cdef int backward_call(const floating* grad_out, const floating* x, const floating* mean,
+                       const floating* rstd, const floating* weight, floating* dx,
+                       floating* dw, floating* db, Py_ssize_t rows, Py_ssize_t D,
+                       bint centred, int n_threads) noexcept nogil:
+    """Returns 0, or -1 when the temporaries cannot be allocated. dx, dw, db: NULL for
+    the gradients not wanted; mean NULL (RMSNorm): rows are centred on 0."""
     cdef Split split = make_split(rows, D)
     cdef int threads = effective_threads(n_threads, rows * D, split.items)
-    cdef const floating[::1] w_view
-    cdef const floating[::1] mean_view
-    cdef floating[:, ::1] dx_view
-    cdef floating[::1] dw_view
-    cdef floating[::1] db_view
     cdef bint whole_rows = split.chunks == 1
-    cdef Py_ssize_t n_sums = 2 * rows * split.chunks
+    cdef Py_ssize_t n_sums = 2 * rows * split.chunks, j
     # Whole rows: each item's partial column sums (split rows add into the outputs).
     cdef Py_ssize_t n_parts = 0
     if whole_rows:
-        n_parts = split.row_items * D * ((grad_weight is not None) + (grad_bias is not None))
-    # Without a weight, w = 1; without a mean (RMSNorm), rows are centred on 0.
-    cdef Workspace workspace = Workspace(n_sums * sizeof(double)
-                                         + (4 * rows + D + n_parts) * sizeof(floating))
-    cdef double* sums = <double*>workspace.memory
+        n_parts = split.row_items * D * ((dw != NULL) + (db != NULL))
+    cdef double* sums = <double*>malloc(n_sums * sizeof(double)
+                                        + (4 * rows + D + n_parts) * sizeof(floating))
+    if sums == NULL:
+        return -1
     cdef floating* row_scalars = <floating*>(sums + n_sums)
     cdef floating* centre = row_scalars + 3 * rows
     cdef floating* ones = centre + rows
     cdef floating* parts = ones + D
-    cdef const floating* w = ones
-    cdef floating* dx = NULL
-    cdef floating* dw = NULL
-    cdef floating* db = NULL
-    cdef floating* dw_part = NULL
+    cdef floating* dw_part = parts if whole_rows and dw != NULL else NULL
     cdef floating* db_part = NULL
+    if whole_rows and db != NULL:
+        db_part = parts + (n_parts // 2 if dw != NULL else 0)
     memset(row_scalars, 0, 4 * rows * sizeof(floating))
     for j in range(D):
         ones[j] = 1.0
-    if weight is not None:
-        w_view = weight
-        w = &w_view[0]
-    if mean is not None:
-        mean_view = mean
-        centre = <floating*>&mean_view[0]
-    if grad_x is not None:
-        dx_view = grad_x
-        dx = &dx_view[0, 0]
-    if grad_weight is not None:
-        dw_view = grad_weight
-        dw = &dw_view[0]
-        if whole_rows:
-            dw_part = parts
-    if grad_bias is not None:
-        db_view = grad_bias
-        db = &db_view[0]
-        if whole_rows:
-            db_part = parts + (n_parts // 2 if dw_part != NULL else 0)
+    backward(grad_out, x, mean if mean != NULL else centre, rstd,
+             weight if weight != NULL else ones, dx, dw, db, rows, D, centred, split, threads,
+             sums, row_scalars, dw_part, db_part)
+    free(sums)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Python entry points. The caller (fastbn/layer_norm.py, fastbn/rms_norm.py) has
+# checked every argument: one float dtype, C-contiguous (rows, D) views. Raw data
+# pointers keep the per-call cost low (no buffer acquisition per argument).
+
+cdef run_forward(cnp.ndarray x, weight, bias, double eps, cnp.ndarray y, mean,
+                 cnp.ndarray rstd, bint centred, int n_threads):
+    cdef Py_ssize_t rows = x.shape[0], D = x.shape[1]
+    cdef void* xp = data(x)
+    cdef void* wp = data(weight)
+    cdef void* bp = data(bias)
+    cdef void* yp = data(y)
+    cdef void* mp = data(mean)
+    cdef void* rp = data(rstd)
+    cdef int status
     with nogil:
-        backward(&grad_out[0, 0], &x[0, 0], centre, &rstd[0], w, dx, dw, db, rows, D,
-                 centred, split, threads, sums, row_scalars, dw_part, db_part)
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+            status = forward_call(<const float*>xp, <const float*>wp, <const float*>bp, eps,
+                                  <float*>yp, <float*>mp, <float*>rp, rows, D, centred,
+                                  n_threads)
+        else:
+            status = forward_call(<const double*>xp, <const double*>wp, <const double*>bp,
+                                  eps, <double*>yp, <double*>mp, <double*>rp, rows, D,
+                                  centred, n_threads)
+    if status != 0:
+        raise MemoryError()
 
 
-def layer_norm_forward(const floating[:, ::1] x, object weight, object bias, double eps,
-                       floating[:, ::1] y, floating[::1] mean, floating[::1] rstd,
-                       int n_threads):
+cdef run_backward(cnp.ndarray grad_out, cnp.ndarray x, mean, cnp.ndarray rstd, weight,
+                  grad_x, grad_weight, grad_bias, bint centred, int n_threads):
+    cdef Py_ssize_t rows = x.shape[0], D = x.shape[1]
+    cdef void* dyp = data(grad_out)
+    cdef void* xp = data(x)
+    cdef void* mp = data(mean)
+    cdef void* rp = data(rstd)
+    cdef void* wp = data(weight)
+    cdef void* dxp = data(grad_x)
+    cdef void* dwp = data(grad_weight)
+    cdef void* dbp = data(grad_bias)
+    cdef int status
+    with nogil:
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+            status = backward_call(<const float*>dyp, <const float*>xp, <const float*>mp,
+                                   <const float*>rp, <const float*>wp, <float*>dxp,
+                                   <float*>dwp, <float*>dbp, rows, D, centred, n_threads)
+        else:
+            status = backward_call(<const double*>dyp, <const double*>xp, <const double*>mp,
+                                   <const double*>rp, <const double*>wp, <double*>dxp,
+                                   <double*>dwp, <double*>dbp, rows, D, centred, n_threads)
+    if status != 0:
+        raise MemoryError()
+
+
+def layer_norm_forward(x, weight, bias, double eps, y, mean, rstd, int n_threads):
     run_forward(x, weight, bias, eps, y, mean, rstd, True, n_threads)
 
 
-def layer_norm_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
-                        const floating[::1] mean, const floating[::1] rstd, object weight,
-                        object grad_x, object grad_weight, object grad_bias, int n_threads):
+def layer_norm_backward(grad_out, x, mean, rstd, weight, grad_x, grad_weight, grad_bias,
+                        int n_threads):
     run_backward(grad_out, x, mean, rstd, weight, grad_x, grad_weight, grad_bias, True,
                  n_threads)
 
 
-def rms_norm_forward(const floating[:, ::1] x, object weight, double eps, floating[:, ::1] y,
-                     floating[::1] rstd, int n_threads):
+def rms_norm_forward(x, weight, double eps, y, rstd, int n_threads):
     run_forward(x, weight, None, eps, y, None, rstd, False, n_threads)
 
 
-def rms_norm_backward(const floating[:, ::1] grad_out, const floating[:, ::1] x,
-                      const floating[::1] rstd, object weight, object grad_x,
-                      object grad_weight, int n_threads):
+def rms_norm_backward(grad_out, x, rstd, weight, grad_x, grad_weight, int n_threads):
     run_backward(grad_out, x, None, rstd, weight, grad_x, grad_weight, None, False, n_threads)
