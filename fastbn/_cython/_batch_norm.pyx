@@ -102,34 +102,47 @@ cdef extern from "_batch_norm_loops.h" nogil:
 # `part_b` hold one partial per (row, chunk) for channels-first and one per
 # (row block, channel) for channels-last.
 
+cdef inline void reduce_item(const floating* first, const floating* second,
+                             const double* centre, Py_ssize_t C, Py_ssize_t S,
+                             bint channels_last, Split split, Py_ssize_t item,
+                             double* part_a, double* part_b) noexcept nogil:
+    """One item's sums: shifted sums of first (second == NULL) or gradient sums (dy, x)."""
+    cdef Py_ssize_t block = item // split.inner
+    cdef Py_ssize_t chunk = item - block * split.inner
+    cdef Py_ssize_t row0 = block * split.rows_per_block
+    cdef Py_ssize_t row1 = min(row0 + split.rows_per_block, split.rows)
+    cdef Py_ssize_t c0, c1
+    if not channels_last:
+        if floating is float:
+            fastbn_cf_sums_float(first, second, S, C, row0, row1, chunk * S // split.inner,
+                                 (chunk + 1) * S // split.inner, split.inner, chunk,
+                                 centre, part_a, part_b)
+        else:
+            fastbn_cf_sums_double(first, second, S, C, row0, row1, chunk * S // split.inner,
+                                  (chunk + 1) * S // split.inner, split.inner, chunk,
+                                  centre, part_a, part_b)
+    else:
+        c0 = chunk * CHANNEL_BLOCK
+        c1 = min(c0 + CHANNEL_BLOCK, C)
+        if floating is float:
+            fastbn_cl_sums_float(first, second, C, row0, row1, c0, c1, centre,
+                                 part_a + block * C, part_b + block * C)
+        else:
+            fastbn_cl_sums_double(first, second, C, row0, row1, c0, c1, centre,
+                                  part_a + block * C, part_b + block * C)
+
+
 cdef void reduce_pass(const floating* first, const floating* second, const double* centre,
                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
                       Split split, int n_threads, double* part_a, double* part_b) noexcept nogil:
-    """Per-item sums: shifted sums of first (second == NULL) or gradient sums (dy, x)."""
-    cdef Py_ssize_t item, block, chunk, row0, row1, c0, c1
+    """Every item's sums (see reduce_item)."""
+    cdef Py_ssize_t item
+    if n_threads == 1:  # no OpenMP region: starting one costs about 0.5 us, on one thread too
+        for item in range(split.items):
+            reduce_item(first, second, centre, C, S, channels_last, split, item, part_a, part_b)
+        return
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
-        block = item // split.inner
-        chunk = item - block * split.inner
-        row0 = block * split.rows_per_block
-        row1 = min(row0 + split.rows_per_block, split.rows)
-        if not channels_last:
-            if floating is float:
-                fastbn_cf_sums_float(first, second, S, C, row0, row1, chunk * S // split.inner,
-                                     (chunk + 1) * S // split.inner, split.inner, chunk,
-                                     centre, part_a, part_b)
-            else:
-                fastbn_cf_sums_double(first, second, S, C, row0, row1, chunk * S // split.inner,
-                                      (chunk + 1) * S // split.inner, split.inner, chunk,
-                                      centre, part_a, part_b)
-        else:
-            c0 = chunk * CHANNEL_BLOCK
-            c1 = min(c0 + CHANNEL_BLOCK, C)
-            if floating is float:
-                fastbn_cl_sums_float(first, second, C, row0, row1, c0, c1, centre,
-                                     part_a + block * C, part_b + block * C)
-            else:
-                fastbn_cl_sums_double(first, second, C, row0, row1, c0, c1, centre,
-                                      part_a + block * C, part_b + block * C)
+        reduce_item(first, second, centre, C, S, channels_last, split, item, part_a, part_b)
 
 
 cdef void sum_partials(const double* part_a, const double* part_b, Py_ssize_t N, Py_ssize_t C,
@@ -153,6 +166,37 @@ cdef void sum_partials(const double* part_a, const double* part_b, Py_ssize_t N,
                 total_b[c] += part_b[block * C + c]
 
 
+cdef inline void elementwise_item(const floating* x, const floating* x2, floating* y,
+                                  const floating* shift, const floating* scale,
+                                  const floating* offset, const floating* scale2,
+                                  Py_ssize_t C, Py_ssize_t S, bint channels_last, Split split,
+                                  Py_ssize_t item) noexcept nogil:
+    """One item of elementwise_pass."""
+    cdef Py_ssize_t block = item // split.inner
+    cdef Py_ssize_t chunk = item - block * split.inner
+    cdef Py_ssize_t row0 = block * split.rows_per_block
+    cdef Py_ssize_t row1 = min(row0 + split.rows_per_block, split.rows)
+    cdef Py_ssize_t c0, c1
+    if not channels_last:
+        if floating is float:
+            fastbn_cf_elementwise_float(x, x2, y, S, C, row0, row1, chunk * S // split.inner,
+                                        (chunk + 1) * S // split.inner, shift, scale, scale2,
+                                        offset)
+        else:
+            fastbn_cf_elementwise_double(x, x2, y, S, C, row0, row1, chunk * S // split.inner,
+                                         (chunk + 1) * S // split.inner, shift, scale, scale2,
+                                         offset)
+    else:
+        c0 = chunk * CHANNEL_BLOCK
+        c1 = min(c0 + CHANNEL_BLOCK, C)
+        if floating is float:
+            fastbn_cl_elementwise_float(x, x2, y, C, row0, row1, c0, c1, shift, scale,
+                                        scale2, offset)
+        else:
+            fastbn_cl_elementwise_double(x, x2, y, C, row0, row1, c0, c1, shift, scale,
+                                         scale2, offset)
+
+
 cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
                            const floating* shift, const floating* scale, const floating* offset,
                            const floating* scale2,
@@ -160,31 +204,15 @@ cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
                            Split split, int n_threads) noexcept nogil:
     """y = (x - shift) * scale + offset, or with x2 given (backward):
     y = x * scale + (x2 - shift) * scale2 + offset, all per channel."""
-    cdef Py_ssize_t item, block, chunk, row0, row1, c0, c1
+    cdef Py_ssize_t item
+    if n_threads == 1:  # no OpenMP region, as in reduce_pass
+        for item in range(split.items):
+            elementwise_item(x, x2, y, shift, scale, offset, scale2, C, S, channels_last, split,
+                             item)
+        return
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
-        block = item // split.inner
-        chunk = item - block * split.inner
-        row0 = block * split.rows_per_block
-        row1 = min(row0 + split.rows_per_block, split.rows)
-        if not channels_last:
-            if floating is float:
-                fastbn_cf_elementwise_float(x, x2, y, S, C, row0, row1, chunk * S // split.inner,
-                                            (chunk + 1) * S // split.inner, shift, scale, scale2,
-                                            offset)
-            else:
-                fastbn_cf_elementwise_double(x, x2, y, S, C, row0, row1,
-                                             chunk * S // split.inner,
-                                             (chunk + 1) * S // split.inner, shift, scale,
-                                             scale2, offset)
-        else:
-            c0 = chunk * CHANNEL_BLOCK
-            c1 = min(c0 + CHANNEL_BLOCK, C)
-            if floating is float:
-                fastbn_cl_elementwise_float(x, x2, y, C, row0, row1, c0, c1, shift, scale,
-                                            scale2, offset)
-            else:
-                fastbn_cl_elementwise_double(x, x2, y, C, row0, row1, c0, c1, shift, scale,
-                                             scale2, offset)
+        elementwise_item(x, x2, y, shift, scale, offset, scale2, C, S, channels_last, split,
+                         item)
 
 
 # ---------------------------------------------------------------------------

@@ -441,16 +441,28 @@ cdef inline double group_pivot(floating value) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------
-# Whole-group items (channels-first): x, y, dy, dx point at the group's first
-# value, w and b at its first channel's parameter (NULL when absent), and the
-# coefficient arrays (shift, scale, ...) at the group's D per-channel slots.
+# Whole-group items (channels-first): item = n * G + g. The pointers are those of
+# the whole arrays (w, b, var_out NULL when absent); each function moves them to
+# the item's group: its D * S values, its D channels' parameters and its D
+# per-channel coefficient slots.
 
-cdef void forward_group(const floating* x, floating* y, Py_ssize_t D, Py_ssize_t S,
-                        const floating* w, const floating* b, bint compute_stats, double eps,
-                        floating* mean_out, floating* rstd_out, double* var_out,
-                        floating* shift, floating* scale, floating* offset) noexcept nogil:
-    cdef Py_ssize_t c, count = D * S
+cdef inline void forward_group(Py_ssize_t item, Py_ssize_t G, const floating* x, floating* y,
+                        Py_ssize_t D, Py_ssize_t S, const floating* w, const floating* b,
+                        bint compute_stats, double eps, floating* mean_out, floating* rstd_out,
+                        double* var_out, floating* shift, floating* scale,
+                        floating* offset) noexcept nogil:
+    cdef Py_ssize_t c, count = D * S, g = item % G
     cdef double sum_shifted, sum_sq, var, rstd, centre_offset = 0.0, alpha
+    x += item * count
+    y += item * count
+    w = w + g * D if w != NULL else NULL
+    b = b + g * D if b != NULL else NULL
+    mean_out += item
+    rstd_out += item
+    var_out = var_out + item if var_out != NULL else NULL
+    shift += item * D
+    scale += item * D
+    offset += item * D
     if compute_stats:
         shift[0] = <floating>group_pivot(x[0])
         shifted_sums(x, 1, count, shift, &sum_shifted, &sum_sq)
@@ -471,14 +483,27 @@ cdef void forward_group(const floating* x, floating* y, Py_ssize_t D, Py_ssize_t
     runs_elementwise(x, NULL, y, D, S, shift, scale, offset, NULL)
 
 
-cdef void backward_group(const floating* dy, const floating* x, floating* dx,
-                         Py_ssize_t D, Py_ssize_t S, const floating* w, floating mean,
-                         double rstd, bint stats_from_input, bint need_sums,
-                         double* sum_dy, double* dot, floating* shift, floating* scale_dy,
-                         floating* scale_x, floating* offset) noexcept nogil:
-    """Per-channel sums into sum_dy[0:D], dot[0:D]; then grad_x unless dx is NULL."""
-    cdef Py_ssize_t c
+cdef inline void backward_group(Py_ssize_t item, Py_ssize_t G, const floating* dy, const floating* x,
+                         floating* dx, Py_ssize_t D, Py_ssize_t S, const floating* w,
+                         const floating* mean_in, const floating* rstd_in,
+                         bint stats_from_input, bint need_sums, double* sum_dy, double* dot,
+                         floating* shift, floating* scale_dy, floating* scale_x,
+                         floating* offset) noexcept nogil:
+    """The group's per-channel sums into sum_dy, dot; then grad_x unless dx is NULL."""
+    cdef Py_ssize_t c, g = item % G
     cdef double weighted_sum_dy = 0.0, weighted_dot = 0.0, w_c, b = 0.0, d = 0.0
+    cdef floating mean = mean_in[item]
+    cdef double rstd = <double>rstd_in[item]
+    dy += item * D * S
+    x += item * D * S
+    dx = dx + item * D * S if dx != NULL else NULL
+    w = w + g * D if w != NULL else NULL
+    sum_dy += item * D
+    dot += item * D
+    shift += item * D
+    scale_dy += item * D
+    scale_x += item * D
+    offset += item * D
     for c in range(D):
         shift[c] = mean
     if need_sums:
@@ -502,51 +527,66 @@ cdef void backward_group(const floating* dy, const floating* x, floating* dx,
 # ---------------------------------------------------------------------------
 # Chunk items: passes over the whole tensor with per-(n, c) partials and coefficients.
 
+cdef inline void reduce_item(const floating* first, const floating* second,
+                             const floating* centre, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                             bint channels_last, bint gradient, Split split, Py_ssize_t item,
+                             double* part_a, double* part_b) noexcept nogil:
+    """One item's partial sums: shifted_sums(first) or, when gradient,
+    grad_sums(dy=first, x=second), around centre[n * C + c]."""
+    cdef Py_ssize_t row0, row1, chunk, start, stop, n, c, rb, c0, c1, r0, r1, t, part, off
+    if not channels_last:
+        chunk = item % split.chunks
+        row0 = item // split.chunks * split.rows_per_item
+        row1 = row0 + split.rows_per_item
+        if row1 > N * C:
+            row1 = N * C
+        start = chunk * S // split.chunks
+        stop = (chunk + 1) * S // split.chunks
+        # Several whole rows (chunks == 1), or a piece of one row: consecutive runs,
+        # and their partials consecutive too.
+        off = row0 * S + start
+        part = row0 * split.chunks + chunk
+        if gradient:
+            grad_sums(first + off, second + off, row1 - row0, stop - start, centre + row0,
+                      &part_a[part], &part_b[part])
+        else:
+            shifted_sums(first + off, row1 - row0, stop - start, centre + row0,
+                         &part_a[part], &part_b[part])
+    else:
+        c0 = item % split.channel_blocks * CHANNEL_BLOCK
+        c1 = c0 + CHANNEL_BLOCK
+        if c1 > C:
+            c1 = C
+        t = item // split.channel_blocks
+        rb = t % split.row_blocks
+        n = t // split.row_blocks
+        r0 = rb * split.rows_per_block
+        r1 = r0 + split.rows_per_block
+        if r1 > S:
+            r1 = S
+        part = t * C + c0
+        for c in range(c1 - c0):
+            part_a[part + c] = 0.0
+            part_b[part + c] = 0.0
+        rows_sums(first + (n * S + r0) * C + c0,
+                  second + (n * S + r0) * C + c0 if gradient else NULL, gradient,
+                  r1 - r0, C, c1 - c0, centre + n * C + c0, part_a + part, part_b + part)
+
+
 cdef void reduce_pass(const floating* first, const floating* second, const floating* centre,
                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
                       bint gradient, Split split, int n_threads,
                       double* part_a, double* part_b) noexcept nogil:
-    """Per-item partial sums: shifted_sums(first) or, when gradient, grad_sums(dy=first, x=second),
-    around centre[n * C + c]."""
-    cdef Py_ssize_t item, row0, row1, chunk, start, stop, n, c, rb, c0, c1, r0, r1, t, part, off
+    """Every item's partial sums (see reduce_item)."""
+    cdef Py_ssize_t item
+    if n_threads == 1:  # no OpenMP region: starting one costs about 0.5 us, on one thread too
+        for item in range(split.items):
+            reduce_item(first, second, centre, N, C, S, channels_last, gradient, split, item,
+                        part_a, part_b)
+        return
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
-        if not channels_last:
-            chunk = item % split.chunks
-            row0 = item // split.chunks * split.rows_per_item
-            row1 = row0 + split.rows_per_item
-            if row1 > N * C:
-                row1 = N * C
-            start = chunk * S // split.chunks
-            stop = (chunk + 1) * S // split.chunks
-            # Several whole rows (chunks == 1), or a piece of one row: consecutive runs,
-            # and their partials consecutive too.
-            off = row0 * S + start
-            part = row0 * split.chunks + chunk
-            if gradient:
-                grad_sums(first + off, second + off, row1 - row0, stop - start, centre + row0,
-                          &part_a[part], &part_b[part])
-            else:
-                shifted_sums(first + off, row1 - row0, stop - start, centre + row0,
-                             &part_a[part], &part_b[part])
-        else:
-            c0 = item % split.channel_blocks * CHANNEL_BLOCK
-            c1 = c0 + CHANNEL_BLOCK
-            if c1 > C:
-                c1 = C
-            t = item // split.channel_blocks
-            rb = t % split.row_blocks
-            n = t // split.row_blocks
-            r0 = rb * split.rows_per_block
-            r1 = r0 + split.rows_per_block
-            if r1 > S:
-                r1 = S
-            part = t * C + c0
-            for c in range(c1 - c0):
-                part_a[part + c] = 0.0
-                part_b[part + c] = 0.0
-            rows_sums(first + (n * S + r0) * C + c0,
-                      second + (n * S + r0) * C + c0 if gradient else NULL, gradient,
-                      r1 - r0, C, c1 - c0, centre + n * C + c0, part_a + part, part_b + part)
+        reduce_item(first, second, centre, N, C, S, channels_last, gradient, split, item,
+                    part_a, part_b)
 
 
 cdef void sum_partials(const double* part_a, const double* part_b, Py_ssize_t N, Py_ssize_t C,
@@ -571,6 +611,44 @@ cdef void sum_partials(const double* part_a, const double* part_b, Py_ssize_t N,
                     total_b[n * C + c] += part_b[base + c]
 
 
+cdef inline void elementwise_item(const floating* x, const floating* x2, floating* y,
+                                  const floating* shift, const floating* scale,
+                                  const floating* offset, const floating* scale2,
+                                  Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
+                                  Split split, Py_ssize_t item) noexcept nogil:
+    """One item of elementwise_pass."""
+    cdef Py_ssize_t row0, row1, chunk, start, stop, n, rb, c0, c1, r0, r1, t, off, k
+    if not channels_last:
+        chunk = item % split.chunks
+        row0 = item // split.chunks * split.rows_per_item
+        row1 = row0 + split.rows_per_item
+        if row1 > N * C:
+            row1 = N * C
+        start = chunk * S // split.chunks
+        stop = (chunk + 1) * S // split.chunks
+        off = row0 * S + start
+        runs_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, row1 - row0,
+                         stop - start, shift + row0, scale + row0, offset + row0,
+                         scale2 + row0 if scale2 != NULL else NULL)
+    else:
+        c0 = item % split.channel_blocks * CHANNEL_BLOCK
+        c1 = c0 + CHANNEL_BLOCK
+        if c1 > C:
+            c1 = C
+        t = item // split.channel_blocks
+        rb = t % split.row_blocks
+        n = t // split.row_blocks
+        r0 = rb * split.rows_per_block
+        r1 = r0 + split.rows_per_block
+        if r1 > S:
+            r1 = S
+        off = (n * S + r0) * C + c0
+        k = n * C + c0
+        rows_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, r1 - r0, C,
+                         c1 - c0, shift + k, scale + k, offset + k,
+                         scale2 + k if scale2 != NULL else NULL)
+
+
 cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
                            const floating* shift, const floating* scale, const floating* offset,
                            const floating* scale2,
@@ -578,37 +656,15 @@ cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
                            Split split, int n_threads) noexcept nogil:
     """y = (x - shift) * scale + offset, or with x2 given (backward):
     y = x * scale + (x2 - shift) * scale2 + offset; coefficients per (n, c)."""
-    cdef Py_ssize_t item, row0, row1, chunk, start, stop, n, rb, c0, c1, r0, r1, t, off, k
+    cdef Py_ssize_t item
+    if n_threads == 1:  # no OpenMP region, as in reduce_pass
+        for item in range(split.items):
+            elementwise_item(x, x2, y, shift, scale, offset, scale2, N, C, S, channels_last,
+                             split, item)
+        return
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
-        if not channels_last:
-            chunk = item % split.chunks
-            row0 = item // split.chunks * split.rows_per_item
-            row1 = row0 + split.rows_per_item
-            if row1 > N * C:
-                row1 = N * C
-            start = chunk * S // split.chunks
-            stop = (chunk + 1) * S // split.chunks
-            off = row0 * S + start
-            runs_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, row1 - row0,
-                             stop - start, shift + row0, scale + row0, offset + row0,
-                             scale2 + row0 if scale2 != NULL else NULL)
-        else:
-            c0 = item % split.channel_blocks * CHANNEL_BLOCK
-            c1 = c0 + CHANNEL_BLOCK
-            if c1 > C:
-                c1 = C
-            t = item // split.channel_blocks
-            rb = t % split.row_blocks
-            n = t // split.row_blocks
-            r0 = rb * split.rows_per_block
-            r1 = r0 + split.rows_per_block
-            if r1 > S:
-                r1 = S
-            off = (n * S + r0) * C + c0
-            k = n * C + c0
-            rows_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, r1 - r0, C,
-                             c1 - c0, shift + k, scale + k, offset + k,
-                             scale2 + k if scale2 != NULL else NULL)
+        elementwise_item(x, x2, y, shift, scale, offset, scale2, N, C, S, channels_last, split,
+                         item)
 
 
 # ---------------------------------------------------------------------------
@@ -641,14 +697,14 @@ cdef int forward(const floating* xp, const floating* wp, const floating* bp, dou
     cdef double pivot, group_shifted, group_sq, var, rstd_g, centre_offset, alpha
     cdef Py_ssize_t count = D * S
     if split.whole_groups:
-        for item in prange(N * G, num_threads=threads, schedule="static"):
-            g = item % G
-            forward_group(xp + item * D * S, yp + item * D * S, D, S,
-                          wp + g * D if wp != NULL else NULL,
-                          bp + g * D if bp != NULL else NULL,
-                          compute_stats, eps, meanp + item, rstdp + item,
-                          varp + item if varp != NULL else NULL,
-                          shift + item * D, scale + item * D, offset + item * D)
+        if threads == 1:  # no OpenMP region (see reduce_pass)
+            for item in range(N * G):
+                forward_group(item, G, xp, yp, D, S, wp, bp, compute_stats, eps, meanp, rstdp,
+                              varp, shift, scale, offset)
+        else:
+            for item in prange(N * G, num_threads=threads, schedule="static"):
+                forward_group(item, G, xp, yp, D, S, wp, bp, compute_stats, eps, meanp, rstdp,
+                              varp, shift, scale, offset)
     else:
         if compute_stats:
             for n in range(N):
@@ -723,16 +779,14 @@ cdef int backward(const floating* dyp, const floating* xp, const floating* wp,
     cdef floating* offset = coef + 3 * N * C
     cdef double rstd_g, w_c, weighted_sum_dy, weighted_dot, total
     if split.whole_groups:
-        for item in prange(N * G, num_threads=threads, schedule="static"):
-            g = item % G
-            backward_group(dyp + item * D * S, xp + item * D * S,
-                           dxp + item * D * S if dxp != NULL else NULL, D, S,
-                           wp + g * D if wp != NULL else NULL,
-                           meanp[item], <double>rstdp[item],
-                           stats_from_input, need_sums,
-                           sum_dy + item * D, dot + item * D,
-                           shift + item * D, scale_dy + item * D,
-                           scale_x + item * D, offset + item * D)
+        if threads == 1:  # no OpenMP region (see reduce_pass)
+            for item in range(N * G):
+                backward_group(item, G, dyp, xp, dxp, D, S, wp, meanp, rstdp, stats_from_input,
+                               need_sums, sum_dy, dot, shift, scale_dy, scale_x, offset)
+        else:
+            for item in prange(N * G, num_threads=threads, schedule="static"):
+                backward_group(item, G, dyp, xp, dxp, D, S, wp, meanp, rstdp, stats_from_input,
+                               need_sums, sum_dy, dot, shift, scale_dy, scale_x, offset)
     else:
         if need_sums:
             for n in range(N):
