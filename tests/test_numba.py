@@ -231,6 +231,8 @@ def test_kernels_python_with_jit_disabled():
         import fastbn
         from fastbn._numba import batch_norm
         assert isinstance(batch_norm._forward_kernel, types.FunctionType)  # not compiled
+        # Small inputs on two threads too, for the parallel branches (prange is range here).
+        batch_norm.MIN_ELEMENTS_PER_THREAD = 1
 
         def channels_last(a):
             return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
@@ -238,6 +240,8 @@ def test_kernels_python_with_jit_disabled():
         def both_passes(x, weight, training, eps, backend, mask):
             C = x.shape[1]
             running_mean, running_var = np.linspace(-1, 1, C), np.linspace(0.5, 2, C)
+            # Read-only running statistics are fine where they are only read.
+            running_mean.flags.writeable = running_var.flags.writeable = training
             grad_out = np.random.default_rng(1).standard_normal(x.shape)
             with np.errstate(all="ignore"):
                 y, mean, invstd = fastbn.batch_norm_forward(
@@ -255,8 +259,9 @@ def test_kernels_python_with_jit_disabled():
             x = rng.standard_normal(shape) + 3
             x[:, 1] = 2.0  # a constant channel: with eps = 0, invstd 0
             x.reshape(shape[0], shape[1], -1)[-1, 0, -1] = np.nan  # channel 0 turns nan
-            for layout, training, (eps, weighted, mask) in itertools.product(
-                    ["contiguous", "channels_last"], [True, False], variants):
+            for threads, layout, training, (eps, weighted, mask) in itertools.product(
+                    [1, 2], ["contiguous", "channels_last"], [True, False], variants):
+                fastbn.set_num_threads(threads)
                 data = channels_last(x) if layout == "channels_last" else x
                 weight = np.linspace(0.5, 2, shape[1]) if weighted else None
                 got = both_passes(data, weight, training, eps, "numba", mask)
@@ -266,6 +271,97 @@ def test_kernels_python_with_jit_disabled():
                     if a is not None:
                         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
                         checked += 1
+        print(checked)
+    """, NUMBA_DISABLE_JIT="1")
+    assert int(out) > 0
+
+
+@needs_numba
+def test_norm_kernels_python_with_jit_disabled():
+    # As above, for the GroupNorm kernels (also InstanceNorm's) and the LayerNorm /
+    # RMSNorm ones. The shapes reach every work split: whole groups; per-row chunks
+    # of short and of long rows (S > 4096); channels-last tiles; LayerNorm's whole
+    # rows and few long rows (D > 4096).
+    out = run_python("""
+        import itertools
+        import types
+        import numpy as np
+        import fastbn
+        from fastbn._numba import group_norm, layer_norm
+        assert isinstance(group_norm._forward_kernel, types.FunctionType)  # not compiled
+        assert isinstance(layer_norm._moment_sums, types.FunctionType)
+        # Small inputs on two threads too, for the parallel branches (prange is range here).
+        group_norm.MIN_ELEMENTS_PER_THREAD = layer_norm.MIN_ELEMENTS_PER_THREAD = 1
+
+        def channels_last(a):
+            return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+        def group_passes(x, groups, weight, bias, mask, backend):
+            y, mean, rstd = fastbn.group_norm_forward(x, groups, weight, bias, backend=backend)
+            grad_out = np.random.default_rng(1).standard_normal(x.shape)
+            grads = fastbn.group_norm_backward(grad_out, x, mean, rstd, weight, groups,
+                                               output_mask=mask, backend=backend)
+            return [y, mean, rstd] + list(grads)
+
+        def instance_passes(x, weight, bias, mask, backend):
+            C = x.shape[1]
+            running_mean, running_var = np.linspace(-1, 1, C), np.linspace(0.5, 2, C)
+            results = []
+            for use_input_stats in (True, False):
+                y, mean, rstd = fastbn.instance_norm_forward(
+                    x, weight, bias, running_mean, running_var, use_input_stats,
+                    backend=backend)
+                grads = fastbn.instance_norm_backward(x, x, mean, rstd, weight,
+                                                      use_input_stats, output_mask=mask,
+                                                      backend=backend)
+                results += [y, mean, rstd, running_mean.copy(), running_var.copy()]
+                results += list(grads)
+            return results
+
+        def row_passes(x, D, weight, bias, mask, backend):
+            grad_out = np.random.default_rng(2).standard_normal(x.shape)
+            y, mean, rstd = fastbn.layer_norm_forward(x, (D,), weight, bias, backend=backend)
+            grads = fastbn.layer_norm_backward(grad_out, x, (D,), mean, rstd, weight, bias,
+                                               output_mask=mask, backend=backend)
+            y_rms, rstd_rms = fastbn.rms_norm_forward(x, (D,), weight, 1e-6, backend=backend)
+            grads_rms = fastbn.rms_norm_backward(grad_out, x, (D,), rstd_rms, weight,
+                                                 output_mask=mask[:2], backend=backend)
+            return [y, mean, rstd, y_rms, rstd_rms] + list(grads) + list(grads_rms)
+
+        def check(got, want):
+            assert len(got) == len(want)
+            for a, b in zip(got, want):
+                assert (a is None) == (b is None)
+                if a is not None:
+                    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+            return sum(a is not None for a in got)
+
+        rng = np.random.default_rng(0)
+        checked = 0
+        masks = [(True, True, True), (True, False, False), (False, True, True)]
+        # (shape, groups): whole groups; short-row chunks; long-row chunks.
+        for shape, groups in [((4, 8, 3, 3), 4), ((1, 6, 5), 2), ((1, 2, 4100), 1)]:
+            x = rng.standard_normal(shape) + 3
+            for threads, layout, affine, mask in itertools.product(
+                    [1, 2], ["contiguous", "channels_last"], [True, False], masks):
+                fastbn.set_num_threads(threads)
+                data = channels_last(x) if layout == "channels_last" else x
+                C = shape[1]
+                weight = np.linspace(0.5, 2, C) if affine else None
+                bias = np.linspace(-1, 1, C) if affine else None
+                checked += check(group_passes(data, groups, weight, bias, mask, "numba"),
+                                 group_passes(data, groups, weight, bias, mask, "numpy"))
+                checked += check(instance_passes(data, weight, bias, mask, "numba"),
+                                 instance_passes(data, weight, bias, mask, "numpy"))
+        # (rows, D): whole rows; few long rows cut into chunks.
+        for rows, D in [(70, 5), (3, 4100)]:
+            x = rng.standard_normal((rows, D)) + 3
+            for threads, affine, mask in itertools.product([1, 2], [True, False], masks):
+                fastbn.set_num_threads(threads)
+                weight = np.linspace(0.5, 2, D) if affine else None
+                bias = np.linspace(-1, 1, D) if affine else None
+                checked += check(row_passes(x, D, weight, bias, mask, "numba"),
+                                 row_passes(x, D, weight, bias, mask, "numpy"))
         print(checked)
     """, NUMBA_DISABLE_JIT="1")
     assert int(out) > 0
