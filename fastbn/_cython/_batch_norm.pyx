@@ -102,34 +102,45 @@ cdef extern from "_batch_norm_loops.h" nogil:
 # `part_b` hold one partial per (row, chunk) for channels-first and one per
 # (row block, channel) for channels-last.
 
+cdef struct Item:
+    Py_ssize_t block, row0, row1  # the item's block of rows [row0, row1)
+    Py_ssize_t chunk, start, stop  # channels-first: chunk `chunk` of a row, values start:stop
+    Py_ssize_t c0, c1  # channels-last: channels c0:c1
+
+
+cdef inline Item item_at(Split split, Py_ssize_t item, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    cdef Item it
+    it.block = item // split.inner
+    it.chunk = item - it.block * split.inner
+    it.row0 = it.block * split.rows_per_block
+    it.row1 = min(it.row0 + split.rows_per_block, split.rows)
+    it.start = it.chunk * S // split.inner
+    it.stop = (it.chunk + 1) * S // split.inner
+    it.c0 = it.chunk * CHANNEL_BLOCK
+    it.c1 = min(it.c0 + CHANNEL_BLOCK, C)
+    return it
+
+
 cdef inline void reduce_item(const floating* first, const floating* second,
                              const double* centre, Py_ssize_t C, Py_ssize_t S,
                              bint channels_last, Split split, Py_ssize_t item,
                              double* part_a, double* part_b) noexcept nogil:
     """One item's sums: shifted sums of first (second == NULL) or gradient sums (dy, x)."""
-    cdef Py_ssize_t block = item // split.inner
-    cdef Py_ssize_t chunk = item - block * split.inner
-    cdef Py_ssize_t row0 = block * split.rows_per_block
-    cdef Py_ssize_t row1 = min(row0 + split.rows_per_block, split.rows)
-    cdef Py_ssize_t c0, c1
+    cdef Item it = item_at(split, item, C, S)
     if not channels_last:
         if floating is float:
-            fastbn_cf_sums_float(first, second, S, C, row0, row1, chunk * S // split.inner,
-                                 (chunk + 1) * S // split.inner, split.inner, chunk,
-                                 centre, part_a, part_b)
+            fastbn_cf_sums_float(first, second, S, C, it.row0, it.row1, it.start, it.stop,
+                                 split.inner, it.chunk, centre, part_a, part_b)
         else:
-            fastbn_cf_sums_double(first, second, S, C, row0, row1, chunk * S // split.inner,
-                                  (chunk + 1) * S // split.inner, split.inner, chunk,
-                                  centre, part_a, part_b)
+            fastbn_cf_sums_double(first, second, S, C, it.row0, it.row1, it.start, it.stop,
+                                  split.inner, it.chunk, centre, part_a, part_b)
     else:
-        c0 = chunk * CHANNEL_BLOCK
-        c1 = min(c0 + CHANNEL_BLOCK, C)
         if floating is float:
-            fastbn_cl_sums_float(first, second, C, row0, row1, c0, c1, centre,
-                                 part_a + block * C, part_b + block * C)
+            fastbn_cl_sums_float(first, second, C, it.row0, it.row1, it.c0, it.c1, centre,
+                                 part_a + it.block * C, part_b + it.block * C)
         else:
-            fastbn_cl_sums_double(first, second, C, row0, row1, c0, c1, centre,
-                                  part_a + block * C, part_b + block * C)
+            fastbn_cl_sums_double(first, second, C, it.row0, it.row1, it.c0, it.c1, centre,
+                                  part_a + it.block * C, part_b + it.block * C)
 
 
 cdef void reduce_pass(const floating* first, const floating* second, const double* centre,
@@ -172,29 +183,21 @@ cdef inline void elementwise_item(const floating* x, const floating* x2, floatin
                                   Py_ssize_t C, Py_ssize_t S, bint channels_last, Split split,
                                   Py_ssize_t item) noexcept nogil:
     """One item of elementwise_pass."""
-    cdef Py_ssize_t block = item // split.inner
-    cdef Py_ssize_t chunk = item - block * split.inner
-    cdef Py_ssize_t row0 = block * split.rows_per_block
-    cdef Py_ssize_t row1 = min(row0 + split.rows_per_block, split.rows)
-    cdef Py_ssize_t c0, c1
+    cdef Item it = item_at(split, item, C, S)
     if not channels_last:
         if floating is float:
-            fastbn_cf_elementwise_float(x, x2, y, S, C, row0, row1, chunk * S // split.inner,
-                                        (chunk + 1) * S // split.inner, shift, scale, scale2,
-                                        offset)
+            fastbn_cf_elementwise_float(x, x2, y, S, C, it.row0, it.row1, it.start, it.stop,
+                                        shift, scale, scale2, offset)
         else:
-            fastbn_cf_elementwise_double(x, x2, y, S, C, row0, row1, chunk * S // split.inner,
-                                         (chunk + 1) * S // split.inner, shift, scale, scale2,
-                                         offset)
+            fastbn_cf_elementwise_double(x, x2, y, S, C, it.row0, it.row1, it.start, it.stop,
+                                         shift, scale, scale2, offset)
     else:
-        c0 = chunk * CHANNEL_BLOCK
-        c1 = min(c0 + CHANNEL_BLOCK, C)
         if floating is float:
-            fastbn_cl_elementwise_float(x, x2, y, C, row0, row1, c0, c1, shift, scale,
-                                        scale2, offset)
+            fastbn_cl_elementwise_float(x, x2, y, C, it.row0, it.row1, it.c0, it.c1, shift,
+                                        scale, scale2, offset)
         else:
-            fastbn_cl_elementwise_double(x, x2, y, C, row0, row1, c0, c1, shift, scale,
-                                         scale2, offset)
+            fastbn_cl_elementwise_double(x, x2, y, C, it.row0, it.row1, it.c0, it.c1, shift,
+                                         scale, scale2, offset)
 
 
 cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,

@@ -527,50 +527,61 @@ cdef inline void backward_group(Py_ssize_t item, Py_ssize_t G, const floating* d
 # ---------------------------------------------------------------------------
 # Chunk items: passes over the whole tensor with per-(n, c) partials and coefficients.
 
+cdef struct Piece:
+    # channels-first: rows (n * C + c) row0:row1, values start:stop of each, chunk `chunk`
+    Py_ssize_t row0, row1, chunk, start, stop
+    # channels-last: sample n, rows r0:r1 of its (S, C) matrix, channels c0:c1;
+    # tile = n * row_blocks + row block
+    Py_ssize_t n, tile, r0, r1, c0, c1
+
+
+cdef inline Piece piece_at(Split split, Py_ssize_t item, Py_ssize_t N, Py_ssize_t C,
+                           Py_ssize_t S, bint channels_last) noexcept nogil:
+    """What chunk item `item` covers."""
+    cdef Piece p
+    if not channels_last:
+        p.chunk = item % split.chunks
+        p.row0 = item // split.chunks * split.rows_per_item
+        p.row1 = min(p.row0 + split.rows_per_item, N * C)
+        p.start = p.chunk * S // split.chunks
+        p.stop = (p.chunk + 1) * S // split.chunks
+    else:
+        p.c0 = item % split.channel_blocks * CHANNEL_BLOCK
+        p.c1 = min(p.c0 + CHANNEL_BLOCK, C)
+        p.tile = item // split.channel_blocks
+        p.n = p.tile // split.row_blocks
+        p.r0 = p.tile % split.row_blocks * split.rows_per_block
+        p.r1 = min(p.r0 + split.rows_per_block, S)
+    return p
+
+
 cdef inline void reduce_item(const floating* first, const floating* second,
                              const floating* centre, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
                              bint channels_last, bint gradient, Split split, Py_ssize_t item,
                              double* part_a, double* part_b) noexcept nogil:
     """One item's partial sums: shifted_sums(first) or, when gradient,
     grad_sums(dy=first, x=second), around centre[n * C + c]."""
-    cdef Py_ssize_t row0, row1, chunk, start, stop, n, c, rb, c0, c1, r0, r1, t, part, off
+    cdef Piece p = piece_at(split, item, N, C, S, channels_last)
+    cdef Py_ssize_t c, part, off
     if not channels_last:
-        chunk = item % split.chunks
-        row0 = item // split.chunks * split.rows_per_item
-        row1 = row0 + split.rows_per_item
-        if row1 > N * C:
-            row1 = N * C
-        start = chunk * S // split.chunks
-        stop = (chunk + 1) * S // split.chunks
         # Several whole rows (chunks == 1), or a piece of one row: consecutive runs,
         # and their partials consecutive too.
-        off = row0 * S + start
-        part = row0 * split.chunks + chunk
+        off = p.row0 * S + p.start
+        part = p.row0 * split.chunks + p.chunk
         if gradient:
-            grad_sums(first + off, second + off, row1 - row0, stop - start, centre + row0,
-                      &part_a[part], &part_b[part])
+            grad_sums(first + off, second + off, p.row1 - p.row0, p.stop - p.start,
+                      centre + p.row0, &part_a[part], &part_b[part])
         else:
-            shifted_sums(first + off, row1 - row0, stop - start, centre + row0,
+            shifted_sums(first + off, p.row1 - p.row0, p.stop - p.start, centre + p.row0,
                          &part_a[part], &part_b[part])
     else:
-        c0 = item % split.channel_blocks * CHANNEL_BLOCK
-        c1 = c0 + CHANNEL_BLOCK
-        if c1 > C:
-            c1 = C
-        t = item // split.channel_blocks
-        rb = t % split.row_blocks
-        n = t // split.row_blocks
-        r0 = rb * split.rows_per_block
-        r1 = r0 + split.rows_per_block
-        if r1 > S:
-            r1 = S
-        part = t * C + c0
-        for c in range(c1 - c0):
+        part = p.tile * C + p.c0
+        for c in range(p.c1 - p.c0):
             part_a[part + c] = 0.0
             part_b[part + c] = 0.0
-        rows_sums(first + (n * S + r0) * C + c0,
-                  second + (n * S + r0) * C + c0 if gradient else NULL, gradient,
-                  r1 - r0, C, c1 - c0, centre + n * C + c0, part_a + part, part_b + part)
+        off = (p.n * S + p.r0) * C + p.c0
+        rows_sums(first + off, second + off if gradient else NULL, gradient, p.r1 - p.r0, C,
+                  p.c1 - p.c0, centre + p.n * C + p.c0, part_a + part, part_b + part)
 
 
 cdef void reduce_pass(const floating* first, const floating* second, const floating* centre,
@@ -617,35 +628,18 @@ cdef inline void elementwise_item(const floating* x, const floating* x2, floatin
                                   Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
                                   Split split, Py_ssize_t item) noexcept nogil:
     """One item of elementwise_pass."""
-    cdef Py_ssize_t row0, row1, chunk, start, stop, n, rb, c0, c1, r0, r1, t, off, k
+    cdef Piece p = piece_at(split, item, N, C, S, channels_last)
+    cdef Py_ssize_t off, k
     if not channels_last:
-        chunk = item % split.chunks
-        row0 = item // split.chunks * split.rows_per_item
-        row1 = row0 + split.rows_per_item
-        if row1 > N * C:
-            row1 = N * C
-        start = chunk * S // split.chunks
-        stop = (chunk + 1) * S // split.chunks
-        off = row0 * S + start
-        runs_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, row1 - row0,
-                         stop - start, shift + row0, scale + row0, offset + row0,
-                         scale2 + row0 if scale2 != NULL else NULL)
+        off = p.row0 * S + p.start
+        runs_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, p.row1 - p.row0,
+                         p.stop - p.start, shift + p.row0, scale + p.row0, offset + p.row0,
+                         scale2 + p.row0 if scale2 != NULL else NULL)
     else:
-        c0 = item % split.channel_blocks * CHANNEL_BLOCK
-        c1 = c0 + CHANNEL_BLOCK
-        if c1 > C:
-            c1 = C
-        t = item // split.channel_blocks
-        rb = t % split.row_blocks
-        n = t // split.row_blocks
-        r0 = rb * split.rows_per_block
-        r1 = r0 + split.rows_per_block
-        if r1 > S:
-            r1 = S
-        off = (n * S + r0) * C + c0
-        k = n * C + c0
-        rows_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, r1 - r0, C,
-                         c1 - c0, shift + k, scale + k, offset + k,
+        off = (p.n * S + p.r0) * C + p.c0
+        k = p.n * C + p.c0
+        rows_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, p.r1 - p.r0, C,
+                         p.c1 - p.c0, shift + k, scale + k, offset + k,
                          scale2 + k if scale2 != NULL else NULL)
 
 
