@@ -31,7 +31,7 @@ def kernel_view(x):
     """(view, channels_last): x as a 3-D C-contiguous view, copied only if it must be."""
     shape = x.shape
     N, C = shape[:2]
-    S = math.prod(shape[2:])
+    S = spatial_size(shape)
     if x.flags.c_contiguous:
         if S == 1:
             return x.reshape(N, 1, C), True

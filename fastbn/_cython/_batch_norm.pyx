@@ -108,16 +108,20 @@ cdef struct Item:
     Py_ssize_t c0, c1  # channels-last: channels c0:c1
 
 
-cdef inline Item item_at(Split split, Py_ssize_t item, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+cdef inline Item item_at(Split split, Py_ssize_t item, Py_ssize_t C, Py_ssize_t S,
+                         bint channels_last) noexcept nogil:
+    """What work item `item` covers."""
     cdef Item it
     it.block = item // split.inner
     it.chunk = item - it.block * split.inner
     it.row0 = it.block * split.rows_per_block
     it.row1 = min(it.row0 + split.rows_per_block, split.rows)
-    it.start = it.chunk * S // split.inner
-    it.stop = (it.chunk + 1) * S // split.inner
-    it.c0 = it.chunk * CHANNEL_BLOCK
-    it.c1 = min(it.c0 + CHANNEL_BLOCK, C)
+    if not channels_last:
+        it.start = it.chunk * S // split.inner
+        it.stop = (it.chunk + 1) * S // split.inner
+    else:
+        it.c0 = it.chunk * CHANNEL_BLOCK
+        it.c1 = min(it.c0 + CHANNEL_BLOCK, C)
     return it
 
 
@@ -126,7 +130,7 @@ cdef inline void reduce_item(const floating* first, const floating* second,
                              bint channels_last, Split split, Py_ssize_t item,
                              double* part_a, double* part_b) noexcept nogil:
     """One item's sums: shifted sums of first (second == NULL) or gradient sums (dy, x)."""
-    cdef Item it = item_at(split, item, C, S)
+    cdef Item it = item_at(split, item, C, S, channels_last)
     if not channels_last:
         if floating is float:
             fastbn_cf_sums_float(first, second, S, C, it.row0, it.row1, it.start, it.stop,
@@ -183,7 +187,7 @@ cdef inline void elementwise_item(const floating* x, const floating* x2, floatin
                                   Py_ssize_t C, Py_ssize_t S, bint channels_last, Split split,
                                   Py_ssize_t item) noexcept nogil:
     """One item of elementwise_pass."""
-    cdef Item it = item_at(split, item, C, S)
+    cdef Item it = item_at(split, item, C, S, channels_last)
     if not channels_last:
         if floating is float:
             fastbn_cf_elementwise_float(x, x2, y, S, C, it.row0, it.row1, it.start, it.stop,

@@ -447,10 +447,10 @@ cdef inline double group_pivot(floating value) noexcept nogil:
 # per-channel coefficient slots.
 
 cdef inline void forward_group(Py_ssize_t item, Py_ssize_t G, const floating* x, floating* y,
-                        Py_ssize_t D, Py_ssize_t S, const floating* w, const floating* b,
-                        bint compute_stats, double eps, floating* mean_out, floating* rstd_out,
-                        double* var_out, floating* shift, floating* scale,
-                        floating* offset) noexcept nogil:
+                               Py_ssize_t D, Py_ssize_t S, const floating* w, const floating* b,
+                               bint compute_stats, double eps, floating* mean_out,
+                               floating* rstd_out, double* var_out, floating* shift,
+                               floating* scale, floating* offset) noexcept nogil:
     cdef Py_ssize_t c, count = D * S, g = item % G
     cdef double sum_shifted, sum_sq, var, rstd, centre_offset = 0.0, alpha
     x += item * count
@@ -483,12 +483,13 @@ cdef inline void forward_group(Py_ssize_t item, Py_ssize_t G, const floating* x,
     runs_elementwise(x, NULL, y, D, S, shift, scale, offset, NULL)
 
 
-cdef inline void backward_group(Py_ssize_t item, Py_ssize_t G, const floating* dy, const floating* x,
-                         floating* dx, Py_ssize_t D, Py_ssize_t S, const floating* w,
-                         const floating* mean_in, const floating* rstd_in,
-                         bint stats_from_input, bint need_sums, double* sum_dy, double* dot,
-                         floating* shift, floating* scale_dy, floating* scale_x,
-                         floating* offset) noexcept nogil:
+cdef inline void backward_group(Py_ssize_t item, Py_ssize_t G, const floating* dy,
+                                const floating* x, floating* dx, Py_ssize_t D, Py_ssize_t S,
+                                const floating* w, const floating* mean_in,
+                                const floating* rstd_in, bint stats_from_input, bint need_sums,
+                                double* sum_dy, double* dot, floating* shift,
+                                floating* scale_dy, floating* scale_x,
+                                floating* offset) noexcept nogil:
     """The group's per-channel sums into sum_dy, dot; then grad_x unless dx is NULL."""
     cdef Py_ssize_t c, g = item % G
     cdef double weighted_sum_dy = 0.0, weighted_dot = 0.0, w_c, b = 0.0, d = 0.0

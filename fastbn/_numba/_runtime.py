@@ -16,6 +16,10 @@ JIT_OPTIONS = dict(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy
 # each caller's, and so of the caller's cache entry; caching them as well would
 # only write files that are never read.
 HELPER_OPTIONS = dict(JIT_OPTIONS, cache=False)
+# For helpers called once per short run: inlined into the caller's numba IR. LLVM
+# leaves a call to a function with a vectorised loop in place, and a call per run
+# costs as much as a run of 49 values (7 x 7 maps).
+INLINE_OPTIONS = dict(HELPER_OPTIONS, inline="always")
 
 
 def _thread_count_functions():

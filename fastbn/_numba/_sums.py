@@ -10,22 +10,19 @@ slower per run (measured on 4096 runs of 49, 196 and 784 float32 values).
 
 The centre (pivot or mean) is a value of x's type, so x - centre is exact for
 values near it, which keeps the sum of squares accurate on data with a large mean.
-Both helpers are inlined into their callers: a call per short run costs about
-as much as the run.
+Both helpers are inlined into their callers (INLINE_OPTIONS).
 """
 import numpy as np
 from numba import njit
 
-from fastbn._numba._runtime import HELPER_OPTIONS
+from fastbn._numba._runtime import INLINE_OPTIONS
 
 # Values summed in x's type before the sum goes to float64: LLVM spreads a block
 # over 4 vectors of 16 float32 lanes, 16 values per lane.
 BLOCK = 1024
 
-_INLINE = dict(HELPER_OPTIONS, inline="always")
 
-
-@njit(**_INLINE)
+@njit(**INLINE_OPTIONS)
 def shifted_sums(x, centre):
     """sum(x - centre) and sum((x - centre)**2) over the 1-D run x, in float64."""
     total = 0.0
@@ -44,7 +41,7 @@ def shifted_sums(x, centre):
     return total, total_sq
 
 
-@njit(**_INLINE)
+@njit(**INLINE_OPTIONS)
 def grad_sums(dy, x, mean):
     """sum(dy) and sum((x - mean) * dy) over the 1-D runs dy and x, in float64."""
     total = 0.0

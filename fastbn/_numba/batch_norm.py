@@ -26,7 +26,8 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from fastbn._numba._runtime import HELPER_OPTIONS, JIT_OPTIONS, run_kernel, serial
+from fastbn._numba._runtime import (HELPER_OPTIONS, INLINE_OPTIONS, JIT_OPTIONS, run_kernel,
+                                    serial)
 from fastbn._numba._sums import grad_sums, shifted_sums
 
 # Values in one work item: big enough to amortise the per-item overhead, small
@@ -38,11 +39,6 @@ CHANNEL_BLOCK = 256
 # An item holds at most CHUNK_ELEMENTS values, so there are always more items
 # than the threads this allows.
 MIN_ELEMENTS_PER_THREAD = 16384
-
-# The per-item helpers are inlined where they are called: LLVM leaves a call to
-# a function with a vectorised loop in place, and a call per short run costs
-# as much as the run (S = 49 for 7 x 7 images).
-INLINE_OPTIONS = dict(HELPER_OPTIONS, inline="always")
 
 
 # ---------------------------------------------------------------------------
