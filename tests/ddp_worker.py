@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fastbn.nn as fnn
-from fastbn.benchmarks.resnet import ResNet
+from fastbn.benchmarks.models import ResNet
 
 
 def train(model, rank, steps=2):

@@ -18,7 +18,7 @@ from torch import nn
 import fastbn
 import fastbn.nn as fnn
 from conftest import tolerance
-from fastbn.benchmarks.resnet import ResNet
+from fastbn.benchmarks.models import ResNet
 
 MODULES = {  # name: (fastbn class, torch class, input shape, memory format)
     "1d_NC": (fnn.BatchNorm1d, nn.BatchNorm1d, (6, 5), torch.contiguous_format),

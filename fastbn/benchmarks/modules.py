@@ -173,7 +173,7 @@ class ResNetCase:
     def __init__(self, batch, image_size=RESNET_IMAGE_SIZE, widths=None, seed=0):
         import torch
 
-        from fastbn.benchmarks.resnet import ResNet
+        from fastbn.benchmarks.models import ResNet
 
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
