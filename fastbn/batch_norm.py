@@ -4,7 +4,7 @@ Modelled on ATen's `native_batch_norm` / `native_batch_norm_backward`.
 """
 import numpy as np
 
-from fastbn import _layout, _validation
+from fastbn import _activations, _layout, _validation
 from fastbn._backends import load_backend
 from fastbn._threads import get_num_threads
 
@@ -16,7 +16,8 @@ def _check_input(x):
 
 
 def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
-                       training=False, momentum=0.1, eps=1e-5, *, out=None, backend=None):
+                       training=False, momentum=0.1, eps=1e-5, *, activation=None,
+                       negative_slope=0.01, out=None, backend=None):
     """Batch normalization forward, as ``torch.native_batch_norm``.
 
     Parameters
@@ -34,6 +35,13 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         Normalize with the batch statistics (True) or the running ones (False).
     momentum : float
     eps : float, >= 0
+    activation : {None, "identity", "relu", "relu6", "silu", "hardswish", "leaky_relu"}
+        Applied to the normalized output in the same pass (fused BatchNorm +
+        activation): y = act(BatchNorm(x)), as torch's activation after its BatchNorm.
+        Pass the same `activation` to :func:`batch_norm_backward`.
+    negative_slope : float
+        leaky_relu's slope for negative values (torch's default 0.01); other
+        activations ignore it.
     out : ndarray, optional
         Written with y and returned. Any layout; one other than x's costs a copy.
         It may be x itself.
@@ -59,6 +67,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     weight, bias, running_mean, running_var = _validation.check_channel_parameters(
         x, weight, bias, running_mean, running_var)
     eps = _validation.check_eps(eps)
+    activation = _activations.activation_code(activation)
+    negative_slope = _activations.check_negative_slope(negative_slope) if activation else 0.0
     training = bool(training)
     # Only training reads momentum.
     momentum = _validation.check_real("momentum", momentum) if training else 0.0
@@ -92,7 +102,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     var_buffer = _validation.contiguous_buffer(running_var)
     kernels.batch_norm_forward(x_view, weight, bias, mean_buffer, var_buffer, training,
                                momentum, eps, y_view, save_mean, save_invstd, channels_last,
-                               get_num_threads())
+                               get_num_threads(), activation, negative_slope)
     if training:  # write a strided running statistic's update back (eval only reads them)
         if mean_buffer is not running_mean:
             np.copyto(running_mean, mean_buffer)
@@ -104,7 +114,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
 
 
 def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training, *,
-                        output_mask=(True, True, True), out=None, backend=None):
+                        output_mask=(True, True, True), activation=None, bias=None,
+                        negative_slope=0.01, out=None, backend=None):
     """Batch normalization backward, as ``torch.native_batch_norm_backward``.
 
     Parameters
@@ -121,6 +132,13 @@ def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training, *
     output_mask : three bools
         Which of (grad_x, grad_weight, grad_bias) to compute; the others are
         returned as None and cost nothing.
+    activation : str or None
+        The forward's fused activation: grad_out is then the gradient of its output
+        y = act(z), and z is recomputed from x, the statistics, `weight` and `bias`.
+    bias : ndarray of shape (C,) or None
+        The forward's bias; read only with an activation (z depends on it).
+    negative_slope : float
+        The forward's, for leaky_relu.
     out : ndarray, optional
         Written with grad_x and returned (any layout; it may be grad_out itself).
     backend : {"cython", "numba", "numpy"}, optional
@@ -144,6 +162,12 @@ def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training, *
     save_mean = _validation.check_vector("save_mean", save_mean, C, x)
     save_invstd = _validation.check_vector("save_invstd", save_invstd, C, x)
     want_x, want_weight, want_bias = _validation.check_mask(output_mask, 3)
+    activation = _activations.activation_code(activation)
+    if activation:
+        bias = _validation.check_vector("bias", bias, C, x)
+        negative_slope = _activations.check_negative_slope(negative_slope)
+    else:
+        bias, negative_slope = None, 0.0
     training = bool(training)
     kernels = load_backend(backend)
 
@@ -161,7 +185,7 @@ def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training, *
     grad_out_view = _layout.view_or_copy_as_layout(grad_out, x_view, channels_last)
     kernels.batch_norm_backward(grad_out_view, x_view, weight, save_mean, save_invstd, training,
                                 grad_x_view, grad_weight, grad_bias, channels_last,
-                                get_num_threads())
+                                get_num_threads(), activation, negative_slope, bias)
     if copy_into is not None:
         np.copyto(grad_x, copy_into)
     return grad_x, grad_weight, grad_bias

@@ -73,28 +73,48 @@ cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_la
 cdef extern from "_batch_norm_loops.h" nogil:
     void fastbn_cf_sums_float(const float*, const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                               Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                              const double*, double*, double*)
+                              const double*, double*, double*, int, float, const float*,
+                              const float*, const float*)
     void fastbn_cf_sums_double(const double*, const double*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                               const double*, double*, double*)
+                               const double*, double*, double*, int, double, const double*,
+                               const double*, const double*)
     void fastbn_cf_elementwise_float(const float*, const float*, float*, Py_ssize_t, Py_ssize_t,
                                      Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                                     const float*, const float*, const float*, const float*)
+                                     const float*, const float*, const float*, const float*,
+                                     int, float, const float*, const float*)
     void fastbn_cf_elementwise_double(const double*, const double*, double*, Py_ssize_t,
                                       Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                       const double*, const double*, const double*,
-                                      const double*)
+                                      const double*, int, double, const double*, const double*)
     void fastbn_cl_sums_float(const float*, const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                              Py_ssize_t, Py_ssize_t, const double*, double*, double*)
+                              Py_ssize_t, Py_ssize_t, const double*, double*, double*, int,
+                              float, const float*, const float*, const float*)
     void fastbn_cl_sums_double(const double*, const double*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                               Py_ssize_t, Py_ssize_t, const double*, double*, double*)
+                               Py_ssize_t, Py_ssize_t, const double*, double*, double*, int,
+                               double, const double*, const double*, const double*)
     void fastbn_cl_elementwise_float(const float*, const float*, float*, Py_ssize_t, Py_ssize_t,
                                      Py_ssize_t, Py_ssize_t, Py_ssize_t, const float*,
-                                     const float*, const float*, const float*)
+                                     const float*, const float*, const float*, int, float,
+                                     const float*, const float*)
     void fastbn_cl_elementwise_double(const double*, const double*, double*, Py_ssize_t,
                                       Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
                                       const double*, const double*, const double*,
-                                      const double*)
+                                      const double*, int, double, const double*, const double*)
+
+
+# The fused activation of a pass (fastbn/_activations.py): its code (0: none), leaky_relu's
+# slope and, in the backward, what recomputes the BatchNorm output z from x:
+# z = (x - mean) * za + zb per channel (mean: the forward's save_mean).
+cdef struct Activation:
+    int code
+    double slope
+    const void* mean
+    const void* za
+    const void* zb
+
+
+cdef Activation NO_ACTIVATION = Activation(0, 0.0, NULL, NULL, NULL)
 
 
 # ---------------------------------------------------------------------------
@@ -128,36 +148,47 @@ cdef inline Item item_at(Split split, Py_ssize_t item, Py_ssize_t C, Py_ssize_t 
 cdef inline void reduce_item(const floating* first, const floating* second,
                              const double* centre, Py_ssize_t C, Py_ssize_t S,
                              bint channels_last, Split split, Py_ssize_t item,
-                             double* part_a, double* part_b) noexcept nogil:
-    """One item's sums: shifted sums of first (second == NULL) or gradient sums (dy, x)."""
+                             double* part_a, double* part_b, Activation act) noexcept nogil:
+    """One item's sums: shifted sums of first (second == NULL) or gradient sums (dy, x),
+    dy first taken through the activation's derivative."""
     cdef Item it = item_at(split, item, C, S, channels_last)
     if not channels_last:
         if floating is float:
             fastbn_cf_sums_float(first, second, S, C, it.row0, it.row1, it.start, it.stop,
-                                 split.inner, it.chunk, centre, part_a, part_b)
+                                 split.inner, it.chunk, centre, part_a, part_b, act.code,
+                                 <float>act.slope, <const float*>act.mean,
+                                 <const float*>act.za, <const float*>act.zb)
         else:
             fastbn_cf_sums_double(first, second, S, C, it.row0, it.row1, it.start, it.stop,
-                                  split.inner, it.chunk, centre, part_a, part_b)
+                                  split.inner, it.chunk, centre, part_a, part_b, act.code,
+                                  act.slope, <const double*>act.mean, <const double*>act.za,
+                                  <const double*>act.zb)
     else:
         if floating is float:
             fastbn_cl_sums_float(first, second, C, it.row0, it.row1, it.c0, it.c1, centre,
-                                 part_a + it.block * C, part_b + it.block * C)
+                                 part_a + it.block * C, part_b + it.block * C, act.code,
+                                 <float>act.slope, <const float*>act.mean,
+                                 <const float*>act.za, <const float*>act.zb)
         else:
             fastbn_cl_sums_double(first, second, C, it.row0, it.row1, it.c0, it.c1, centre,
-                                  part_a + it.block * C, part_b + it.block * C)
+                                  part_a + it.block * C, part_b + it.block * C, act.code,
+                                  act.slope, <const double*>act.mean, <const double*>act.za,
+                                  <const double*>act.zb)
 
 
 cdef void reduce_pass(const floating* first, const floating* second, const double* centre,
                       Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
-                      Split split, int n_threads, double* part_a, double* part_b) noexcept nogil:
+                      Split split, int n_threads, double* part_a, double* part_b,
+                      Activation act) noexcept nogil:
     """Every item's sums (see reduce_item)."""
     cdef Py_ssize_t item
     if n_threads == 1:  # no OpenMP region: starting one costs about 0.5 us, on one thread too
         for item in range(split.items):
-            reduce_item(first, second, centre, C, S, channels_last, split, item, part_a, part_b)
+            reduce_item(first, second, centre, C, S, channels_last, split, item, part_a, part_b,
+                        act)
         return
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
-        reduce_item(first, second, centre, C, S, channels_last, split, item, part_a, part_b)
+        reduce_item(first, second, centre, C, S, channels_last, split, item, part_a, part_b, act)
 
 
 cdef void sum_partials(const double* part_a, const double* part_b, Py_ssize_t N, Py_ssize_t C,
@@ -185,41 +216,46 @@ cdef inline void elementwise_item(const floating* x, const floating* x2, floatin
                                   const floating* shift, const floating* scale,
                                   const floating* offset, const floating* scale2,
                                   Py_ssize_t C, Py_ssize_t S, bint channels_last, Split split,
-                                  Py_ssize_t item) noexcept nogil:
+                                  Py_ssize_t item, Activation act) noexcept nogil:
     """One item of elementwise_pass."""
     cdef Item it = item_at(split, item, C, S, channels_last)
     if not channels_last:
         if floating is float:
             fastbn_cf_elementwise_float(x, x2, y, S, C, it.row0, it.row1, it.start, it.stop,
-                                        shift, scale, scale2, offset)
+                                        shift, scale, scale2, offset, act.code,
+                                        <float>act.slope, <const float*>act.za,
+                                        <const float*>act.zb)
         else:
             fastbn_cf_elementwise_double(x, x2, y, S, C, it.row0, it.row1, it.start, it.stop,
-                                         shift, scale, scale2, offset)
+                                         shift, scale, scale2, offset, act.code, act.slope,
+                                         <const double*>act.za, <const double*>act.zb)
     else:
         if floating is float:
             fastbn_cl_elementwise_float(x, x2, y, C, it.row0, it.row1, it.c0, it.c1, shift,
-                                        scale, scale2, offset)
+                                        scale, scale2, offset, act.code, <float>act.slope,
+                                        <const float*>act.za, <const float*>act.zb)
         else:
             fastbn_cl_elementwise_double(x, x2, y, C, it.row0, it.row1, it.c0, it.c1, shift,
-                                         scale, scale2, offset)
+                                         scale, scale2, offset, act.code, act.slope,
+                                         <const double*>act.za, <const double*>act.zb)
 
 
 cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
                            const floating* shift, const floating* scale, const floating* offset,
                            const floating* scale2,
                            Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
-                           Split split, int n_threads) noexcept nogil:
-    """y = (x - shift) * scale + offset, or with x2 given (backward):
-    y = x * scale + (x2 - shift) * scale2 + offset, all per channel."""
+                           Split split, int n_threads, Activation act) noexcept nogil:
+    """y = act((x - shift) * scale + offset), or with x2 given (backward):
+    y = g * scale + (x2 - shift) * scale2 + offset, g = x * act'(z), all per channel."""
     cdef Py_ssize_t item
     if n_threads == 1:  # no OpenMP region, as in reduce_pass
         for item in range(split.items):
             elementwise_item(x, x2, y, shift, scale, offset, scale2, C, S, channels_last, split,
-                             item)
+                             item, act)
         return
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
         elementwise_item(x, x2, y, shift, scale, offset, scale2, C, S, channels_last, split,
-                         item)
+                         item, act)
 
 
 # ---------------------------------------------------------------------------
@@ -229,7 +265,7 @@ cdef int forward(const floating* xp, const floating* w, const floating* b,
                  floating* rm, floating* rv, bint training, double momentum, double eps,
                  floating* yp, floating* save_mean, floating* save_invstd,
                  Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
-                 int n_threads) noexcept nogil:
+                 int n_threads, int activation, double slope) noexcept nogil:
     """Returns -1 when out of memory, else 0."""
     cdef Py_ssize_t count = N * S, c
     cdef Split split = make_split(N, C, S, channels_last)
@@ -262,7 +298,7 @@ cdef int forward(const floating* xp, const floating* w, const floating* b,
             if not isfinite(pivot[c]):
                 pivot[c] = 0.0
         reduce_pass(xp, <const floating*>NULL, pivot, N, C, S, channels_last, split, threads,
-                    part_a, part_b)
+                    part_a, part_b, NO_ACTIVATION)
         sum_partials(part_a, part_b, N, C, channels_last, split, sum_shifted, sum_sq)
     for c in range(C):
         if training:
@@ -294,18 +330,21 @@ cdef int forward(const floating* xp, const floating* w, const floating* b,
         save_mean[c] = <floating>mean
         save_invstd[c] = <floating>invstd
     elementwise_pass(xp, NULL, yp, shift, scale, offset, NULL, N, C, S, channels_last, split,
-                     threads)
+                     threads, Activation(activation, slope, NULL, NULL, NULL))
     free(work)
     free(coef)
     return 0
 
 
 cdef int backward(const floating* dyp, const floating* xp, const floating* w,
-                  const floating* save_mean, const floating* save_invstd, bint training,
-                  floating* dx, floating* dw, floating* db,
+                  const floating* bias, const floating* save_mean, const floating* save_invstd,
+                  bint training, floating* dx, floating* dw, floating* db,
                   Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
-                  int n_threads) noexcept nogil:
-    """Outputs that are NULL are skipped. Returns -1 when out of memory, else 0."""
+                  int n_threads, int activation, double slope) noexcept nogil:
+    """Outputs that are NULL are skipped. Returns -1 when out of memory, else 0.
+
+    With an activation, dyp is the gradient of act(z) and z = (x - mean) * invstd * w + b is
+    recomputed from x: both passes take dy through act'(z) first."""
     cdef Py_ssize_t count = N * S, c
     # Pass 1 is needed for the parameter gradients, and for dx in training.
     cdef bint need_sums = dw != NULL or db != NULL or (dx != NULL and training)
@@ -313,7 +352,7 @@ cdef int backward(const floating* dyp, const floating* xp, const floating* w,
     cdef int threads = effective_threads(n_threads, N * C * S, split.items)
     cdef Py_ssize_t n_partials = split.rows * split.inner if not channels_last else split.blocks * C
     cdef double* work = <double*>calloc(2 * n_partials + 3 * C, sizeof(double))
-    cdef floating* coef = <floating*>calloc(4 * C, sizeof(floating))
+    cdef floating* coef = <floating*>calloc(6 * C, sizeof(floating))
     if work == NULL or coef == NULL:
         free(work)
         free(coef)
@@ -327,13 +366,20 @@ cdef int backward(const floating* dyp, const floating* xp, const floating* w,
     cdef floating* scale_dy = coef + C
     cdef floating* scale_x = coef + 2 * C
     cdef floating* offset = coef + 3 * C
+    cdef floating* z_scale = coef + 4 * C
+    cdef floating* z_offset = coef + 5 * C
     cdef double invstd, w_c, k
     cdef double inv_count = 1.0 / count
+    cdef Activation act = Activation(activation, slope, mean_f, z_scale, z_offset)
     for c in range(C):
         centre[c] = <double>save_mean[c]
+        mean_f[c] = save_mean[c]
+        if activation:
+            z_scale[c] = <floating>(<double>save_invstd[c] * (<double>w[c] if w != NULL else 1.0))
+            z_offset[c] = bias[c] if bias != NULL else 0.0
     if need_sums:
         reduce_pass(dyp, xp, centre, N, C, S, channels_last, split, threads,
-                    part_a, part_b)
+                    part_a, part_b, act)
         sum_partials(part_a, part_b, N, C, channels_last, split, sum_dy, dot)
     for c in range(C):
         invstd = <double>save_invstd[c]
@@ -342,22 +388,22 @@ cdef int backward(const floating* dyp, const floating* xp, const floating* w,
             dw[c] = <floating>(dot[c] * invstd)
         if db != NULL:
             db[c] = <floating>sum_dy[c]
-        # training: dx = (dy - sum_dy/n - (x - mean) * dot * invstd^2 / n) * invstd * w
-        # eval:     dx = dy * invstd * w
-        mean_f[c] = save_mean[c]
+        # training: dx = (g - sum_g/n - (x - mean) * dot * invstd^2 / n) * invstd * w
+        # eval:     dx = g * invstd * w          (g = dy, or dy * act'(z))
         scale_dy[c] = <floating>(invstd * w_c)
         if training:
             k = dot[c] * invstd * invstd * inv_count
             scale_x[c] = <floating>(-k * invstd * w_c)
             offset[c] = <floating>(-sum_dy[c] * inv_count * invstd * w_c)
     if dx != NULL:
-        if training:
+        if training or activation:
+            # In eval mode scale_x and offset are zero (calloc): x is read only for z.
             elementwise_pass(dyp, xp, dx, mean_f, scale_dy, offset, scale_x,
-                             N, C, S, channels_last, split, threads)
+                             N, C, S, channels_last, split, threads, act)
         else:
             # scale_x and offset are zero (calloc): dx = (dy - 0) * scale_dy + 0.
             elementwise_pass(dyp, NULL, dx, scale_x, scale_dy, offset, NULL,
-                             N, C, S, channels_last, split, threads)
+                             N, C, S, channels_last, split, threads, NO_ACTIVATION)
     free(work)
     free(coef)
     return 0
@@ -371,7 +417,8 @@ cdef int backward(const floating* dyp, const floating* xp, const floating* w,
 
 def batch_norm_forward(cnp.ndarray x, weight, bias, running_mean, running_var, bint training,
                        double momentum, double eps, cnp.ndarray y, cnp.ndarray save_mean,
-                       cnp.ndarray save_invstd, bint channels_last, int n_threads):
+                       cnp.ndarray save_invstd, bint channels_last, int n_threads,
+                       int activation=0, double negative_slope=0.0):
     cdef Py_ssize_t N = x.shape[0]
     cdef Py_ssize_t C = x.shape[2] if channels_last else x.shape[1]
     cdef Py_ssize_t S = x.shape[1] if channels_last else x.shape[2]
@@ -389,25 +436,27 @@ def batch_norm_forward(cnp.ndarray x, weight, bias, running_mean, running_var, b
             status = forward(<const float*>xp, <const float*>wp, <const float*>bp,
                              <float*>rmp, <float*>rvp, training, momentum, eps,
                              <float*>yp, <float*>mp, <float*>ip,
-                             N, C, S, channels_last, n_threads)
+                             N, C, S, channels_last, n_threads, activation, negative_slope)
         else:
             status = forward(<const double*>xp, <const double*>wp, <const double*>bp,
                              <double*>rmp, <double*>rvp, training, momentum, eps,
                              <double*>yp, <double*>mp, <double*>ip,
-                             N, C, S, channels_last, n_threads)
+                             N, C, S, channels_last, n_threads, activation, negative_slope)
     if status != 0:
         raise MemoryError()
 
 
 def batch_norm_backward(cnp.ndarray grad_out, cnp.ndarray x, weight, cnp.ndarray save_mean,
                         cnp.ndarray save_invstd, bint training, grad_x, grad_weight, grad_bias,
-                        bint channels_last, int n_threads):
+                        bint channels_last, int n_threads, int activation=0,
+                        double negative_slope=0.0, bias=None):
     cdef Py_ssize_t N = x.shape[0]
     cdef Py_ssize_t C = x.shape[2] if channels_last else x.shape[1]
     cdef Py_ssize_t S = x.shape[1] if channels_last else x.shape[2]
     cdef void* dyp = data(grad_out)
     cdef void* xp = data(x)
     cdef void* wp = data(weight)
+    cdef void* bp = data(bias)
     cdef void* mp = data(save_mean)
     cdef void* ip = data(save_invstd)
     cdef void* dxp = data(grad_x)
@@ -417,13 +466,13 @@ def batch_norm_backward(cnp.ndarray grad_out, cnp.ndarray x, weight, cnp.ndarray
     with nogil:
         if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
             status = backward(<const float*>dyp, <const float*>xp, <const float*>wp,
-                              <const float*>mp, <const float*>ip, training,
+                              <const float*>bp, <const float*>mp, <const float*>ip, training,
                               <float*>dxp, <float*>dwp, <float*>dbp,
-                              N, C, S, channels_last, n_threads)
+                              N, C, S, channels_last, n_threads, activation, negative_slope)
         else:
             status = backward(<const double*>dyp, <const double*>xp, <const double*>wp,
-                              <const double*>mp, <const double*>ip, training,
-                              <double*>dxp, <double*>dwp, <double*>dbp,
-                              N, C, S, channels_last, n_threads)
+                              <const double*>bp, <const double*>mp, <const double*>ip,
+                              training, <double*>dxp, <double*>dwp, <double*>dbp,
+                              N, C, S, channels_last, n_threads, activation, negative_slope)
     if status != 0:
         raise MemoryError()

@@ -26,6 +26,7 @@
 #define FASTBN_BATCH_NORM_LOOPS_H
 
 #include <stddef.h>
+#include <math.h>
 #include <string.h>
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
@@ -74,6 +75,86 @@ static inline double fastbn_fold(fastbn_d4 a, fastbn_d4 b, fastbn_d4 c, fastbn_d
     fastbn_d4 v = (a + b) + (c + d);
     return (v[0] + v[1]) + (v[2] + v[3]);
 }
+
+/* The fused activations (fastbn/_activations.py has the table and the float64 reference),
+ * as torch computes them, NaN in NaN out. `code` is a constant wherever these are called
+ * (FASTBN_ACTIVATION_CASES), so each loop is compiled for one activation and vectorises. */
+#define FASTBN_DEFINE_ACTIVATIONS(T, EXP)                                                      \
+static inline T fastbn_act_##T(int code, T z, T slope) {                                       \
+    T t;                                                                                       \
+    switch (code) {                                                                            \
+    case 1: return z < 0 ? (T)0 : z;                                      /* relu */           \
+    case 2: return z < 0 ? (T)0 : (z > 6 ? (T)6 : z);                     /* relu6 */          \
+    case 3: return z / ((T)1 + EXP(-z));                                  /* silu */           \
+    case 4: t = z + 3; t = t < 0 ? (T)0 : (t > 6 ? (T)6 : t);             /* hardswish */      \
+            return z * t / 6;                                                                  \
+    case 5: return z > 0 ? z : z * slope;                                 /* leaky_relu */     \
+    default: return z;                                                                         \
+    }                                                                                          \
+}                                                                                              \
+/* act'(z) with torch's comparisons (those of its vectorised CPU kernels), so that NaN and     \
+ * inf give torch's gradients: relu passes a NaN's, relu6 stops it, hardswish makes it NaN. */ \
+static inline T fastbn_act_grad_##T(int code, T z, T slope) {                                  \
+    T s;                                                                                       \
+    switch (code) {                                                                            \
+    case 1: return z <= 0 ? (T)0 : (T)1;                                                       \
+    case 2: return (z > 0 && z < 6) ? (T)1 : (T)0;                                             \
+    case 3: s = (T)1 / ((T)1 + EXP(-z));                                                       \
+            return s * ((T)1 + z * ((T)1 - s));                                                \
+    case 4: return z < -3 ? (T)0 : (z >= 3 ? (T)1 : z / 3 + (T)0.5);                           \
+    case 5: return z > 0 ? (T)1 : slope;                                                       \
+    default: return (T)1;                                                                      \
+    }                                                                                          \
+}
+
+FASTBN_DEFINE_ACTIVATIONS(float, expf)
+FASTBN_DEFINE_ACTIVATIONS(double, exp)
+
+/* Runs LOOP(T, A) with A the constant activation code `code` (0: none). */
+#define FASTBN_ACTIVATION_CASES(T, code, LOOP)                                                 \
+    switch (code) {                                                                            \
+    case 1: LOOP(T, 1); break;                                                                 \
+    case 2: LOOP(T, 2); break;                                                                 \
+    case 3: LOOP(T, 3); break;                                                                 \
+    case 4: LOOP(T, 4); break;                                                                 \
+    case 5: LOOP(T, 5); break;                                                                 \
+    default: LOOP(T, 0); break;                                                                \
+    }
+
+/* The per-element bodies of the activation-aware loops, on the locals of the item
+ * functions below: forward y = act(z); backward g = dy * act'(z) with z recomputed as
+ * (x - mean) * za + zb, then dx from g as without an activation. */
+#define FASTBN_CF_FORWARD(T, A)                                                                   \
+    for (ptrdiff_t i = start; i < stop; i++)                                                   \
+        yr[i] = fastbn_act_##T(A, (xr[i] - sh) * a + o, slope)
+#define FASTBN_CF_BACKWARD(T, A)                                                                  \
+    for (ptrdiff_t i = start; i < stop; i++) {                                                 \
+        T centred = x2r[i] - sh;                                                               \
+        T g = xr[i] * fastbn_act_grad_##T(A, centred * zs + zo, slope);                            \
+        yr[i] = g * a + centred * b + o;                                                       \
+    }
+#define FASTBN_CF_GRAD(T, A)                                                                      \
+    for (ptrdiff_t i = 0; i < n; i++)                                                          \
+        gbuf[i] = dyr[i] * fastbn_act_grad_##T(A, (xr[i] - m) * zs + zo, slope)
+#define FASTBN_CL_FORWARD(T, A)                                                                   \
+    for (ptrdiff_t c = c0; c < c1; c++)                                                        \
+        yr[c] = fastbn_act_##T(A, (xr[c] - shift[c]) * scale[c] + offset[c], slope)
+#define FASTBN_CL_BACKWARD(T, A)                                                                  \
+    for (ptrdiff_t c = c0; c < c1; c++) {                                                      \
+        T centred = x2r[c] - shift[c];                                                         \
+        T g = xr[c] * fastbn_act_grad_##T(A, centred * za[c] + zb[c], slope);                      \
+        yr[c] = g * scale[c] + centred * scale2[c] + offset[c];                                \
+    }
+#define FASTBN_CL_GRAD_SUMS(T, A)                                                                 \
+    for (ptrdiff_t c = c0; c < c1; c++) {                                                      \
+        T g = dyr[c] * fastbn_act_grad_##T(A, (xr[c] - mean_t[c]) * za[c] + zb[c], slope);         \
+        acc_a[c] += (double)g;                                                                 \
+        acc_b[c] += ((double)xr[c] - centre[c]) * (double)g;                                   \
+    }
+
+/* Values per channels-first gradient run taken at once (a work item's run is at most
+ * CHUNK_ELEMENTS = 4096 values; see _batch_norm.pyx). */
+#define FASTBN_GRAD_BUFFER 4096
 
 #define FASTBN_DEFINE_LOOPS(T, ISA, ATTR)                                                      \
                                                                                                \
@@ -140,42 +221,55 @@ ATTR static inline void fastbn_grad_sums_##T##_##ISA(const T *dy, const T *x, pt
 ATTR static void fastbn_cf_sums_##T##_##ISA(                                                   \
         const T *first, const T *second, ptrdiff_t S, ptrdiff_t C, ptrdiff_t row0,             \
         ptrdiff_t row1, ptrdiff_t start, ptrdiff_t stop, ptrdiff_t chunks, ptrdiff_t chunk,    \
-        const double *centre, double *part_a, double *part_b) {                                \
-    ptrdiff_t c = row0 % C;                                                                    \
+        const double *centre, double *part_a, double *part_b, int act, T slope,                \
+        const T *mean_t, const T *za, const T *zb) {                                           \
+    T gbuf[FASTBN_GRAD_BUFFER];                                                                \
+    ptrdiff_t c = row0 % C, n = stop - start;                                                  \
     for (ptrdiff_t r = row0; r < row1; r++) {                                                  \
         ptrdiff_t offset = r * S + start, slot = r * chunks + chunk;                           \
-        if (second == NULL)                                                                    \
-            fastbn_shifted_sums_##T##_##ISA(first + offset, stop - start, centre[c],           \
+        if (second == NULL) {                                                                  \
+            fastbn_shifted_sums_##T##_##ISA(first + offset, n, centre[c],                      \
                                     part_a + slot, part_b + slot);                             \
-        else                                                                                   \
-            fastbn_grad_sums_##T##_##ISA(first + offset, second + offset, stop - start, centre[c], \
+        } else if (act == 0) {                                                                 \
+            fastbn_grad_sums_##T##_##ISA(first + offset, second + offset, n, centre[c],        \
                                  part_a + slot, part_b + slot);                                \
+        } else {  /* dy through the activation first, into a buffer the sums then read */     \
+            const T *dyr = first + offset, *xr = second + offset;                              \
+            T m = mean_t[c], zs = za[c], zo = zb[c];                                           \
+            FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_GRAD);                                      \
+            fastbn_grad_sums_##T##_##ISA(gbuf, xr, n, centre[c], part_a + slot, part_b + slot); \
+        }                                                                                      \
         if (++c == C)                                                                          \
             c = 0;                                                                             \
     }                                                                                          \
 }                                                                                              \
                                                                                                \
 /* Channels-first work item, elementwise, per channel c:                                       \
- *   x2 == NULL: y = (x - shift[c]) * scale[c] + offset[c]                                     \
- *   else:       y = x * scale[c] + (x2 - shift[c]) * scale2[c] + offset[c]                    \
- * (the backward: x = dy, x2 = x, y = dx). */                                                  \
+ *   x2 == NULL: y = act((x - shift[c]) * scale[c] + offset[c])                                \
+ *   else:       y = g * scale[c] + (x2 - shift[c]) * scale2[c] + offset[c],                   \
+ *               g = x * act'((x2 - shift[c]) * za[c] + zb[c])  (g = x without activation)     \
+ * (the backward: x = dy, x2 = x, y = dx, shift = the mean). */                                \
 ATTR static void fastbn_cf_elementwise_##T##_##ISA(                                            \
         const T *x, const T *x2, T *y, ptrdiff_t S, ptrdiff_t C, ptrdiff_t row0,               \
         ptrdiff_t row1, ptrdiff_t start, ptrdiff_t stop, const T *shift, const T *scale,       \
-        const T *scale2, const T *offset) {                                                    \
+        const T *scale2, const T *offset, int act, T slope, const T *za, const T *zb) {        \
     ptrdiff_t c = row0 % C;                                                                    \
     for (ptrdiff_t r = row0; r < row1; r++) {                                                  \
         const T *xr = x + r * S;                                                               \
         T *yr = y + r * S;                                                                     \
         T sh = shift[c], a = scale[c], o = offset[c];                                          \
         if (x2 == NULL) {                                                                      \
-            for (ptrdiff_t i = start; i < stop; i++)                                           \
-                yr[i] = (xr[i] - sh) * a + o;                                                  \
+            FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_FORWARD);                                   \
         } else {                                                                               \
             const T *x2r = x2 + r * S;                                                         \
             T b = scale2[c];                                                                   \
-            for (ptrdiff_t i = start; i < stop; i++)                                           \
-                yr[i] = xr[i] * a + (x2r[i] - sh) * b + o;                                     \
+            if (act == 0) {                                                                    \
+                for (ptrdiff_t i = start; i < stop; i++)                                       \
+                    yr[i] = xr[i] * a + (x2r[i] - sh) * b + o;                                 \
+            } else {                                                                           \
+                T zs = za[c], zo = zb[c];                                                      \
+                FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_BACKWARD);                              \
+            }                                                                                  \
         }                                                                                      \
         if (++c == C)                                                                          \
             c = 0;                                                                             \
@@ -236,21 +330,38 @@ ATTR static void fastbn_cl_sums_##T##_##ISA(                                    
         acc_b[c] = sb;                                                                         \
     }                                                                                          \
 }                                                                                              \
+/* Channels-last work item, gradient sums through an activation (act != 0): acc_a/acc_b[c]    \
+ * for c in [c0, c1) = sum(g), sum((x - centre) * g), g = dy * act'((x - mean_t) * za + zb).     \
+ * Channels inner, so the loop vectorises across channels with one sum per channel. */         \
+ATTR static void fastbn_cl_act_grad_sums_##T##_##ISA(                                          \
+        const T *dy, const T *x, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1, ptrdiff_t c0,    \
+        ptrdiff_t c1, const double *centre, double *acc_a, double *acc_b, int act, T slope,    \
+        const T *mean_t, const T *za, const T *zb) {                                           \
+    for (ptrdiff_t c = c0; c < c1; c++)                                                        \
+        acc_a[c] = acc_b[c] = 0.0;                                                             \
+    for (ptrdiff_t r = row0; r < row1; r++) {                                                  \
+        const T *dyr = dy + r * C, *xr = x + r * C;                                            \
+        FASTBN_ACTIVATION_CASES(T, act, FASTBN_CL_GRAD_SUMS);                                     \
+    }                                                                                          \
+}                                                                                              \
 /* Channels-last work item, elementwise (same formulas as the channels-first one). */          \
 ATTR static void fastbn_cl_elementwise_##T##_##ISA(                                            \
         const T *x, const T *x2, T *y, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,            \
         ptrdiff_t c0, ptrdiff_t c1, const T *shift, const T *scale, const T *scale2,           \
-        const T *offset) {                                                                     \
+        const T *offset, int act, T slope, const T *za, const T *zb) {                         \
     for (ptrdiff_t r = row0; r < row1; r++) {                                                  \
         const T *xr = x + r * C;                                                               \
         T *yr = y + r * C;                                                                     \
         if (x2 == NULL) {                                                                      \
-            for (ptrdiff_t c = c0; c < c1; c++)                                                \
-                yr[c] = (xr[c] - shift[c]) * scale[c] + offset[c];                             \
+            FASTBN_ACTIVATION_CASES(T, act, FASTBN_CL_FORWARD);                                   \
         } else {                                                                               \
             const T *x2r = x2 + r * C;                                                         \
-            for (ptrdiff_t c = c0; c < c1; c++)                                                \
-                yr[c] = xr[c] * scale[c] + (x2r[c] - shift[c]) * scale2[c] + offset[c];        \
+            if (act == 0) {                                                                    \
+                for (ptrdiff_t c = c0; c < c1; c++)                                            \
+                    yr[c] = xr[c] * scale[c] + (x2r[c] - shift[c]) * scale2[c] + offset[c];    \
+            } else {                                                                           \
+                FASTBN_ACTIVATION_CASES(T, act, FASTBN_CL_BACKWARD);                              \
+            }                                                                                  \
         }                                                                                      \
     }                                                                                          \
 }
@@ -274,29 +385,38 @@ ATTR static void fastbn_cl_elementwise_##T##_##ISA(                             
 static void fastbn_cf_sums_##T(                                                               \
         const T *first, const T *second, ptrdiff_t S, ptrdiff_t C, ptrdiff_t row0,            \
         ptrdiff_t row1, ptrdiff_t start, ptrdiff_t stop, ptrdiff_t chunks, ptrdiff_t chunk,   \
-        const double *centre, double *part_a, double *part_b) {                               \
+        const double *centre, double *part_a, double *part_b, int act, T slope,               \
+        const T *mean_t, const T *za, const T *zb) {                                          \
     FASTBN_DISPATCH(fastbn_cf_sums, T, (first, second, S, C, row0, row1, start, stop, chunks, \
-                                        chunk, centre, part_a, part_b));                      \
+                                        chunk, centre, part_a, part_b, act, slope, mean_t,    \
+                                        za, zb));                                             \
 }                                                                                             \
 static void fastbn_cf_elementwise_##T(                                                        \
         const T *x, const T *x2, T *y, ptrdiff_t S, ptrdiff_t C, ptrdiff_t row0,              \
         ptrdiff_t row1, ptrdiff_t start, ptrdiff_t stop, const T *shift, const T *scale,      \
-        const T *scale2, const T *offset) {                                                   \
+        const T *scale2, const T *offset, int act, T slope, const T *za, const T *zb) {       \
     FASTBN_DISPATCH(fastbn_cf_elementwise, T, (x, x2, y, S, C, row0, row1, start, stop,      \
-                                               shift, scale, scale2, offset));                \
+                                               shift, scale, scale2, offset, act, slope, za,  \
+                                               zb));                                          \
 }                                                                                             \
 static void fastbn_cl_sums_##T(                                                               \
         const T *first, const T *second, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,         \
-        ptrdiff_t c0, ptrdiff_t c1, const double *centre, double *acc_a, double *acc_b) {     \
-    FASTBN_DISPATCH(fastbn_cl_sums, T, (first, second, C, row0, row1, c0, c1, centre, acc_a,  \
-                                        acc_b));                                              \
+        ptrdiff_t c0, ptrdiff_t c1, const double *centre, double *acc_a, double *acc_b,       \
+        int act, T slope, const T *mean_t, const T *za, const T *zb) {                        \
+    if (second != NULL && act != 0)                                                           \
+        FASTBN_DISPATCH(fastbn_cl_act_grad_sums, T, (first, second, C, row0, row1, c0, c1,    \
+                                                     centre, acc_a, acc_b, act, slope,        \
+                                                     mean_t, za, zb));                        \
+    else                                                                                      \
+        FASTBN_DISPATCH(fastbn_cl_sums, T, (first, second, C, row0, row1, c0, c1, centre,     \
+                                            acc_a, acc_b));                                   \
 }                                                                                             \
 static void fastbn_cl_elementwise_##T(                                                        \
         const T *x, const T *x2, T *y, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,           \
         ptrdiff_t c0, ptrdiff_t c1, const T *shift, const T *scale, const T *scale2,          \
-        const T *offset) {                                                                    \
+        const T *offset, int act, T slope, const T *za, const T *zb) {                        \
     FASTBN_DISPATCH(fastbn_cl_elementwise, T, (x, x2, y, C, row0, row1, c0, c1, shift, scale, \
-                                               scale2, offset));                              \
+                                               scale2, offset, act, slope, za, zb));          \
 }
 
 FASTBN_DEFINE_ALL(float)

@@ -485,7 +485,10 @@ def _threads(n_threads, x):
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                       y, save_mean, save_invstd, channels_last, n_threads):
+                       y, save_mean, save_invstd, channels_last, n_threads, activation=0,
+                       negative_slope=0.0):
+    if activation:
+        raise NotImplementedError("the numba backend has no fused activation yet")
     absent = _ABSENT[x.dtype][0]
     if not training:
         # Read only here, but the compiled type is writeable (training updates them).
@@ -501,7 +504,10 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
 
 
 def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training,
-                        grad_x, grad_weight, grad_bias, channels_last, n_threads):
+                        grad_x, grad_weight, grad_bias, channels_last, n_threads, activation=0,
+                        negative_slope=0.0, bias=None):
+    if activation:
+        raise NotImplementedError("the numba backend has no fused activation yet")
     absent_vector, absent_tensor = _ABSENT[x.dtype]
     run_kernel(_backward_kernel, _threads(n_threads, x),
                grad_out, x, absent_vector if weight is None else weight,

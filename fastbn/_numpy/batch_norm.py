@@ -1,5 +1,8 @@
-"""BatchNorm reference: two-pass statistics in float64, formulas as in ATen."""
+"""BatchNorm reference: two-pass statistics in float64, formulas as in ATen; the fused
+activation (fastbn/_activations.py) applied to the normalized output."""
 import numpy as np
+
+from fastbn import _activations
 
 
 def _layout(channels_last):
@@ -14,7 +17,8 @@ def _invstd(var, eps):
 
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
-                       y, save_mean, save_invstd, channels_last, n_threads):
+                       y, save_mean, save_invstd, channels_last, n_threads, activation=0,
+                       negative_slope=0.0):
     axes, per_channel = _layout(channels_last)
     x64 = x.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -43,18 +47,25 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
         channels = len(save_mean)
         w = np.ones(channels) if weight is None else weight.astype(np.float64)
         b = np.zeros(channels) if bias is None else bias.astype(np.float64)
-        y[...] = centred * (invstd * w).reshape(per_channel) + b.reshape(per_channel)
+        z = centred * (invstd * w).reshape(per_channel) + b.reshape(per_channel)
+        y[...] = _activations.apply(activation, z, negative_slope) if activation else z
     save_mean[...] = mean
     save_invstd[...] = invstd
 
 
 def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training,
-                        grad_x, grad_weight, grad_bias, channels_last, n_threads):
+                        grad_x, grad_weight, grad_bias, channels_last, n_threads, activation=0,
+                        negative_slope=0.0, bias=None):
     axes, per_channel = _layout(channels_last)
     dy = grad_out.astype(np.float64)
     centred = x.astype(np.float64) - save_mean.astype(np.float64).reshape(per_channel)
     invstd = save_invstd.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
+        if activation:  # dL/dz from dL/dy, with z (the normalized x) recomputed
+            w = 1.0 if weight is None else weight.astype(np.float64).reshape(per_channel)
+            b = 0.0 if bias is None else bias.astype(np.float64).reshape(per_channel)
+            z = centred * invstd.reshape(per_channel) * w + b
+            dy = dy * _activations.derivative(activation, z, negative_slope)
         sum_dy = dy.sum(axis=axes)
         dot = (dy * centred).sum(axis=axes)
         if grad_x is not None:
