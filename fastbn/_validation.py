@@ -77,6 +77,16 @@ def check_writeable(name, a, why):
         raise ValueError(f"{name} is read-only, but {why}; pass a writeable array")
 
 
+def check_counter(name, counter):
+    """A writeable ndarray holding one int64: a counter the kernels increase in place."""
+    if (not isinstance(counter, np.ndarray) or counter.dtype != np.int64
+            or counter.size != 1):
+        raise TypeError(f"{name} must be a NumPy array of one int64 (a batch counter), got "
+                        f"{getattr(counter, 'dtype', type(counter).__name__)} of shape "
+                        f"{getattr(counter, 'shape', None)}")
+    check_writeable(name, counter, "the call counts the batch in it")
+
+
 def check_eps(eps):
     try:
         eps = float(eps)

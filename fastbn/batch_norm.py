@@ -17,7 +17,7 @@ def _check_input(x):
 
 def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var=None,
                        training=False, momentum=0.1, eps=1e-5, *, activation=None,
-                       negative_slope=0.01, out=None, backend=None):
+                       negative_slope=0.01, num_batches_tracked=None, out=None, backend=None):
     """Batch normalization forward, as ``torch.native_batch_norm``.
 
     Parameters
@@ -42,6 +42,11 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     negative_slope : float
         leaky_relu's slope for negative values (torch's default 0.01); other
         activations ignore it.
+    num_batches_tracked : ndarray of one int64, optional
+        A batch counter (e.g. a torch module's ``num_batches_tracked`` buffer seen as an
+        array), increased by one in training by the same native call that updates the
+        running statistics, so that an interrupt (Ctrl-C) cannot leave one updated
+        without the other. The numpy backend is plain Python and cannot promise that.
     out : ndarray, optional
         Written with y and returned. Any layout; one other than x's costs a copy.
         It may be x itself.
@@ -79,20 +84,37 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         if x.size == C and x.size > 0:
             raise ValueError("Expected more than 1 value per channel when training, "
                              f"got input size {x.shape}")
+        if num_batches_tracked is not None:
+            _validation.check_counter("num_batches_tracked", num_batches_tracked)
     elif running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are needed when training=False "
                          "(eval mode normalizes with them); pass both, or training=True")
-    kernels = load_backend(backend)
+    else:
+        num_batches_tracked = None  # only training counts
+    return run_forward(load_backend(backend), x, weight, bias, running_mean, running_var,
+                       training, momentum, eps, activation, negative_slope,
+                       num_batches_tracked, out)
 
-    x_view, channels_last = _layout.kernel_view(x)
+
+def run_forward(kernels, x, weight, bias, running_mean, running_var, training, momentum, eps,
+                activation=0, negative_slope=0.0, counter=None, out=None, layout=None):
+    """`batch_norm_forward` after its checks (arguments as they return them; `activation`
+    a code), for callers that have made the same checks themselves (fastbn.nn).
+
+    `layout`: x's ``_layout.kernel_view(x)``, where the caller has it already."""
+    C = x.shape[1]
+    x_view, channels_last = layout or _layout.kernel_view(x)
     y, y_view, copy_into = _layout.output_buffer("out", out, x, x_view, channels_last)
     save_mean = np.empty(C, x.dtype)
     save_invstd = np.empty(C, x.dtype)
     if x.size == 0:
-        # As torch.nn.functional.batch_norm: an empty output, running statistics untouched.
+        # As torch.nn.functional.batch_norm: an empty output, running statistics untouched
+        # (torch's module still counts the batch).
         if training:
             save_mean.fill(np.nan)
             save_invstd.fill(np.nan)
+            if counter is not None:
+                counter += 1
         else:
             save_mean[...] = running_mean
             with np.errstate(divide="ignore"):
@@ -102,7 +124,7 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     var_buffer = _validation.contiguous_buffer(running_var)
     kernels.batch_norm_forward(x_view, weight, bias, mean_buffer, var_buffer, training,
                                momentum, eps, y_view, save_mean, save_invstd, channels_last,
-                               get_num_threads(), activation, negative_slope)
+                               get_num_threads(), activation, negative_slope, counter)
     if training:  # write a strided running statistic's update back (eval only reads them)
         if mean_buffer is not running_mean:
             np.copyto(running_mean, mean_buffer)
@@ -168,10 +190,17 @@ def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training, *
         negative_slope = _activations.check_negative_slope(negative_slope)
     else:
         bias, negative_slope = None, 0.0
-    training = bool(training)
-    kernels = load_backend(backend)
+    return run_backward(load_backend(backend), grad_out, x, weight, save_mean, save_invstd,
+                        bool(training), (want_x, want_weight, want_bias), activation,
+                        negative_slope, bias, out)
 
-    x_view, channels_last = _layout.kernel_view(x)
+
+def run_backward(kernels, grad_out, x, weight, save_mean, save_invstd, training, output_mask,
+                 activation=0, negative_slope=0.0, bias=None, out=None, layout=None):
+    """`batch_norm_backward` after its checks (see `run_forward`)."""
+    want_x, want_weight, want_bias = output_mask
+    C = x.shape[1]
+    x_view, channels_last = layout or _layout.kernel_view(x)
     grad_x = grad_x_view = copy_into = None
     if want_x:
         grad_x, grad_x_view, copy_into = _layout.output_buffer(

@@ -418,7 +418,7 @@ cdef int backward(const floating* dyp, const floating* xp, const floating* w,
 def batch_norm_forward(cnp.ndarray x, weight, bias, running_mean, running_var, bint training,
                        double momentum, double eps, cnp.ndarray y, cnp.ndarray save_mean,
                        cnp.ndarray save_invstd, bint channels_last, int n_threads,
-                       int activation=0, double negative_slope=0.0):
+                       int activation=0, double negative_slope=0.0, counter=None):
     cdef Py_ssize_t N = x.shape[0]
     cdef Py_ssize_t C = x.shape[2] if channels_last else x.shape[1]
     cdef Py_ssize_t S = x.shape[1] if channels_last else x.shape[2]
@@ -444,6 +444,10 @@ def batch_norm_forward(cnp.ndarray x, weight, bias, running_mean, running_var, b
                              N, C, S, channels_last, n_threads, activation, negative_slope)
     if status != 0:
         raise MemoryError()
+    if training and counter is not None:
+        # Counted here, in the call that updated the running statistics: no Python code
+        # runs in between, so an interrupt cannot separate the two.
+        (<cnp.int64_t*>data(counter))[0] += 1
 
 
 def batch_norm_backward(cnp.ndarray grad_out, cnp.ndarray x, weight, cnp.ndarray save_mean,

@@ -92,18 +92,20 @@ static inline T fastbn_act_##T(int code, T z, T slope) {                        
     default: return z;                                                                         \
     }                                                                                          \
 }                                                                                              \
-/* act'(z) with torch's comparisons (those of its vectorised CPU kernels), so that NaN and     \
- * inf give torch's gradients: relu passes a NaN's, relu6 stops it, hardswish makes it NaN. */ \
-static inline T fastbn_act_grad_##T(int code, T z, T slope) {                                  \
+/* dy * act'(z): the gradient through the activation, with the comparisons of torch's      \
+ * vectorised CPU kernels, so that NaN and inf get torch's gradients (relu passes a NaN's,  \
+ * relu6 stops it, hardswish makes it NaN). Written as selects between values (not a        \
+ * derivative times dy) so that the compiler vectorises them without branches. */           \
+static inline T fastbn_act_backprop_##T(int code, T z, T dy, T slope) {                       \
     T s;                                                                                       \
     switch (code) {                                                                            \
-    case 1: return z <= 0 ? (T)0 : (T)1;                                                       \
-    case 2: return (z > 0 && z < 6) ? (T)1 : (T)0;                                             \
+    case 1: return z <= 0 ? (T)0 : dy;                                                         \
+    case 2: return ((z > 0) & (z < 6)) ? dy : (T)0;                                            \
     case 3: s = (T)1 / ((T)1 + EXP(-z));                                                       \
-            return s * ((T)1 + z * ((T)1 - s));                                                \
-    case 4: return z < -3 ? (T)0 : (z >= 3 ? (T)1 : z / 3 + (T)0.5);                           \
-    case 5: return z > 0 ? (T)1 : slope;                                                       \
-    default: return (T)1;                                                                      \
+            return dy * (s * ((T)1 + z * ((T)1 - s)));                                         \
+    case 4: return z < -3 ? (T)0 : (z >= 3 ? dy : dy * (z / 3 + (T)0.5));                      \
+    case 5: return z > 0 ? dy : dy * slope;                                                    \
+    default: return dy;                                                                        \
     }                                                                                          \
 }
 
@@ -130,24 +132,24 @@ FASTBN_DEFINE_ACTIVATIONS(double, exp)
 #define FASTBN_CF_BACKWARD(T, A)                                                                  \
     for (ptrdiff_t i = start; i < stop; i++) {                                                 \
         T centred = x2r[i] - sh;                                                               \
-        T g = xr[i] * fastbn_act_grad_##T(A, centred * zs + zo, slope);                            \
+        T g = fastbn_act_backprop_##T(A, centred * zs + zo, xr[i], slope);                            \
         yr[i] = g * a + centred * b + o;                                                       \
     }
 #define FASTBN_CF_GRAD(T, A)                                                                      \
     for (ptrdiff_t i = 0; i < n; i++)                                                          \
-        gbuf[i] = dyr[i] * fastbn_act_grad_##T(A, (xr[i] - m) * zs + zo, slope)
+        gbuf[i] = fastbn_act_backprop_##T(A, (xr[i] - m) * zs + zo, dyr[i], slope)
 #define FASTBN_CL_FORWARD(T, A)                                                                   \
     for (ptrdiff_t c = c0; c < c1; c++)                                                        \
         yr[c] = fastbn_act_##T(A, (xr[c] - shift[c]) * scale[c] + offset[c], slope)
 #define FASTBN_CL_BACKWARD(T, A)                                                                  \
     for (ptrdiff_t c = c0; c < c1; c++) {                                                      \
         T centred = x2r[c] - shift[c];                                                         \
-        T g = xr[c] * fastbn_act_grad_##T(A, centred * za[c] + zb[c], slope);                      \
+        T g = fastbn_act_backprop_##T(A, centred * za[c] + zb[c], xr[c], slope);                      \
         yr[c] = g * scale[c] + centred * scale2[c] + offset[c];                                \
     }
 #define FASTBN_CL_GRAD_SUMS(T, A)                                                                 \
     for (ptrdiff_t c = c0; c < c1; c++) {                                                      \
-        T g = dyr[c] * fastbn_act_grad_##T(A, (xr[c] - mean_t[c]) * za[c] + zb[c], slope);         \
+        T g = fastbn_act_backprop_##T(A, (xr[c] - mean_t[c]) * za[c] + zb[c], dyr[c], slope);         \
         acc_a[c] += (double)g;                                                                 \
         acc_b[c] += ((double)xr[c] - centre[c]) * (double)g;                                   \
     }

@@ -486,7 +486,7 @@ def _threads(n_threads, x):
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                        y, save_mean, save_invstd, channels_last, n_threads, activation=0,
-                       negative_slope=0.0):
+                       negative_slope=0.0, counter=None):
     if activation:
         raise NotImplementedError("the numba backend has no fused activation yet")
     absent = _ABSENT[x.dtype][0]
@@ -501,6 +501,8 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
                absent if running_mean is None else running_mean,
                absent if running_var is None else running_var,
                training, momentum, eps, y, save_mean, save_invstd, channels_last)
+    if training and counter is not None:
+        counter += 1
 
 
 def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training,

@@ -18,7 +18,7 @@ def _invstd(var, eps):
 
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                        y, save_mean, save_invstd, channels_last, n_threads, activation=0,
-                       negative_slope=0.0):
+                       negative_slope=0.0, counter=None):
     axes, per_channel = _layout(channels_last)
     x64 = x.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
@@ -51,6 +51,8 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
         y[...] = _activations.apply(activation, z, negative_slope) if activation else z
     save_mean[...] = mean
     save_invstd[...] = invstd
+    if training and counter is not None:  # (not atomic with the update above: plain Python)
+        counter += 1
 
 
 def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training,

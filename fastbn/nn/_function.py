@@ -20,9 +20,13 @@ Memory: tensors reach the kernels as NumPy views (`as_array`), and the kernels'
 output arrays become tensors with `torch.from_numpy`: no copies either way, and
 the output keeps the input's memory layout (channels-last in, channels-last out).
 """
+import numpy as np
 import torch
 
 import fastbn
+from fastbn import _activations, _layout
+from fastbn import batch_norm as _batch_norm
+from fastbn._backends import load_backend
 
 
 def as_array(tensor):
@@ -84,9 +88,12 @@ def needs_grad(input, weight, bias):
 
 
 def apply(op, input, weight, bias, record):
-    """Run `op` on (input, weight, bias), through autograd when `record` (see `needs_grad`)."""
+    """Run `op` on (input, weight, bias), through autograd when `record` (see `needs_grad`).
+
+    Callers have checked `runs_on_fastbn`: plain tensors, no torch.func transform active.
+    """
     if record:
-        return NormFunction.apply(op, input, weight, bias)
+        return _record(op, input, weight, bias)
     y, _ = op.forward(as_array(input), as_array(weight), as_array(bias))
     return torch.from_numpy(y)
 
@@ -96,26 +103,40 @@ class NormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, input, weight, bias):
-        y, stats = op.forward(as_array(input), as_array(weight), as_array(bias))
+        arrays = (as_array(input), as_array(weight), as_array(bias))
+        y, stats = op.forward(*arrays)
         ctx.op = op
-        ctx.stats = stats  # arrays made by the forward: nothing else can change them
-        # Saved through autograd, so that an in-place change of the input before the
-        # backward raises as it does with torch's ops.
-        ctx.save_for_backward(input, weight)
+        # Arrays made by the forward (nothing else can change them), and the views of the
+        # inputs for the backward: their tensors are saved through autograd too, so that
+        # an in-place change before the backward raises as it does with torch's ops.
+        ctx.stats = stats
+        ctx.arrays = arrays
+        ctx.save_for_backward(input, weight, bias)
         return torch.from_numpy(y)
 
     @staticmethod
     def backward(ctx, grad_y):
-        input, weight = ctx.saved_tensors
+        saved = ctx.saved_tensors  # (raises if one was changed in place since the forward)
         output_mask = ctx.needs_input_grad[1:4]
         if torch.is_grad_enabled():
             # create_graph=True: the gradients must themselves be differentiable.
-            grads = ctx.op.backward_differentiable(grad_y, input, weight,
-                                                   tuple(map(as_tensor, ctx.stats)), output_mask)
+            stats = tuple(torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+                          for a in ctx.stats)
+            grads = ctx.op.backward_differentiable(grad_y, *saved, stats, output_mask)
         else:
-            grads = tuple(map(as_tensor, ctx.op.backward(
-                as_array(grad_y), as_array(input), as_array(weight), ctx.stats, output_mask)))
+            grad_x, grad_weight, grad_bias = ctx.op.backward(
+                grad_y.numpy(), *ctx.arrays, ctx.stats, output_mask)
+            grads = (None if grad_x is None else torch.from_numpy(grad_x),
+                     None if grad_weight is None else torch.from_numpy(grad_weight),
+                     None if grad_bias is None else torch.from_numpy(grad_bias))
         return (None,) + grads
+
+
+# NormFunction.apply without the Python half of torch.autograd.Function.apply, which
+# unwraps torch.func's dead wrappers and binds default arguments (3.7 us of a 13 us call,
+# measured): `runs_on_fastbn` has ruled out wrappers and transforms, and the forward takes
+# no defaults. This is the C implementation that half ends in.
+_record = super(torch.autograd.Function, NormFunction).apply
 
 
 def channel_shape(input):
@@ -123,15 +144,19 @@ def channel_shape(input):
     return (1, -1) + (1,) * (input.dim() - 2)
 
 
-def torch_gradients(torch_forward, grad_y, input, weight, output_mask, parameter_shape):
+def torch_gradients(torch_forward, grad_y, input, weight, output_mask, parameter_shape,
+                    bias=None):
     """The gradients of ``torch_forward(input, weight, bias)`` for (input, weight, bias) as
     `output_mask` asks, differentiable themselves: for double backward, where ATen's
     backward op of a norm has no derivative of its own. Recomputes torch's forward.
 
-    The gradient of the bias does not depend on its value: a zero bias stands in for it.
+    Without an activation the gradient of the bias does not depend on its value: pass no
+    `bias` and a zero one stands in for it. With one, pass the forward's bias.
     """
-    bias = (torch.zeros(parameter_shape, dtype=input.dtype, requires_grad=True)
-            if output_mask[2] else None)
+    if bias is None and output_mask[2]:
+        bias = torch.zeros(parameter_shape, dtype=input.dtype, requires_grad=True)
+    elif bias is not None:
+        bias = bias.detach().requires_grad_(output_mask[2])
     wanted = [tensor for tensor, wanted in zip((input, weight, bias), output_mask) if wanted]
     with torch.enable_grad():
         y = torch_forward(input, weight, bias)
@@ -139,32 +164,74 @@ def torch_gradients(torch_forward, grad_y, input, weight, output_mask, parameter
     return tuple(next(grads) if wanted else None for wanted in output_mask)
 
 
+TORCH_ACTIVATIONS = {
+    1: lambda y, slope: torch.nn.functional.relu(y),
+    2: lambda y, slope: torch.nn.functional.relu6(y),
+    3: lambda y, slope: torch.nn.functional.silu(y),
+    4: lambda y, slope: torch.nn.functional.hardswish(y),
+    5: lambda y, slope: torch.nn.functional.leaky_relu(y, slope),
+}
+
+
+def torch_activation(code, y, negative_slope):
+    """torch's activation `code` (fastbn/_activations.py) applied to y (0: y itself)."""
+    return TORCH_ACTIVATIONS[code](y, negative_slope) if code else y
+
+
 class BatchNormOp:
-    """Batch normalization for `NormFunction`: `fastbn.batch_norm_forward` / `_backward`."""
+    """Batch normalization, with a fused activation, for `NormFunction`: the kernels of
+    `fastbn.batch_norm_forward` / `_backward`, called after fastbn.nn's own checks
+    (`fastbn.batch_norm.run_forward`), so that a call pays for its checks once."""
 
-    __slots__ = ("running_mean", "running_var", "training", "momentum", "eps", "backend")
+    __slots__ = ("running_mean", "running_var", "training", "momentum", "eps", "kernels",
+                 "activation", "negative_slope", "counter")
 
-    def __init__(self, running_mean, running_var, training, momentum, eps, backend):
+    def __init__(self, running_mean, running_var, training, momentum, eps, backend,
+                 activation=0, negative_slope=0.0, counter=None):
         self.running_mean = running_mean
         self.running_var = running_var
         self.training = training
         self.momentum = momentum
         self.eps = eps
-        self.backend = backend
+        self.kernels = load_backend(backend)
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.counter = counter  # num_batches_tracked, counted by the kernel call
 
     def forward(self, x, weight, bias):
-        y, mean, invstd = fastbn.batch_norm_forward(
-            x, weight, bias, as_array(self.running_mean), as_array(self.running_var),
-            self.training, self.momentum, self.eps, backend=self.backend)
-        return y, (mean, invstd)
+        layout = _layout.kernel_view(x)
+        y, mean, invstd = _batch_norm.run_forward(
+            self.kernels, x, contiguous(weight), contiguous(bias), as_array(self.running_mean),
+            as_array(self.running_var), self.training, self.momentum, self.eps,
+            self.activation, self.negative_slope, as_array(self.counter), layout=layout)
+        return y, (mean, invstd, layout)
 
-    def backward(self, grad_y, x, weight, stats, output_mask):
-        mean, invstd = stats
-        return fastbn.batch_norm_backward(grad_y, x, weight, mean, invstd, self.training,
-                                          output_mask=output_mask, backend=self.backend)
+    def backward(self, grad_y, x, weight, bias, stats, output_mask):
+        mean, invstd, layout = stats
+        return _batch_norm.run_backward(
+            self.kernels, grad_y, x, contiguous(weight), mean, invstd, self.training,
+            output_mask, self.activation, self.negative_slope,
+            contiguous(bias) if self.activation else None, layout=layout)
 
-    def backward_differentiable(self, grad_y, input, weight, stats, output_mask):
-        mean, invstd = stats
+    def backward_differentiable(self, grad_y, input, weight, bias, stats, output_mask):
+        mean, invstd = stats[:2]
+        if self.activation:
+            # z recomputed from the saved statistics (constants in eval mode; in training
+            # torch's batch statistics, so that their derivative is part of the graph).
+            def forward(input, weight, bias):
+                if self.training:
+                    z = torch.batch_norm(input, weight, bias, None, None, True, 0.0, self.eps,
+                                         False)
+                else:
+                    shape = channel_shape(input)
+                    z = (input - mean.view(shape)) * invstd.view(shape)
+                    if weight is not None:
+                        z = z * weight.view(shape)
+                    if bias is not None:
+                        z = z + bias.view(shape)
+                return torch_activation(self.activation, z, self.negative_slope)
+            return torch_gradients(forward, grad_y, input, weight, output_mask, input.shape[1],
+                                   bias)
         if self.training:
             # ATen's backward has a derivative (the batch statistics depend on the input).
             return torch.ops.aten.native_batch_norm_backward(
@@ -179,6 +246,13 @@ class BatchNormOp:
                        if output_mask[1] else None)
         grad_bias = grad_y.sum(dims) if output_mask[2] else None
         return grad_input, grad_weight, grad_bias
+
+
+def contiguous(array):
+    """A per-channel vector as the kernels read it: C-contiguous and 1-D (None stays None)."""
+    if array is None or (array.ndim == 1 and array.flags.c_contiguous):
+        return array
+    return np.ascontiguousarray(array).reshape(-1)
 
 
 class GroupNormOp:
@@ -196,12 +270,12 @@ class GroupNormOp:
                                                   backend=self.backend)
         return y, (mean, rstd)
 
-    def backward(self, grad_y, x, weight, stats, output_mask):
+    def backward(self, grad_y, x, weight, bias, stats, output_mask):
         mean, rstd = stats
         return fastbn.group_norm_backward(grad_y, x, mean, rstd, weight, self.num_groups,
                                           output_mask=output_mask, backend=self.backend)
 
-    def backward_differentiable(self, grad_y, input, weight, stats, output_mask):
+    def backward_differentiable(self, grad_y, input, weight, bias, stats, output_mask):
         return torch_gradients(
             lambda input, weight, bias: torch.group_norm(input, self.num_groups, weight, bias,
                                                          self.eps),
@@ -211,11 +285,10 @@ class GroupNormOp:
 class LayerNormOp:
     """Layer normalization for `NormFunction`: `fastbn.layer_norm_forward` / `_backward`."""
 
-    __slots__ = ("normalized_shape", "bias", "eps", "backend")
+    __slots__ = ("normalized_shape", "eps", "backend")
 
-    def __init__(self, normalized_shape, bias, eps, backend):
+    def __init__(self, normalized_shape, eps, backend):
         self.normalized_shape = normalized_shape
-        self.bias = bias  # the backward asks whether there is one (its value is not used)
         self.eps = eps
         self.backend = backend
 
@@ -224,13 +297,13 @@ class LayerNormOp:
                                                   self.eps, backend=self.backend)
         return y, (mean, rstd)
 
-    def backward(self, grad_y, x, weight, stats, output_mask):
+    def backward(self, grad_y, x, weight, bias, stats, output_mask):
         mean, rstd = stats
+        # (the backward asks whether there is a bias; its value is not used)
         return fastbn.layer_norm_backward(grad_y, x, self.normalized_shape, mean, rstd, weight,
-                                          as_array(self.bias), output_mask=output_mask,
-                                          backend=self.backend)
+                                          bias, output_mask=output_mask, backend=self.backend)
 
-    def backward_differentiable(self, grad_y, input, weight, stats, output_mask):
+    def backward_differentiable(self, grad_y, input, weight, bias, stats, output_mask):
         return torch_gradients(
             lambda input, weight, bias: torch.layer_norm(input, self.normalized_shape, weight,
                                                          bias, self.eps),
@@ -252,14 +325,14 @@ class RMSNormOp:
                                           backend=self.backend)
         return y, (rstd,)
 
-    def backward(self, grad_y, x, weight, stats, output_mask):
+    def backward(self, grad_y, x, weight, bias, stats, output_mask):
         (rstd,) = stats
         grad_x, grad_weight = fastbn.rms_norm_backward(
             grad_y, x, self.normalized_shape, rstd, weight, output_mask=output_mask[:2],
             backend=self.backend)
         return grad_x, grad_weight, None
 
-    def backward_differentiable(self, grad_y, input, weight, stats, output_mask):
+    def backward_differentiable(self, grad_y, input, weight, bias, stats, output_mask):
         return torch_gradients(
             lambda input, weight, bias: torch.rms_norm(input, self.normalized_shape, weight,
                                                        self.eps),
@@ -285,12 +358,12 @@ class InstanceNormOp:
             self.use_input_stats, self.momentum, self.eps, backend=self.backend)
         return y, (mean, rstd)
 
-    def backward(self, grad_y, x, weight, stats, output_mask):
+    def backward(self, grad_y, x, weight, bias, stats, output_mask):
         mean, rstd = stats
         return fastbn.instance_norm_backward(grad_y, x, mean, rstd, weight, self.use_input_stats,
                                              output_mask=output_mask, backend=self.backend)
 
-    def backward_differentiable(self, grad_y, input, weight, stats, output_mask):
+    def backward_differentiable(self, grad_y, input, weight, bias, stats, output_mask):
         mean, rstd = stats
         batch, channels = input.shape[:2]
         if self.use_input_stats:

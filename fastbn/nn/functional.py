@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as torch_functional
 
+from fastbn import _activations
 from fastbn.nn import _function
 
 __all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
@@ -57,8 +58,10 @@ def _is_channels_last(input):
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, backend=None):
-    """Batch normalization, as :func:`torch.nn.functional.batch_norm`.
+               momentum=0.1, eps=1e-5, *, activation=None, negative_slope=0.01,
+               num_batches_tracked=None, backend=None):
+    """Batch normalization, as :func:`torch.nn.functional.batch_norm`, optionally followed
+    by an activation computed in the same passes.
 
     Parameters
     ----------
@@ -73,6 +76,15 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         ``running = (1 - momentum) * running + momentum * batch_statistic``.
     eps : float
         Added to the variance; > 0 in training, >= 0 otherwise (as torch).
+    activation : {None, "identity", "relu", "relu6", "silu", "hardswish", "leaky_relu"}
+        Applied to the output: ``activation(batch_norm(...))`` with torch's numbers,
+        fused into fastbn's kernels (torch's functional activation where torch's op runs).
+    negative_slope : float
+        leaky_relu's slope.
+    num_batches_tracked : Tensor of one int64, optional
+        A module's batch counter: in training, increased by one together with the
+        running statistics (in the same kernel call, so that an interrupt cannot leave
+        one updated without the other), and not at all by a call that raises.
     backend : {"cython", "numba", "numpy"}, optional
         fastbn's backend. None uses :func:`fastbn.get_backend`, or torch's op where
         that is faster (`torch_is_faster`).
@@ -91,22 +103,54 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    code = _activations.activation_code(activation)
+    if code == 5:
+        negative_slope = _activations.check_negative_slope(negative_slope)
+    counter = num_batches_tracked if training else None
     if not _function.runs_on_fastbn(input, weight, bias, running_mean, running_var):
-        return torch_functional.batch_norm(input, running_mean, running_var, weight, bias,
-                                           training, momentum, eps)
+        return _torch_batch_norm(torch_functional.batch_norm, input, running_mean, running_var,
+                                 weight, bias, training, momentum, eps, code, negative_slope,
+                                 counter)
     # torch.nn.functional.batch_norm's checks, with its errors and messages, for both the
     # paths below: plain CPU tensors have no __torch_function__ to honour.
     if training:
         _check_batch_size(input)
     record = _function.needs_grad(input, weight, bias)
     if backend is None and torch_is_faster("batch_norm", input, not (training or record)):
-        return torch.batch_norm(input, weight, bias, running_mean, running_var, training,
-                                momentum, eps, False)  # False: no cuDNN on the CPU
+        return _torch_batch_norm(_aten_batch_norm, input, running_mean, running_var, weight,
+                                 bias, training, momentum, eps, code, negative_slope, counter)
     _function.check_channel_vectors(input, (("running_mean", running_mean),
                                             ("running_var", running_var),
                                             ("weight", weight), ("bias", bias)))
-    op = _function.BatchNormOp(running_mean, running_var, training, momentum, eps, backend)
+    if not training:  # torch's errors
+        for name, statistic in (("running_mean", running_mean), ("running_var", running_var)):
+            if statistic is None:
+                raise RuntimeError(f"{name} must be defined in evaluation mode")
+    op = _function.BatchNormOp(running_mean, running_var, training, momentum, eps, backend,
+                               code, negative_slope, counter)
     return _function.apply(op, input, weight, bias, record)
+
+
+def _aten_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps):
+    # torch.nn.functional.batch_norm without its Python-level checks, made above.
+    return torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum,
+                            eps, False)  # False: no cuDNN on the CPU
+
+
+def _torch_batch_norm(torch_op, input, running_mean, running_var, weight, bias, training,
+                      momentum, eps, activation, negative_slope, counter):
+    """torch's batch norm (`torch_op`), then torch's activation; the counter counted as
+    torch's module counts it (before the call), and uncounted if the call raises."""
+    if counter is not None:
+        counter.add_(1)
+    try:
+        output = torch_op(input, running_mean, running_var, weight, bias, training, momentum,
+                          eps)
+    except Exception:
+        if counter is not None:
+            counter.sub_(1)
+        raise
+    return _function.torch_activation(activation, output, negative_slope)
 
 
 def _check_batch_size(input):
@@ -211,7 +255,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, bac
     record = _function.needs_grad(input, weight, bias)
     if backend is None and torch_is_faster("layer_norm", input, not record):
         return torch.layer_norm(input, normalized_shape, weight, bias, eps, False)
-    op = _function.LayerNormOp(normalized_shape, bias, eps, backend)
+    op = _function.LayerNormOp(normalized_shape, eps, backend)
     return _function.apply(op, input, weight, bias, record)
 
 

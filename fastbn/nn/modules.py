@@ -10,11 +10,12 @@ A new op's module is the torch class plus `FastbnNorm` and a ``forward``.
 import torch
 from torch import nn
 
+from fastbn._activations import ACTIVATIONS, activation_code, check_negative_slope
 from fastbn._backends import load_backend
-from fastbn.nn import functional
+from fastbn.nn import _function, functional
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNorm1d",
-           "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "GroupNorm",
+           "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm"]
 
 
 class FastbnNorm:
@@ -38,6 +39,10 @@ class FastbnNorm:
 class _BatchNorm(FastbnNorm):
     """BatchNorm*d's constructor and forward; the torch class comes second in the bases."""
 
+    # The fused activation (fastbn/_activations.py): none in the plain modules.
+    activation = None
+    negative_slope = 0.01
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, *, bias=True, backend=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
@@ -47,14 +52,17 @@ class _BatchNorm(FastbnNorm):
     def forward(self, input):
         if torch.compiler.is_compiling():
             # torch's forward, which traces into one graph (see docs/nn.md).
-            return super().forward(input)
+            return _function.torch_activation(activation_code(self.activation),
+                                              super().forward(input), self.negative_slope)
         self._check_input_dim(input)
-        # As torch's _BatchNorm.forward, except that num_batches_tracked is counted after
-        # the call succeeded: a call that raises changes no state. Each attribute is read
-        # once (parameters and buffers are looked up through Module.__getattr__).
+        # As torch's _BatchNorm.forward, except that num_batches_tracked is counted by the
+        # kernel call that updates the running statistics: a call that raises counts
+        # nothing, and an interrupt cannot leave the two apart. Parameters and buffers
+        # are read from their dicts (Module.__getattr__ is a Python call for each).
+        buffers = self._buffers
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        num_batches_tracked = buffers.get("num_batches_tracked")
         training = self.training
-        running_mean, running_var = self.running_mean, self.running_var
-        num_batches_tracked = self.num_batches_tracked
         track = training and self.track_running_stats and num_batches_tracked is not None
         momentum = self.momentum
         if momentum is None:  # cumulative moving average over the batches seen
@@ -63,11 +71,12 @@ class _BatchNorm(FastbnNorm):
         bn_training = training or (running_mean is None and running_var is None)
         if training and not self.track_running_stats:  # untracked buffers are not updated
             running_mean = running_var = None
-        output = functional.batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                                       bn_training, momentum, self.eps, backend=self.backend)
-        if track:
-            num_batches_tracked.add_(1)
-        return output
+        parameters = self._parameters
+        return functional.batch_norm(
+            input, running_mean, running_var, parameters["weight"], parameters["bias"],
+            bn_training, momentum, self.eps, activation=self.activation,
+            negative_slope=self.negative_slope,
+            num_batches_tracked=num_batches_tracked if track else None, backend=self.backend)
 
 
 class BatchNorm1d(_BatchNorm, nn.BatchNorm1d):
@@ -92,6 +101,45 @@ class BatchNorm3d(_BatchNorm, nn.BatchNorm3d):
     Takes torch's arguments plus ``backend`` ({"cython", "numba", "numpy"} or None for
     :func:`fastbn.get_backend`). See ``docs/nn.md``.
     """
+
+
+class BatchNormAct2d(BatchNorm2d):
+    """BatchNorm2d followed by an activation, in the same kernel passes (timm's
+    ``BatchNormAct2d`` is the precedent); input (N, C, H, W).
+
+    A subclass of fastbn's and torch's BatchNorm2d: torch's arguments, parameters, buffers
+    and state-dict keys (a state dict loads into a ``torch.nn.BatchNorm2d`` and back), plus
+    keyword-only ``act``, ``negative_slope`` and ``backend``. The output is
+    ``act(batch_norm(input))`` with torch's numbers; the backward recomputes the
+    normalized values from the input instead of keeping them.
+
+    Parameters
+    ----------
+    act : {"relu", "relu6", "silu", "hardswish", "leaky_relu", "identity"}
+    negative_slope : float
+        leaky_relu's slope for negative values.
+    backend : {"cython", "numba", "numpy"} or None
+        As in :class:`BatchNorm2d`. See ``docs/nn.md``.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, device=None, dtype=None, *, bias=True, act="relu",
+                 negative_slope=0.01, backend=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         bias=bias, backend=backend)
+        self.set_activation(act, negative_slope)
+
+    def set_activation(self, act, negative_slope=0.01):
+        """Set the fused activation (checked now, not at the first call)."""
+        if act is None or act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; expected one of "
+                             f"{', '.join(ACTIVATIONS)}")
+        self.activation = act
+        self.negative_slope = check_negative_slope(negative_slope)
+
+    def extra_repr(self):
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        return f"{super().extra_repr()}, act={self.activation!r}{slope}"
 
 
 class GroupNorm(FastbnNorm, nn.GroupNorm):
