@@ -151,12 +151,11 @@ def torch_gradients(torch_forward, grad_y, input, weight, output_mask, parameter
     backward op of a norm has no derivative of its own. Recomputes torch's forward.
 
     Without an activation the gradient of the bias does not depend on its value: pass no
-    `bias` and a zero one stands in for it. With one, pass the forward's bias.
+    `bias` and a zero one stands in for it. With one, pass the forward's bias (its saved
+    tensor, so that the gradients depend on it in the graph as they do in value).
     """
     if bias is None and output_mask[2]:
         bias = torch.zeros(parameter_shape, dtype=input.dtype, requires_grad=True)
-    elif bias is not None:
-        bias = bias.detach().requires_grad_(output_mask[2])
     wanted = [tensor for tensor, wanted in zip((input, weight, bias), output_mask) if wanted]
     with torch.enable_grad():
         y = torch_forward(input, weight, bias)
