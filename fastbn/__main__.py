@@ -4,6 +4,7 @@
     python -m fastbn bench    every backend against PyTorch (`bench --help` for options)
 """
 import argparse
+import os
 import platform
 import sys
 
@@ -29,6 +30,15 @@ def info():
         print(f"OpenMP: {'on' if _build_info.OPENMP else 'off'} ({_build_info.OPENMP_REASON})")
         print(f"compiler: {_build_info.COMPILER}")
         print(f"compile flags: {_build_info.PYTHON_CFLAGS} {_build_info.EXTRA_COMPILE_ARGS}")
+        from fastbn import _simd
+
+        limit = os.environ.get("FASTBN_SIMD")
+        print(f"instruction sets (FASTBN_SIMD={limit!r}):" if limit else "instruction sets:")
+        try:
+            for ops, name in _simd.instruction_sets().items():
+                print(f"  {ops}: {name}")
+        except ValueError as exc:
+            print(f"  {exc}")
     print(f"threads: {fastbn.get_num_threads()}")
     try:
         import numba

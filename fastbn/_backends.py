@@ -33,6 +33,8 @@ def _why_unavailable(name):
         except ImportError as exc:
             return (f"the compiled extension is not built ({exc}); reinstall with "
                     "`pip install .` (or `pip install -e .`) on a machine with a C compiler")
+        except ValueError as exc:  # a bad FASTBN_SIMD, found when the kernels load
+            return str(exc)
         return None
     if name == "numba":
         if importlib.util.find_spec("numba") is None:

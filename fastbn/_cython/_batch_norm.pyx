@@ -13,9 +13,9 @@ Each item writes its own partial sums; the partials of a channel are added in a
 fixed order afterwards. The result is therefore the same to the bit for any
 number of threads.
 
-Statistics accumulate in float64 in 8 explicit SIMD lanes (_simd.h) over values shifted by
-a per-channel pivot (the channel's first value), which keeps the one-pass
-sum / sum-of-squares accurate on data with a large mean. The normalize pass
+Statistics are summed over values shifted by a per-channel pivot (the channel's first
+value), in blocks in the input's type added in float64 (_batch_norm_loops.h), which keeps
+the one-pass sum / sum-of-squares accurate on data with a large mean. The normalize pass
 computes y = (x - pivot) * scale + offset, which keeps that accuracy in y.
 """
 cimport numpy as cnp
@@ -25,8 +25,12 @@ from libc.math cimport sqrt, isfinite
 from fastbn._cython._openmp_helpers cimport effective_threads
 from libc.stdlib cimport calloc, free
 from fastbn._cython._arrays cimport data
+from fastbn._cython._simd cimport select_instruction_set
 
 cnp.import_array()
+
+# The instruction set the loops of this module run (see _simd.h, FASTBN_SIMD).
+INSTRUCTION_SET = select_instruction_set()
 
 # Elements in one work item: big enough to amortise the per-item overhead,
 # small enough that N = 1 with few channels still gives every thread work.
@@ -66,9 +70,8 @@ cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_la
 
 
 # ---------------------------------------------------------------------------
-# The loops over one work item are C (_batch_norm_loops.h: explicit SIMD lanes,
-# AVX2 and baseline copies picked at load time); one name per dtype, picked
-# here by the fused type.
+# The loops over one work item are C (_batch_norm_loops.h, on _simd.h's vectors, compiled
+# for each instruction set); one name per dtype, picked here by the fused type.
 
 cdef extern from "_batch_norm_loops.h" nogil:
     void fastbn_cf_sums_float(const float*, const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,

@@ -1,80 +1,37 @@
-/* Inner loops of the normalization kernels, over one contiguous run of values.
+/* The loops of the BatchNorm kernels over one work item (see _batch_norm.pyx for the
+ * work split), written once on _simd.h's generic vectors and compiled for every
+ * instruction set there (FASTBN_FOR_EACH_ISA); FASTBN_DISPATCH picks one per call.
  *
- * The reductions accumulate in float64, whatever the input type, in 16 lanes:
- * four independent accumulators of four doubles (enough to hide the add
- * latency; two ran at ~1 cycle per value), written with GCC/Clang vector extensions
- * so that the lanes are explicit. The compiler keeps them in registers (a
- * Cython loop over a lane array was kept in memory, ~2.3 cycles per element),
- * and the order of every floating-point addition is fixed by this source: the
- * result does not depend on the thread count.
+ * Sums: a run (or, channels-last, a strip of channels down a block of rows) is summed in
+ * the input's own type over blocks of FASTBN_BLOCK values (FASTBN_ROW_BLOCK rows), in two
+ * vector accumulators (32 float / 16 double lanes), and each block's lanes are added in
+ * float64. A float32 block is 16 values per lane at most: its rounding stays far below
+ * the float32 output's, while the loop runs on twice as many lanes as float64 sums would,
+ * without a conversion per value. Where a float32 block cannot hold its sums (a square
+ * that overflows, as for values near 1e19, or one so small that it loses digits, below
+ * 2^-100 per value), the run is summed again value by value in float64 (the *_exact
+ * loops), which is how every run was summed before: such inputs keep their accuracy.
+ * Every addition's order is fixed by this source and the work split, so the results are
+ * the same for any thread count and on every instruction set.
  *
- * Runtime dispatch: on x86-64 every item function is compiled twice, for
- * AVX2 + FMA and for the portable baseline, and the first call picks one by
- * the CPU (__builtin_cpu_supports). The two copies differ only in how they
- * load four floats as doubles (GCC lowers a generic vector conversion badly,
- * through the stack), so they add in the same order. Measured on the
- * project's 2-core AMD EPYC: the AVX2 copies run the training forward about
- * 2x faster than an SSE2 build (the float64 reductions are compute-bound).
- *
- * The elementwise loops are plain C that the compiler vectorises at -O3.
- *
- * Each item function (fastbn_cf_*, fastbn_cl_*) does one whole work item (see _batch_norm.pyx
- * for the decomposition), so the dispatch and call cost is paid per item, not
- * per row: with 7x7 feature maps a row is only 49 values.
+ * Elementwise loops (normalize, grad input) are plain C that each instruction set's
+ * instantiation vectorises, with the fused activation (fastbn/_activations.py) inside.
  */
 #ifndef FASTBN_BATCH_NORM_LOOPS_H
 #define FASTBN_BATCH_NORM_LOOPS_H
 
-#include <stddef.h>
 #include <math.h>
+#include <stddef.h>
 #include <string.h>
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define FASTBN_X86_DISPATCH 1
-#include <immintrin.h>
-#define FASTBN_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define FASTBN_X86_DISPATCH 0
-#endif
+#include "_simd.h"
 
-#define FASTBN_LANES 16
-typedef double fastbn_d4 __attribute__((vector_size(4 * sizeof(double))));
-
-/* Four values as doubles, from unaligned memory. */
-static inline fastbn_d4 fastbn_load4_float_base(const float *p) {
-    fastbn_d4 v = {p[0], p[1], p[2], p[3]};
-    return v;
-}
-
-static inline fastbn_d4 fastbn_load4_double_base(const double *p) {
-    fastbn_d4 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-#if FASTBN_X86_DISPATCH
-FASTBN_TARGET_AVX2 static inline fastbn_d4 fastbn_load4_float_avx2(const float *p) {
-    return (fastbn_d4)_mm256_cvtps_pd(_mm_loadu_ps(p));
-}
-
-FASTBN_TARGET_AVX2 static inline fastbn_d4 fastbn_load4_double_avx2(const double *p) {
-    return (fastbn_d4)_mm256_loadu_pd(p);
-}
-
-static int fastbn_avx2_state = -1; /* -1: not asked yet; benign race, same answer */
-
-static inline int fastbn_use_avx2(void) {
-    if (fastbn_avx2_state < 0)
-        fastbn_avx2_state = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return fastbn_avx2_state;
-}
-#endif
-
-/* The 16 lanes of four accumulators, folded in a fixed order. */
-static inline double fastbn_fold(fastbn_d4 a, fastbn_d4 b, fastbn_d4 c, fastbn_d4 d) {
-    fastbn_d4 v = (a + b) + (c + d);
-    return (v[0] + v[1]) + (v[2] + v[3]);
-}
+/* Values of a run summed in the input's type before float64. */
+#define FASTBN_BLOCK 512
+/* Channels-last rows summed in the input's type before float64. */
+#define FASTBN_ROW_BLOCK 32
+/* Below this sum of squares per value, float32 block sums lose digits: sum in float64. */
+#define FASTBN_TINY_SQUARES 0x1p-100
 
 /* The fused activations (fastbn/_activations.py has the table and the float64 reference),
  * as torch computes them, NaN in NaN out. `code` is a constant wherever these are called
@@ -158,29 +115,18 @@ FASTBN_DEFINE_ACTIVATIONS(double, exp)
  * CHUNK_ELEMENTS = 4096 values; see _batch_norm.pyx). */
 #define FASTBN_GRAD_BUFFER 4096
 
-#define FASTBN_DEFINE_LOOPS(T, ISA, ATTR)                                                      \
+/* Whether a float32 run's sums need float64 (see the top of this file). */
+#define FASTBN_NEEDS_EXACT_float(sum, sum_sq, n) \
+    (!isfinite(sum) || !(fabs(sum_sq) >= FASTBN_TINY_SQUARES * (double)(n)) || !isfinite(sum_sq))
+#define FASTBN_NEEDS_EXACT_double(sum, sum_sq, n) 0
+
+#define FASTBN_DEFINE_LOOPS(T, ISA)                                                            \
                                                                                                \
-/* sum(x - pivot), sum((x - pivot)^2) over one run */                                          \
-ATTR static inline void fastbn_shifted_sums_##T##_##ISA(const T *x, ptrdiff_t n, double pivot, \
-                                           double *sum_out, double *sum_sq_out) {              \
-    fastbn_d4 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};  \
-    ptrdiff_t i = 0;                                                                           \
-    for (; i + FASTBN_LANES <= n; i += FASTBN_LANES) {                                         \
-        fastbn_d4 d0 = fastbn_load4_##T##_##ISA(x + i) - pivot;                                \
-        fastbn_d4 d1 = fastbn_load4_##T##_##ISA(x + i + 4) - pivot;                            \
-        fastbn_d4 d2 = fastbn_load4_##T##_##ISA(x + i + 8) - pivot;                            \
-        fastbn_d4 d3 = fastbn_load4_##T##_##ISA(x + i + 12) - pivot;                           \
-        a0 += d0;                                                                              \
-        a1 += d1;                                                                              \
-        a2 += d2;                                                                              \
-        a3 += d3;                                                                              \
-        b0 += d0 * d0;                                                                         \
-        b1 += d1 * d1;                                                                         \
-        b2 += d2 * d2;                                                                         \
-        b3 += d3 * d3;                                                                         \
-    }                                                                                          \
-    double t1 = fastbn_fold(a0, a1, a2, a3), t2 = fastbn_fold(b0, b1, b2, b3);                 \
-    for (; i < n; i++) {                                                                       \
+/* sum(x - pivot), sum((x - pivot)^2) over one run, value by value in float64. */              \
+FASTBN_TARGET_##ISA static void fastbn_shifted_sums_exact_##T##_##ISA(                         \
+        const T *x, ptrdiff_t n, double pivot, double *sum_out, double *sum_sq_out) {          \
+    double t1 = 0.0, t2 = 0.0;                                                                 \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                        \
         double d = (double)x[i] - pivot;                                                       \
         t1 += d;                                                                               \
         t2 += d * d;                                                                           \
@@ -189,25 +135,12 @@ ATTR static inline void fastbn_shifted_sums_##T##_##ISA(const T *x, ptrdiff_t n,
     *sum_sq_out = t2;                                                                          \
 }                                                                                              \
                                                                                                \
-/* sum(dy), sum((x - mean) * dy) over one run */                                               \
-ATTR static inline void fastbn_grad_sums_##T##_##ISA(const T *dy, const T *x, ptrdiff_t n, double mean, \
-                                        double *sum_dy_out, double *dot_out) {                 \
-    fastbn_d4 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};  \
-    ptrdiff_t i = 0;                                                                           \
-    for (; i + FASTBN_LANES <= n; i += FASTBN_LANES) {                                         \
-        fastbn_d4 g0 = fastbn_load4_##T##_##ISA(dy + i), g1 = fastbn_load4_##T##_##ISA(dy + i + 4); \
-        fastbn_d4 g2 = fastbn_load4_##T##_##ISA(dy + i + 8), g3 = fastbn_load4_##T##_##ISA(dy + i + 12); \
-        a0 += g0;                                                                              \
-        a1 += g1;                                                                              \
-        a2 += g2;                                                                              \
-        a3 += g3;                                                                              \
-        b0 += (fastbn_load4_##T##_##ISA(x + i) - mean) * g0;                                   \
-        b1 += (fastbn_load4_##T##_##ISA(x + i + 4) - mean) * g1;                               \
-        b2 += (fastbn_load4_##T##_##ISA(x + i + 8) - mean) * g2;                               \
-        b3 += (fastbn_load4_##T##_##ISA(x + i + 12) - mean) * g3;                              \
-    }                                                                                          \
-    double t1 = fastbn_fold(a0, a1, a2, a3), t2 = fastbn_fold(b0, b1, b2, b3);                 \
-    for (; i < n; i++) {                                                                       \
+/* sum(dy), sum((x - mean) * dy) over one run, value by value in float64. */                   \
+FASTBN_TARGET_##ISA static void fastbn_grad_sums_exact_##T##_##ISA(                            \
+        const T *dy, const T *x, ptrdiff_t n, double mean, double *sum_dy_out,                 \
+        double *dot_out) {                                                                     \
+    double t1 = 0.0, t2 = 0.0;                                                                 \
+    for (ptrdiff_t i = 0; i < n; i++) {                                                        \
         double g = (double)dy[i];                                                              \
         t1 += g;                                                                               \
         t2 += ((double)x[i] - mean) * g;                                                       \
@@ -216,11 +149,109 @@ ATTR static inline void fastbn_grad_sums_##T##_##ISA(const T *dy, const T *x, pt
     *dot_out = t2;                                                                             \
 }                                                                                              \
                                                                                                \
+/* sum(x - pivot), sum((x - pivot)^2) over one run, in blocks (see the top of the file).      \
+ * The pivot is a value of x: exact in T. The last values (fewer than two vectors) go in one  \
+ * or two more vectors, the last one padded with the pivot (which adds 0), so that a run of   \
+ * 49 or 16 values (7 x 7 and 4 x 4 maps) costs vectors, not a scalar loop. */                \
+FASTBN_TARGET_##ISA static inline void fastbn_shifted_sums_##T##_##ISA(                        \
+        const T *x, ptrdiff_t n, double pivot, double *sum_out, double *sum_sq_out) {          \
+    const ptrdiff_t L = FASTBN_LANES(T);                                                       \
+    const T p = (T)pivot;                                                                      \
+    double t1 = 0.0, t2 = 0.0;                                                                 \
+    ptrdiff_t i = 0;                                                                           \
+    fastbn_vec_##T a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};                                     \
+    while (n - i >= 2 * L) {                                                                   \
+        ptrdiff_t stop = n - i > FASTBN_BLOCK ? i + FASTBN_BLOCK : n;                          \
+        for (; i + 2 * L <= stop; i += 2 * L) {                                                \
+            fastbn_vec_##T d0 = FASTBN_LOAD(T, x + i) - p, d1 = FASTBN_LOAD(T, x + i + L) - p; \
+            a0 += d0;                                                                          \
+            a1 += d1;                                                                          \
+            b0 += d0 * d0;                                                                     \
+            b1 += d1 * d1;                                                                     \
+        }                                                                                      \
+        if (n - i >= 2 * L) { /* a whole block: into float64, and start the next */           \
+            t1 += fastbn_hsum_##T(a0 + a1);                                                    \
+            t2 += fastbn_hsum_##T(b0 + b1);                                                    \
+            a0 = a1 = b0 = b1 = (fastbn_vec_##T){0};                                           \
+        }                                                                                      \
+    }                                                                                          \
+    if (n - i >= L) {                                                                          \
+        fastbn_vec_##T d = FASTBN_LOAD(T, x + i) - p;                                          \
+        a0 += d;                                                                               \
+        b0 += d * d;                                                                           \
+        i += L;                                                                                \
+    }                                                                                          \
+    if (i < n) {                                                                               \
+        fastbn_vec_##T d = p - (fastbn_vec_##T){0};                                            \
+        memcpy(&d, x + i, (size_t)(n - i) * sizeof(T));                                        \
+        d -= p;                                                                                \
+        a1 += d;                                                                               \
+        b1 += d * d;                                                                           \
+    }                                                                                          \
+    t1 += fastbn_hsum_##T(a0 + a1);                                                            \
+    t2 += fastbn_hsum_##T(b0 + b1);                                                            \
+    if (FASTBN_NEEDS_EXACT_##T(t1, t2, n)) {                                                   \
+        fastbn_shifted_sums_exact_##T##_##ISA(x, n, pivot, sum_out, sum_sq_out);               \
+        return;                                                                                \
+    }                                                                                          \
+    *sum_out = t1;                                                                             \
+    *sum_sq_out = t2;                                                                          \
+}                                                                                              \
+                                                                                               \
+/* sum(dy), sum((x - mean) * dy) over one run, in blocks; the last values as above, dy       \
+ * padded with 0. The mean is a value of T. */                                                 \
+FASTBN_TARGET_##ISA static inline void fastbn_grad_sums_##T##_##ISA(                           \
+        const T *dy, const T *x, ptrdiff_t n, double mean, double *sum_dy_out,                 \
+        double *dot_out) {                                                                     \
+    const ptrdiff_t L = FASTBN_LANES(T);                                                       \
+    const T m = (T)mean;                                                                       \
+    double t1 = 0.0, t2 = 0.0;                                                                 \
+    ptrdiff_t i = 0;                                                                           \
+    fastbn_vec_##T a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};                                     \
+    while (n - i >= 2 * L) {                                                                   \
+        ptrdiff_t stop = n - i > FASTBN_BLOCK ? i + FASTBN_BLOCK : n;                          \
+        for (; i + 2 * L <= stop; i += 2 * L) {                                                \
+            fastbn_vec_##T g0 = FASTBN_LOAD(T, dy + i), g1 = FASTBN_LOAD(T, dy + i + L);       \
+            a0 += g0;                                                                          \
+            a1 += g1;                                                                          \
+            b0 += (FASTBN_LOAD(T, x + i) - m) * g0;                                            \
+            b1 += (FASTBN_LOAD(T, x + i + L) - m) * g1;                                        \
+        }                                                                                      \
+        if (n - i >= 2 * L) {                                                                  \
+            t1 += fastbn_hsum_##T(a0 + a1);                                                    \
+            t2 += fastbn_hsum_##T(b0 + b1);                                                    \
+            a0 = a1 = b0 = b1 = (fastbn_vec_##T){0};                                           \
+        }                                                                                      \
+    }                                                                                          \
+    if (n - i >= L) {                                                                          \
+        fastbn_vec_##T g = FASTBN_LOAD(T, dy + i);                                             \
+        a0 += g;                                                                               \
+        b0 += (FASTBN_LOAD(T, x + i) - m) * g;                                                 \
+        i += L;                                                                                \
+    }                                                                                          \
+    if (i < n) {                                                                               \
+        fastbn_vec_##T g = {0}, xv = {0};                                                      \
+        memcpy(&g, dy + i, (size_t)(n - i) * sizeof(T));                                       \
+        memcpy(&xv, x + i, (size_t)(n - i) * sizeof(T));                                       \
+        a1 += g;                                                                               \
+        b1 += (xv - m) * g;                                                                    \
+    }                                                                                          \
+    t1 += fastbn_hsum_##T(a0 + a1);                                                            \
+    t2 += fastbn_hsum_##T(b0 + b1);                                                            \
+    if (!isfinite(t1) || !isfinite(t2)) { /* an overflow in T, or a non-finite value */       \
+        fastbn_grad_sums_exact_##T##_##ISA(dy, x, n, mean, sum_dy_out, dot_out);               \
+        return;                                                                                \
+    }                                                                                          \
+    *sum_dy_out = t1;                                                                          \
+    *dot_out = t2;                                                                             \
+}                                                                                              \
+                                                                                               \
 /* Channels-first work item: rows [row0, row1) of the (N * C, S) matrix, columns [start,       \
  * stop) of each; row r is channel r % C. Writes one partial per (row, chunk) to               \
  * part_a/part_b[r * chunks + chunk]: with second == NULL the shifted sums of first (= x),     \
- * else the gradient sums of first (= dy) and second (= x). */                                 \
-ATTR static void fastbn_cf_sums_##T##_##ISA(                                                   \
+ * else the gradient sums of first (= dy, through the activation's derivative) and second     \
+ * (= x). */                                                                                   \
+FASTBN_TARGET_##ISA static void fastbn_cf_sums_##T##_##ISA(                                    \
         const T *first, const T *second, ptrdiff_t S, ptrdiff_t C, ptrdiff_t row0,             \
         ptrdiff_t row1, ptrdiff_t start, ptrdiff_t stop, ptrdiff_t chunks, ptrdiff_t chunk,    \
         const double *centre, double *part_a, double *part_b, int act, T slope,                \
@@ -231,14 +262,14 @@ ATTR static void fastbn_cf_sums_##T##_##ISA(                                    
         ptrdiff_t offset = r * S + start, slot = r * chunks + chunk;                           \
         if (second == NULL) {                                                                  \
             fastbn_shifted_sums_##T##_##ISA(first + offset, n, centre[c],                      \
-                                    part_a + slot, part_b + slot);                             \
+                                            part_a + slot, part_b + slot);                     \
         } else if (act == 0) {                                                                 \
             fastbn_grad_sums_##T##_##ISA(first + offset, second + offset, n, centre[c],        \
-                                 part_a + slot, part_b + slot);                                \
+                                         part_a + slot, part_b + slot);                        \
         } else {  /* dy through the activation first, into a buffer the sums then read */     \
             const T *dyr = first + offset, *xr = second + offset;                              \
             T m = mean_t[c], zs = za[c], zo = zb[c];                                           \
-            FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_GRAD);                                      \
+            FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_GRAD);                                   \
             fastbn_grad_sums_##T##_##ISA(gbuf, xr, n, centre[c], part_a + slot, part_b + slot); \
         }                                                                                      \
         if (++c == C)                                                                          \
@@ -251,7 +282,7 @@ ATTR static void fastbn_cf_sums_##T##_##ISA(                                    
  *   else:       y = g * scale[c] + (x2 - shift[c]) * scale2[c] + offset[c],                   \
  *               g = x * act'((x2 - shift[c]) * za[c] + zb[c])  (g = x without activation)     \
  * (the backward: x = dy, x2 = x, y = dx, shift = the mean). */                                \
-ATTR static void fastbn_cf_elementwise_##T##_##ISA(                                            \
+FASTBN_TARGET_##ISA static void fastbn_cf_elementwise_##T##_##ISA(                             \
         const T *x, const T *x2, T *y, ptrdiff_t S, ptrdiff_t C, ptrdiff_t row0,               \
         ptrdiff_t row1, ptrdiff_t start, ptrdiff_t stop, const T *shift, const T *scale,       \
         const T *scale2, const T *offset, int act, T slope, const T *za, const T *zb) {        \
@@ -261,7 +292,7 @@ ATTR static void fastbn_cf_elementwise_##T##_##ISA(                             
         T *yr = y + r * S;                                                                     \
         T sh = shift[c], a = scale[c], o = offset[c];                                          \
         if (x2 == NULL) {                                                                      \
-            FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_FORWARD);                                   \
+            FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_FORWARD);                                \
         } else {                                                                               \
             const T *x2r = x2 + r * S;                                                         \
             T b = scale2[c];                                                                   \
@@ -270,7 +301,7 @@ ATTR static void fastbn_cf_elementwise_##T##_##ISA(                             
                     yr[i] = xr[i] * a + (x2r[i] - sh) * b + o;                                 \
             } else {                                                                           \
                 T zs = za[c], zo = zb[c];                                                      \
-                FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_BACKWARD);                              \
+                FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_BACKWARD);                           \
             }                                                                                  \
         }                                                                                      \
         if (++c == C)                                                                          \
@@ -280,62 +311,57 @@ ATTR static void fastbn_cf_elementwise_##T##_##ISA(                             
                                                                                                \
 /* Channels-last work item: rows [row0, row1) of the (N * S, C) matrix, channels [c0, c1).     \
  * Sets acc_a/acc_b[c] for c in [c0, c1) to the item's sums (shifted sums of first, or         \
- * gradient sums of first = dy and second = x, as above). Strips of 16 channels keep           \
- * their sums in registers down all the rows; the last few channels go one by one. */          \
-ATTR static void fastbn_cl_sums_##T##_##ISA(                                                   \
+ * gradient sums of first = dy and second = x, as above). A strip of one vector of channels   \
+ * is summed down FASTBN_ROW_BLOCK rows in T, then added per channel in float64; the last      \
+ * channels (fewer than a vector) and any strip that needs it (see the top of the file) are    \
+ * summed value by value in float64. */                                                        \
+FASTBN_TARGET_##ISA static void fastbn_cl_sums_##T##_##ISA(                                    \
         const T *first, const T *second, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,          \
         ptrdiff_t c0, ptrdiff_t c1, const double *centre, double *acc_a, double *acc_b) {      \
+    const ptrdiff_t L = FASTBN_LANES(T);                                                       \
     ptrdiff_t c = c0;                                                                          \
-    for (; c + 16 <= c1; c += 16) {                                                            \
-        fastbn_d4 m0 = fastbn_load4_double_##ISA(centre + c);                                  \
-        fastbn_d4 m1 = fastbn_load4_double_##ISA(centre + c + 4);                              \
-        fastbn_d4 m2 = fastbn_load4_double_##ISA(centre + c + 8);                              \
-        fastbn_d4 m3 = fastbn_load4_double_##ISA(centre + c + 12);                             \
-        fastbn_d4 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0}; \
-        for (ptrdiff_t r = row0; r < row1; r++) {                                              \
-            const T *fr = first + r * C + c;                                                   \
-            fastbn_d4 f0 = fastbn_load4_##T##_##ISA(fr), f1 = fastbn_load4_##T##_##ISA(fr + 4); \
-            fastbn_d4 f2 = fastbn_load4_##T##_##ISA(fr + 8);                                   \
-            fastbn_d4 f3 = fastbn_load4_##T##_##ISA(fr + 12);                                  \
-            if (second == NULL) {                                                              \
-                f0 -= m0; f1 -= m1; f2 -= m2; f3 -= m3;                                        \
-                a0 += f0; a1 += f1; a2 += f2; a3 += f3;                                        \
-                b0 += f0 * f0; b1 += f1 * f1; b2 += f2 * f2; b3 += f3 * f3;                    \
-            } else {                                                                           \
-                const T *sr = second + r * C + c;                                              \
-                a0 += f0; a1 += f1; a2 += f2; a3 += f3;                                        \
-                b0 += (fastbn_load4_##T##_##ISA(sr) - m0) * f0;                                \
-                b1 += (fastbn_load4_##T##_##ISA(sr + 4) - m1) * f1;                            \
-                b2 += (fastbn_load4_##T##_##ISA(sr + 8) - m2) * f2;                            \
-                b3 += (fastbn_load4_##T##_##ISA(sr + 12) - m3) * f3;                           \
+    for (; c + L <= c1; c += L) {                                                              \
+        fastbn_vec_##T m;                                                                      \
+        for (ptrdiff_t k = 0; k < L; k++) {                                                    \
+            m[k] = (T)centre[c + k];                                                           \
+            acc_a[c + k] = acc_b[c + k] = 0.0;                                                 \
+        }                                                                                      \
+        for (ptrdiff_t r0 = row0, r1; r0 < row1; r0 = r1) {                                    \
+            r1 = row1 - r0 > FASTBN_ROW_BLOCK ? r0 + FASTBN_ROW_BLOCK : row1;                  \
+            fastbn_vec_##T a = {0}, b = {0};                                                   \
+            for (ptrdiff_t r = r0; r < r1; r++) {                                              \
+                fastbn_vec_##T f = FASTBN_LOAD(T, first + r * C + c);                          \
+                if (second == NULL) {                                                          \
+                    f -= m;                                                                    \
+                    a += f;                                                                    \
+                    b += f * f;                                                                \
+                } else {                                                                       \
+                    a += f;                                                                    \
+                    b += (FASTBN_LOAD(T, second + r * C + c) - m) * f;                         \
+                }                                                                              \
+            }                                                                                  \
+            for (ptrdiff_t k = 0; k < L; k++) {                                                \
+                acc_a[c + k] += (double)a[k];                                                  \
+                acc_b[c + k] += (double)b[k];                                                  \
             }                                                                                  \
         }                                                                                      \
-        memcpy(acc_a + c, &a0, sizeof a0); memcpy(acc_a + c + 4, &a1, sizeof a1);              \
-        memcpy(acc_a + c + 8, &a2, sizeof a2); memcpy(acc_a + c + 12, &a3, sizeof a3);         \
-        memcpy(acc_b + c, &b0, sizeof b0); memcpy(acc_b + c + 4, &b1, sizeof b1);              \
-        memcpy(acc_b + c + 8, &b2, sizeof b2); memcpy(acc_b + c + 12, &b3, sizeof b3);         \
+        int exact = 0;                                                                         \
+        for (ptrdiff_t k = 0; k < L; k++)                                                      \
+            exact |= second == NULL                                                            \
+                ? FASTBN_NEEDS_EXACT_##T(acc_a[c + k], acc_b[c + k], row1 - row0)              \
+                : !isfinite(acc_a[c + k]) || !isfinite(acc_b[c + k]);                          \
+        if (exact)                                                                             \
+            fastbn_cl_sums_exact_##T##_##ISA(first, second, C, row0, row1, c, c + L, centre,   \
+                                             acc_a, acc_b);                                    \
     }                                                                                          \
-    for (; c < c1; c++) {                                                                      \
-        double sa = 0.0, sb = 0.0;                                                             \
-        for (ptrdiff_t r = row0; r < row1; r++) {                                              \
-            double f = (double)first[r * C + c];                                               \
-            if (second == NULL) {                                                              \
-                f -= centre[c];                                                                \
-                sa += f;                                                                       \
-                sb += f * f;                                                                   \
-            } else {                                                                           \
-                sa += f;                                                                       \
-                sb += ((double)second[r * C + c] - centre[c]) * f;                             \
-            }                                                                                  \
-        }                                                                                      \
-        acc_a[c] = sa;                                                                         \
-        acc_b[c] = sb;                                                                         \
-    }                                                                                          \
+    fastbn_cl_sums_exact_##T##_##ISA(first, second, C, row0, row1, c, c1, centre, acc_a,       \
+                                     acc_b);                                                   \
 }                                                                                              \
+                                                                                               \
 /* Channels-last work item, gradient sums through an activation (act != 0): acc_a/acc_b[c]    \
  * for c in [c0, c1) = sum(g), sum((x - centre) * g), g = dy * act'((x - mean_t) * za + zb).     \
  * Channels inner, so the loop vectorises across channels with one sum per channel. */         \
-ATTR static void fastbn_cl_act_grad_sums_##T##_##ISA(                                          \
+FASTBN_TARGET_##ISA static void fastbn_cl_act_grad_sums_##T##_##ISA(                           \
         const T *dy, const T *x, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1, ptrdiff_t c0,    \
         ptrdiff_t c1, const double *centre, double *acc_a, double *acc_b, int act, T slope,    \
         const T *mean_t, const T *za, const T *zb) {                                           \
@@ -343,11 +369,12 @@ ATTR static void fastbn_cl_act_grad_sums_##T##_##ISA(                           
         acc_a[c] = acc_b[c] = 0.0;                                                             \
     for (ptrdiff_t r = row0; r < row1; r++) {                                                  \
         const T *dyr = dy + r * C, *xr = x + r * C;                                            \
-        FASTBN_ACTIVATION_CASES(T, act, FASTBN_CL_GRAD_SUMS);                                     \
+        FASTBN_ACTIVATION_CASES(T, act, FASTBN_CL_GRAD_SUMS);                                  \
     }                                                                                          \
 }                                                                                              \
+                                                                                               \
 /* Channels-last work item, elementwise (same formulas as the channels-first one). */          \
-ATTR static void fastbn_cl_elementwise_##T##_##ISA(                                            \
+FASTBN_TARGET_##ISA static void fastbn_cl_elementwise_##T##_##ISA(                             \
         const T *x, const T *x2, T *y, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,            \
         ptrdiff_t c0, ptrdiff_t c1, const T *shift, const T *scale, const T *scale2,           \
         const T *offset, int act, T slope, const T *za, const T *zb) {                         \
@@ -355,32 +382,49 @@ ATTR static void fastbn_cl_elementwise_##T##_##ISA(                             
         const T *xr = x + r * C;                                                               \
         T *yr = y + r * C;                                                                     \
         if (x2 == NULL) {                                                                      \
-            FASTBN_ACTIVATION_CASES(T, act, FASTBN_CL_FORWARD);                                   \
+            FASTBN_ACTIVATION_CASES(T, act, FASTBN_CL_FORWARD);                                \
         } else {                                                                               \
             const T *x2r = x2 + r * C;                                                         \
             if (act == 0) {                                                                    \
                 for (ptrdiff_t c = c0; c < c1; c++)                                            \
                     yr[c] = xr[c] * scale[c] + (x2r[c] - shift[c]) * scale2[c] + offset[c];    \
             } else {                                                                           \
-                FASTBN_ACTIVATION_CASES(T, act, FASTBN_CL_BACKWARD);                              \
+                FASTBN_ACTIVATION_CASES(T, act, FASTBN_CL_BACKWARD);                           \
             }                                                                                  \
         }                                                                                      \
     }                                                                                          \
 }
 
+/* Channels-last sums of channels [c0, c1) value by value in float64 (the strips' fallback,
+ * and the channels that do not fill a vector). Rows outer: the reads stay contiguous. */
+#define FASTBN_DEFINE_EXACT_CL_SUMS(T, ISA)                                                    \
+FASTBN_TARGET_##ISA static void fastbn_cl_sums_exact_##T##_##ISA(                              \
+        const T *first, const T *second, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,          \
+        ptrdiff_t c0, ptrdiff_t c1, const double *centre, double *acc_a, double *acc_b) {      \
+    for (ptrdiff_t c = c0; c < c1; c++)                                                        \
+        acc_a[c] = acc_b[c] = 0.0;                                                             \
+    for (ptrdiff_t r = row0; r < row1; r++) {                                                  \
+        const T *fr = first + r * C;                                                           \
+        for (ptrdiff_t c = c0; c < c1; c++) {                                                  \
+            double f = (double)fr[c];                                                          \
+            if (second == NULL) {                                                              \
+                f -= centre[c];                                                                \
+                acc_a[c] += f;                                                                 \
+                acc_b[c] += f * f;                                                             \
+            } else {                                                                           \
+                acc_a[c] += f;                                                                 \
+                acc_b[c] += ((double)second[r * C + c] - centre[c]) * f;                       \
+            }                                                                                  \
+        }                                                                                      \
+    }                                                                                          \
+}
 
-#define FASTBN_EMPTY
-
-#if FASTBN_X86_DISPATCH
-#define FASTBN_DEFINE_ALL(T)                                                                  \
-    FASTBN_DEFINE_LOOPS(T, base, FASTBN_EMPTY)                                                \
-    FASTBN_DEFINE_LOOPS(T, avx2, FASTBN_TARGET_AVX2)
-#define FASTBN_DISPATCH(name, T, args)                                                        \
-    (fastbn_use_avx2() ? name##_##T##_avx2 args : name##_##T##_base args)
-#else
-#define FASTBN_DEFINE_ALL(T) FASTBN_DEFINE_LOOPS(T, base, FASTBN_EMPTY)
-#define FASTBN_DISPATCH(name, T, args) name##_##T##_base args
-#endif
+#define FASTBN_DEFINE_ISA(ISA)                                                                 \
+    FASTBN_DEFINE_EXACT_CL_SUMS(float, ISA)                                                    \
+    FASTBN_DEFINE_EXACT_CL_SUMS(double, ISA)                                                   \
+    FASTBN_DEFINE_LOOPS(float, ISA)                                                            \
+    FASTBN_DEFINE_LOOPS(double, ISA)
+FASTBN_FOR_EACH_ISA(FASTBN_DEFINE_ISA)
 
 /* The entry points, one per item function and dtype. */
 #define FASTBN_DEFINE_ENTRY_POINTS(T)                                                         \
@@ -421,8 +465,6 @@ static void fastbn_cl_elementwise_##T(                                          
                                                scale2, offset, act, slope, za, zb));          \
 }
 
-FASTBN_DEFINE_ALL(float)
-FASTBN_DEFINE_ALL(double)
 FASTBN_DEFINE_ENTRY_POINTS(float)
 FASTBN_DEFINE_ENTRY_POINTS(double)
 
