@@ -1,9 +1,12 @@
 """How many threads the kernels use: one rule shared by every backend.
 
 The count is, in order of precedence, what `set_num_threads` was given, else
-FASTBN_NUM_THREADS, else the CPUs this process may run on (its affinity mask).
+FASTBN_NUM_THREADS, else torch's count (`torch.get_num_threads()`) once fastbn.nn is
+imported (so that `torch.set_num_threads` governs both libraries in a torch program),
+else the CPUs this process may run on (its affinity mask).
 It is then capped by OpenMP's own limit (omp_get_max_threads, which follows
-OMP_NUM_THREADS and `threadpoolctl.threadpool_limits(n, user_api="openmp")`).
+OMP_NUM_THREADS and `threadpoolctl.threadpool_limits(n, user_api="openmp")`; with
+torch's Linux wheels, which load the same GNU libgomp, also `torch.set_num_threads`).
 FASTBN_NUM_THREADS and the affinity mask are read once, on first use: this
 runs on every kernel call.
 """
@@ -11,6 +14,8 @@ import os
 
 _requested = None  # set_num_threads(n); None means "not set"
 _default = None  # FASTBN_NUM_THREADS or the available CPUs, once known
+_environment = None  # FASTBN_NUM_THREADS, once read (0: not set)
+_follow = None  # a callable giving the default count instead of the CPUs (fastbn.nn: torch's)
 
 
 def _cpus_available():
@@ -63,16 +68,23 @@ def set_num_threads(n):
     _requested = None if n is None else _parse_thread_count(n, "set_num_threads(n)")
 
 
+def follow(count):
+    """Make `count()` (e.g. torch.get_num_threads) the default thread count, below
+    set_num_threads and FASTBN_NUM_THREADS; None goes back to the available CPUs."""
+    global _follow
+    _follow = count
+
+
 def get_num_threads():
     """The number of threads the next kernel call will use."""
-    global _default
+    global _default, _environment
     n = _requested
     if n is None:
         if _default is None:
             env = os.environ.get("FASTBN_NUM_THREADS")
-            _default = (_parse_thread_count(env, "FASTBN_NUM_THREADS") if env
-                        else _cpus_available())
-        n = _default
+            _environment = _parse_thread_count(env, "FASTBN_NUM_THREADS") if env else 0
+            _default = _environment or _cpus_available()
+        n = _default if _environment or _follow is None else max(1, _follow())
     if _openmp_max_threads is not None:
         limit = _openmp_max_threads()
         if limit < n:  # not min/max: two builtin calls cost 0.15 us, and this runs on every call

@@ -267,3 +267,17 @@ def test_bench_command_without_torch_says_what_is_missing():
                               "from fastbn.__main__ import main; sys.exit(main(['bench']))")
     assert result.returncode == 2
     assert "pip install torch==2.13.0" in result.stderr
+
+
+def test_threads_follow_torch_under_fastbn_nn():
+    """With fastbn.nn imported, torch.set_num_threads sets fastbn's default count;
+    fastbn.set_num_threads (or FASTBN_NUM_THREADS) takes precedence, below OpenMP's limit
+    (which torch's set_num_threads also sets where both load GNU libgomp)."""
+    code = ("import torch, fastbn, fastbn.nn\n"
+            "torch.set_num_threads(1); print(fastbn.get_num_threads())\n"
+            "torch.set_num_threads(2); print(fastbn.get_num_threads())\n"
+            "fastbn.set_num_threads(1); print(fastbn.get_num_threads())\n")
+    result = run_python("-c", code)
+    assert result.stdout.split() == ["1", str(min(2, CPUS)), "1"]
+    result = run_python("-c", code, FASTBN_NUM_THREADS="1")
+    assert result.stdout.split() == ["1", "1", "1"]

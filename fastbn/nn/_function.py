@@ -24,9 +24,12 @@ import numpy as np
 import torch
 
 import fastbn
-from fastbn import _activations, _layout
+from fastbn import _activations, _layout, _threads
 from fastbn import batch_norm as _batch_norm
 from fastbn._backends import load_backend
+
+# In a torch program, torch.set_num_threads governs fastbn's kernels too (fastbn/_threads.py).
+_threads.follow(torch.get_num_threads)
 
 
 def as_array(tensor):
