@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from fastbn.benchmarks import batch_norm, modules, norms, report, shapes
+from fastbn.benchmarks import batch_norm, end_to_end, modules, norms, report, shapes
 from fastbn.benchmarks.timing import alternate
 
 _memory = pytest.importorskip("fastbn._cython._memory")
@@ -159,21 +159,29 @@ def test_module_case_matches_torch_and_rejects_a_wrong_result(op, shape, channel
         case.check(wrong, expected, mode)
 
 
-def test_resnet_case_checks_the_converted_model_against_torch():
+@pytest.mark.parametrize("model", end_to_end.MODELS)
+@pytest.mark.parametrize("mode", end_to_end.MODES)
+def test_network_case_checks_the_converted_model_against_torch(model, mode):
     torch = pytest.importorskip("torch")
     import fastbn.nn as fnn
 
-    case = modules.ResNetCase(batch=2, image_size=32, widths=(4, 8, 8, 8))
+    case = end_to_end.NetworkCase(model, batch=2, mode=mode, image_size=32, small=True)
     case.check()
-    losses = {name: step() for name, step in case.steps().items()}
-    assert list(losses) == list(modules.ResNetCase.IMPLEMENTATIONS)
-    assert all(loss > 0 for loss in losses.values())
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in case.no_batch_norm.modules())
+    results = {name: step() for name, step in case.steps().items()}
+    assert list(results) == list(end_to_end.IMPLEMENTATIONS)
+    if mode == "training":
+        assert all(loss > 0 for loss in results.values())
+    else:
+        assert all(logits.shape == (2, end_to_end.CLASSES) for logits in results.values())
+    assert any(isinstance(m, fnn.BatchNormAct2d) for m in case.models["convert"].modules())
+    for name, gone in [("no_batch_norm", (torch.nn.BatchNorm2d,)),
+                       ("no_batch_norm_activation", (torch.nn.BatchNorm2d, torch.nn.ReLU,
+                                                     torch.nn.ReLU6))]:
+        assert not any(isinstance(m, gone) for m in case.models[name].modules())
     # A converted layer that computes something else is caught (the last one: a
     # later BatchNorm would normalize the error away).
-    layer = case.model.layers[-1].bn2
-    layer.register_forward_hook(lambda module, args, y: y + 0.1
-                                if isinstance(module, fnn.BatchNorm2d) else None)
+    last = [m for m in case.models["convert"].modules() if isinstance(m, fnn.BatchNorm2d)][-1]
+    last.register_forward_hook(lambda module, args, y: y + 0.1)
     with pytest.raises(AssertionError, match="differs from torch"):
         case.check()
 
@@ -189,8 +197,9 @@ def test_report_writes_every_measurement_and_the_plots(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
     results = report.run_report(threads=2, backends=["cython"], repeats=1, output=tmp_path,
-                                grids=TINY_GRIDS, ops=list(TINY_GRIDS), resnet_batch_sizes=(2,),
-                                resnet_image_size=32, resnet_widths=(4, 8, 8, 8), progress=False,
+                                grids=TINY_GRIDS, ops=list(TINY_GRIDS),
+                                networks=[("resnet18", "training", 2)], network_image_size=32,
+                                small_networks=True, progress=False,
                                 print_fn=lambda line: None)
     with open(tmp_path / "results.json") as file:
         saved = json.load(file)
@@ -216,8 +225,8 @@ def test_report_writes_every_measurement_and_the_plots(tmp_path):
             ("group_norm", "contiguous"), ("group_norm", "channels_last"),
             ("layer_norm", "contiguous")]}
     assert sum(r["threads"] == 1 for r in records) == 2 * cases
-    assert [(r["batch"], r["widths"], r["backend"]) for r in saved["resnet18"]] == [
-        (2, [4, 8, 8, 8], name) for name in modules.ResNetCase.IMPLEMENTATIONS]
+    assert [(r["model"], r["batch"], r["small"], r["backend"]) for r in saved["networks"]] == [
+        ("resnet18", 2, True, name) for name in end_to_end.IMPLEMENTATIONS]
     for name in ["speedup_batch_norm_2d", "speedup_group_norm", "speedup_layer_norm",
                  "time_vs_bytes"]:
         with open(tmp_path / f"{name}.png", "rb") as file:
@@ -228,11 +237,11 @@ def test_bench_command_runs_the_parts_asked_for(tmp_path, capsys):
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
     assert report.main(["--ops", "layer_norm", "--backends", "cython", "--repeats", "1",
-                        "--no-kernels", "--no-resnet", "--output", str(tmp_path)]) == 0
+                        "--no-kernels", "--no-networks", "--output", str(tmp_path)]) == 0
     with open(tmp_path / "results.json") as file:
         saved = json.load(file)
     assert {(r["level"], r["op"]) for r in saved["measurements"]} == {("module", "layer_norm")}
-    assert saved["resnet18"] == []
+    assert saved["networks"] == []
     assert "### module layer_norm contiguous training" in capsys.readouterr().out
     # no kernel measurements, no plot of kernel time against bytes moved
     assert sorted(path.name for path in tmp_path.iterdir()) == [
@@ -268,17 +277,19 @@ def test_report_module_tables_have_a_column_per_implementation():
     assert "- cython: geometric-mean speedup over torch 2.00x, worst 2.00x" in lines
 
 
-def test_resnet_table_gives_the_speedup_of_convert_and_the_bound():
-    records = [dict(batch=2, image_size=112, widths=None, dtype="float32", threads=2,
-                    backend=backend,
-                    median_s=median, q1_s=median, q3_s=median)
+def test_network_table_gives_the_speedups_and_the_part_of_the_bound_captured():
+    records = [dict(model="mobilenet_v2", mode="training", batch=2, image_size=112,
+                    dtype="float32", threads=2, backend=backend, median_s=median,
+                    q1_s=median, q3_s=median)
                for backend, median in [("torch", 0.06), ("convert", 0.05),
-                                       ("no_batch_norm", 0.04)]]
-    lines = report.resnet_table(records)
-    assert lines[1].startswith("## End to end: ResNet-18 training step")
-    row = next(line for line in lines if line.startswith("| 2 "))
-    assert row == "| 2 | 60.0 | 50.0 | 1.20x | 40.0 | 1.50x | 0% |"
-    assert report.resnet_table([]) == []
+                                       ("no_batch_norm", 0.045),
+                                       ("no_batch_norm_activation", 0.04)]]
+    lines = end_to_end.table(records)
+    assert lines[1].startswith("## End to end: reference networks, 112x112")
+    row = next(line for line in lines if line.startswith("| MobileNetV2 "))
+    assert row == ("| MobileNetV2 | training | 2 | 60.0 | 50.0 | 1.20x | 45.0 | 1.33x | "
+                   "40.0 | 1.50x | 50% | 0% |")
+    assert end_to_end.table([]) == []
 
 
 def test_plan_lays_out_every_level_op_layout_mode_and_shape():

@@ -9,20 +9,14 @@
   fastbn's modules run with ``backend=None`` (fastbn.nn's default routing:
   torch's op where it was measured faster, see `fastbn.nn.functional`) or
   with a backend named (always fastbn's kernels).
-- `ResNetCase`: end to end, a ResNet-18 training step (forward, cross-entropy,
-  backward, SGD step) with torch's layers, after ``fastbn.nn.convert``, and
-  with no BatchNorm at all (the bound of what any BatchNorm speed-up can give).
 
 torch is imported when a case is built, so this module imports without it.
 """
-import copy
 
 from fastbn.benchmarks import batch_norm, norms
 
 # float32 through autograd: each side rounds its own intermediates.
 TOLERANCE = 1e-3
-RESNET_IMAGE_SIZE = 112
-RESNET_CLASSES = 10
 
 
 def kernel_case(op, shape, dtype="float32", channels_last=False):
@@ -140,94 +134,3 @@ class ModuleCase:
         norms.assert_outputs_match(
             outputs, expected, TOLERANCE, f"{label} {self.op} module {mode}",
             f"(shape {self.shape}, channels_last={self.arrays.channels_last})")
-
-
-def without_batch_norm(model):
-    """A copy of `model` with every BatchNorm2d replaced by the identity."""
-    from torch import nn
-
-    model = copy.deepcopy(model)
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.BatchNorm2d):
-                setattr(parent, name, nn.Identity())
-    return model
-
-
-class ResNetCase:
-    """A ResNet-18 training step on random images: torch's layers, converted, no BatchNorm.
-
-    Parameters
-    ----------
-    batch : int
-    image_size : int
-        Height and width of the (batch, 3, image_size, image_size) float32 images.
-    widths : tuple of 4 int, optional
-        Channels of the four stages (default ResNet-18's, 64 to 512; narrower
-        ones make a quick smoke run).
-    seed : int
-    """
-
-    IMPLEMENTATIONS = ("torch", "convert", "no_batch_norm")
-
-    def __init__(self, batch, image_size=RESNET_IMAGE_SIZE, widths=None, seed=0):
-        import torch
-
-        from fastbn.benchmarks.models import ResNet
-
-        generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        self.batch, self.image_size = batch, image_size
-        stages = {} if widths is None else {"widths": widths}
-        self.model = ResNet(num_classes=RESNET_CLASSES, **stages)
-        self.no_batch_norm = without_batch_norm(self.model)
-        self.x = torch.randn(batch, 3, image_size, image_size, generator=generator)
-        self.target = torch.randint(0, RESNET_CLASSES, (batch,), generator=generator)
-        self.optimizers = {model: torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-                           for model in (self.model, self.no_batch_norm)}
-
-    def _train_step(self, model):
-        from torch import nn
-
-        optimizer = self.optimizers[model]
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(self.x), self.target)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    def steps(self):
-        """{implementation: callable running one training step and returning the loss}.
-
-        "torch" and "convert" train the same model: ``fastbn.nn.convert`` and
-        ``revert`` switch its layers' classes in place (the same weights and
-        memory, no cost), so the two alternate on one model and one optimizer.
-        """
-        import fastbn.nn
-
-        return {
-            "torch": lambda: self._train_step(fastbn.nn.revert(self.model)),
-            "convert": lambda: self._train_step(fastbn.nn.convert(self.model)),
-            "no_batch_norm": lambda: self._train_step(self.no_batch_norm),
-        }
-
-    def check(self):
-        """Assert that the converted model's logits and loss match torch's layers'.
-
-        Not the gradients: through 20 BatchNorm layers at initialisation, float32
-        rounding alone moves some by about 1 % of their largest value (torch's
-        own float32 ones against float64): a tolerance that lets rounding pass
-        lets a wrong backward pass too. tests/test_nn.py checks the converted
-        backward on a small ResNet.
-        """
-        import fastbn.nn
-        from torch import nn
-
-        results = []
-        for switch in (fastbn.nn.revert, fastbn.nn.convert):
-            logits = switch(self.model)(self.x).detach()
-            results.append([logits, nn.functional.cross_entropy(logits, self.target)])
-        fastbn.nn.revert(self.model)
-        norms.assert_outputs_match(results[1], results[0], TOLERANCE,
-                                   "ResNet-18 after fastbn.nn.convert:",
-                                   f"(batch {self.batch}, {self.image_size}x{self.image_size})")

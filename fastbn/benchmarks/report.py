@@ -14,9 +14,9 @@ layout (contiguous; channels-last for BatchNorm and GroupNorm), mode
 (`shapes`), the case is checked against torch, then timed interleaved
 (`timing.alternate`): torch, each fastbn implementation, the cython backend on
 1 thread (thread scaling) and the bandwidth floor (`timing.bandwidth_floor`).
-End to end, a ResNet-18 training step (`modules.ResNetCase`) with torch's
-layers, after ``fastbn.nn.convert`` and without BatchNorm. It prints markdown
-tables and writes `results.json` and PNG plots.
+End to end (`end_to_end`), MobileNetV2 and ResNet-18 training steps and eval forwards
+with torch's layers, after ``fastbn.nn.convert`` and without BatchNorm (and activation).
+It prints markdown tables and writes `results.json` and PNG plots.
 """
 import argparse
 import json
@@ -25,7 +25,7 @@ import os
 import statistics
 
 import fastbn
-from fastbn.benchmarks import batch_norm, modules, norms, shapes
+from fastbn.benchmarks import batch_norm, end_to_end, modules, norms, shapes
 from fastbn.benchmarks.compare import environment_lines
 from fastbn.benchmarks.timing import alternate, bandwidth_floor
 
@@ -36,7 +36,9 @@ SCALING_BACKEND = "cython"
 # fastbn.nn's modules with backend=None: torch's op where it was measured faster.
 DEFAULT_ROUTING = "default"
 DTYPE = "float32"
-RESNET_BATCH_SIZES = (2, 8)
+# The end-to-end cases: every (model, mode, batch).
+NETWORKS = tuple((model, mode, batch) for model in end_to_end.MODELS
+                 for mode in end_to_end.MODES for batch in end_to_end.BATCH_SIZES)
 
 
 def plan(grids, ops=OPS, levels=LEVELS):
@@ -155,45 +157,45 @@ def measure(cases, threads, backends, repeats, warmup, bar=None):
     return records
 
 
-def measure_resnet(batch_sizes, threads, repeats, warmup, image_size=modules.RESNET_IMAGE_SIZE,
-                   widths=None, bar=None):
-    """Check and time a ResNet-18 training step per batch size (`modules.ResNetCase`).
+def measure_networks(networks, threads, repeats, warmup, image_size=end_to_end.IMAGE_SIZE,
+                     small=False, bar=None):
+    """Check and time the end-to-end cases (`end_to_end.NetworkCase`).
 
     Parameters
     ----------
-    batch_sizes : sequence of int
+    networks : sequence of (model, mode, batch)
+        model in `end_to_end.MODELS`, mode in `end_to_end.MODES`.
     threads : int
     repeats, warmup : int
         For `timing.alternate`.
     image_size : int
-    widths : tuple of int, optional
-        The stages' channels; None: ResNet-18's.
+    small : bool
+        Narrow networks (a smoke run).
     bar : tqdm progress bar, optional
-        Advanced by one per batch size.
+        Advanced by one per case.
 
     Returns
     -------
     list of dict
-        Keys: batch, image_size, widths (None: ResNet-18's), dtype, backend
-        ("torch", "convert" or "no_batch_norm"), threads, median_s, q1_s, q3_s,
-        min_s, max_s, rounds.
+        Keys: model, mode, batch, image_size, small, dtype, backend (an
+        `end_to_end.IMPLEMENTATIONS` name), threads, median_s, q1_s, q3_s, min_s,
+        max_s, rounds.
     """
     import torch
 
     torch.set_num_threads(threads)
     fastbn.set_num_threads(threads)
     records = []
-    for batch in batch_sizes:
+    for model, mode, batch in networks:
         if bar is not None:
-            bar.set_postfix_str(f"ResNet-18 training step, batch {batch}")
-        case = modules.ResNetCase(batch, image_size, widths)
+            bar.set_postfix_str(f"{end_to_end.MODEL_TITLES[model]} {mode}, batch {batch}")
+        case = end_to_end.NetworkCase(model, batch, mode, image_size, small)
         case.check()
         steps = {name: _torch_on_threads(step, threads) for name, step in case.steps().items()}
         for name, timing in alternate(steps, repeats=repeats, warmup=warmup).items():
             records.append(_timing_record(
-                timing, batch=batch, image_size=image_size,
-                widths=None if widths is None else list(widths), dtype=DTYPE, backend=name,
-                threads=threads))
+                timing, model=model, mode=mode, batch=batch, image_size=image_size,
+                small=small, dtype=DTYPE, backend=name, threads=threads))
         if bar is not None:
             bar.update()
     return records
@@ -286,28 +288,6 @@ def _spread(records):
 
 def _geomean(values):
     return math.exp(sum(map(math.log, values)) / len(values))
-
-
-def resnet_table(records):
-    """Markdown lines: the ResNet-18 training step per batch size (records of `measure_resnet`)."""
-    if not records:
-        return []
-    first = records[0]
-    model = "ResNet-18" if first["widths"] is None else f"ResNet-18 with widths {first['widths']}"
-    lines = ["", f"## End to end: {model} training step (forward, cross-entropy, backward, "
-             f"SGD step), {first['image_size']}x{first['image_size']}, {first['dtype']}, "
-             f"{first['threads']} threads", "",
-             "| batch | torch layers ms | fastbn.nn.convert ms | speedup | no BatchNorm ms "
-             "| torch / no BatchNorm | spread |", "|" + "---|" * 7]
-    for (batch,), rows in _group(records, ("batch",)).items():
-        at = {r["backend"]: r["median_s"] for r in rows}
-        lines.append(f"| {batch} | {at['torch'] * 1e3:.1f} | {at['convert'] * 1e3:.1f} | "
-                     f"{at['torch'] / at['convert']:.2f}x | {at['no_batch_norm'] * 1e3:.1f} | "
-                     f"{at['torch'] / at['no_batch_norm']:.2f}x | {_spread(rows):.0%} |")
-    lines += ["", "convert: the same model after fastbn.nn.convert (default routing); "
-              "no BatchNorm: the network with its BatchNorm layers removed, the bound of what "
-              "any BatchNorm speed-up can give."]
-    return lines
 
 
 def write_json(results, path):
@@ -416,8 +396,8 @@ def plot(records, output_dir, threads):
 
 
 def run_report(full=False, threads=None, backends=None, repeats=None, output="bench-results",
-               grids=None, ops=OPS, levels=LEVELS, resnet_batch_sizes=RESNET_BATCH_SIZES,
-               resnet_image_size=modules.RESNET_IMAGE_SIZE, resnet_widths=None, progress=True,
+               grids=None, ops=OPS, levels=LEVELS, networks=NETWORKS,
+               network_image_size=end_to_end.IMAGE_SIZE, small_networks=False, progress=True,
                print_fn=print):
     """Run the benchmark, print the tables, write results.json and the plots into `output`.
 
@@ -431,7 +411,8 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     backends : list of str, optional
         fastbn backends (default every available one but the NumPy reference).
     repeats : int, optional
-        Timed rounds per case; the ResNet-18 steps, 50-200 ms each, get half as many (at least 3).
+        Timed rounds per case; the end-to-end cases, 20-500 ms each, get half as many (at
+        least 3).
     output : str or None
         Directory for results.json and the PNGs (created); None writes nothing.
     grids : dict of str to shapes.ShapeGrid, optional
@@ -439,11 +420,11 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     ops : sequence of str
     levels : sequence of {"kernel", "module"}
         The levels of the per-op tables.
-    resnet_batch_sizes : sequence of int
-        Batch sizes of the ResNet-18 training step; empty: no ResNet.
-    resnet_image_size : int
-    resnet_widths : tuple of int, optional
-        The ResNet stages' channels (default ResNet-18's; narrower: a smoke run).
+    networks : sequence of (model, mode, batch)
+        The end-to-end cases (`NETWORKS`; empty: none).
+    network_image_size : int
+    small_networks : bool
+        Narrow networks (a smoke run).
     progress : bool
         Show a progress bar (tqdm) over the cases.
     print_fn : callable
@@ -452,7 +433,7 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     -------
     dict
         What results.json holds: "environment" (lines), "measurements" (the
-        records of `measure`) and "resnet18" (those of `measure_resnet`).
+        records of `measure`) and "networks" (those of `measure_networks`).
     """
     from tqdm import tqdm
 
@@ -469,15 +450,16 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     for line in environment:
         print_fn(line)
     cases = plan(chosen, ops, levels)
-    with tqdm(total=len(cases) + len(resnet_batch_sizes), desc="fastbn bench", unit="case",
+    with tqdm(total=len(cases) + len(networks), desc="fastbn bench", unit="case",
               disable=not progress) as bar:
         records = measure(cases, threads, backends, repeats, warmup, bar)
-        resnet_records = measure_resnet(resnet_batch_sizes, threads, max(3, repeats // 2),
-                                        warmup=1, image_size=resnet_image_size,
-                                        widths=resnet_widths, bar=bar)
-    for line in tables(records, threads) + resnet_table(resnet_records):
+        network_records = measure_networks(networks, threads, max(3, repeats // 2), warmup=1,
+                                           image_size=network_image_size,
+                                           small=small_networks, bar=bar)
+    for line in tables(records, threads) + end_to_end.table(network_records):
         print_fn(line)
-    results = {"environment": environment, "measurements": records, "resnet18": resnet_records}
+    results = {"environment": environment, "measurements": records,
+               "networks": network_records}
     if output is not None:
         os.makedirs(output, exist_ok=True)
         write_json(results, os.path.join(output, "results.json"))
@@ -492,8 +474,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="fastbn bench", description="Time every op in torch and in fastbn's backends, "
         "through the NumPy API (kernel level) and through fastbn.nn and autograd (module "
-        "level), and a ResNet-18 training step with torch's layers and after "
-        "fastbn.nn.convert: markdown tables, results.json and PNG plots.")
+        "level), and MobileNetV2 and ResNet-18 training steps and eval forwards with "
+        "torch's layers and after fastbn.nn.convert (end to end): markdown tables, "
+        "results.json and PNG plots.")
     parser.add_argument("--full", action="store_true",
                         help="the whole grid, 30 rounds per case (default: a quick run, "
                         "1-2 minutes on 2 cores)")
@@ -504,14 +487,14 @@ def main(argv=None):
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
                         help="the ops of the kernel and module tables (default: all)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed rounds per case (default 20, --full 30; the ResNet "
-                        "steps get half)")
+                        help="timed rounds per case (default 20, --full 30; the end-to-end "
+                        "cases get half)")
     parser.add_argument("--no-kernels", action="store_true",
                         help="skip the kernel-level tables (the NumPy API)")
     parser.add_argument("--no-modules", action="store_true",
                         help="skip the module-level tables (fastbn.nn through autograd)")
-    parser.add_argument("--no-resnet", action="store_true",
-                        help="skip the ResNet-18 training step")
+    parser.add_argument("--no-networks", action="store_true",
+                        help="skip the end-to-end networks (MobileNetV2, ResNet-18)")
     parser.add_argument("--output", default="bench-results",
                         help="directory for results.json and the plots (default bench-results/)")
     args = parser.parse_args(argv)
@@ -519,5 +502,5 @@ def main(argv=None):
               if not skip]
     run_report(full=args.full, threads=args.threads, backends=args.backends,
                repeats=args.repeats, output=args.output, ops=args.ops, levels=levels,
-               resnet_batch_sizes=() if args.no_resnet else RESNET_BATCH_SIZES)
+               networks=() if args.no_networks else NETWORKS)
     return 0
