@@ -300,3 +300,34 @@ def test_plan_lays_out_every_level_op_layout_mode_and_shape():
     assert len(cases) == 2 * (2 * 2 * 2 + 2)
     assert report.plan(TINY_GRIDS, ops=["layer_norm"], levels=["module"]) == [
         ("module", "layer_norm", "contiguous", mode, (1, 2, 8)) for mode in batch_norm.MODES]
+
+
+def test_thread_sweep_summarises_every_count(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    from fastbn.benchmarks import scaling
+
+    results = report.run_sweep([1, 2], backends=["cython"], repeats=1, output=tmp_path,
+                               ops=["batch_norm_2d"], levels=["kernel"],
+                               networks=[("mobilenet_v2", "training", 2)],
+                               grids={"batch_norm_2d": TINY_GRIDS["batch_norm_2d"]},
+                               small_networks=True, progress=False, print_fn=lambda line: None)
+    with open(tmp_path / "results.json") as file:
+        assert json.load(file) == results
+    assert {r["threads"] for r in results["measurements"]} == {1, 2}
+    assert {(r["mode"], r["layout"]) for r in results["measurements"]} == {
+        ("training", "contiguous")}
+    summary = {(r["level"], r["backend"], r["threads"]): r for r in results["sweep"]}
+    assert set(summary) == {(level, backend, threads) for threads in (1, 2)
+                            for level, backend in [("kernel", "torch"), ("kernel", "cython")]
+                            + [("network", name) for name in end_to_end.IMPLEMENTATIONS]}
+    for (level, backend, threads), row in summary.items():
+        if backend == "torch":
+            assert row["over_torch"] == pytest.approx(1.0)
+        assert row["efficiency"] == pytest.approx(row["speedup"] / threads)
+        if threads == 1:
+            assert row["speedup"] == pytest.approx(1.0)
+    lines = scaling.table(results["sweep"])
+    assert "| kernel | batch_norm_2d | training | cython | 1" in "\n".join(lines)
+    with open(tmp_path / "scaling.png", "rb") as file:
+        assert file.read(8) == b"\x89PNG\r\n\x1a\n"

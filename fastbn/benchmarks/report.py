@@ -25,7 +25,7 @@ import os
 import statistics
 
 import fastbn
-from fastbn.benchmarks import batch_norm, end_to_end, modules, norms, shapes
+from fastbn.benchmarks import batch_norm, end_to_end, modules, norms, scaling, shapes
 from fastbn.benchmarks.compare import environment_lines
 from fastbn.benchmarks.timing import alternate, bandwidth_floor
 
@@ -41,7 +41,7 @@ NETWORKS = tuple((model, mode, batch) for model in end_to_end.MODELS
                  for mode in end_to_end.MODES for batch in end_to_end.BATCH_SIZES)
 
 
-def plan(grids, ops=OPS, levels=LEVELS):
+def plan(grids, ops=OPS, levels=LEVELS, modes=batch_norm.MODES, channels_last=True):
     """Every case to run, as (level, op, layout, mode, shape) in report order.
 
     Parameters
@@ -50,14 +50,17 @@ def plan(grids, ops=OPS, levels=LEVELS):
         The grid of each op.
     ops : sequence of str
     levels : sequence of {"kernel", "module"}
+    modes : sequence of {"training", "eval"}
+    channels_last : bool
+        Also channels-last memory, for the ops that have it.
     """
     cases = []
     for level in levels:
         for op in ops:
-            layouts = (("contiguous", "channels_last") if op in CHANNELS_LAST_OPS
-                       else ("contiguous",))
+            layouts = (("contiguous", "channels_last")
+                       if channels_last and op in CHANNELS_LAST_OPS else ("contiguous",))
             for layout in layouts:
-                for mode in batch_norm.MODES:
+                for mode in modes:
                     cases.extend((level, op, layout, mode, shape)
                                  for shape in grids[op].shapes())
     return cases
@@ -95,7 +98,7 @@ def _timing_record(timing, **keys):
                 min_s=timing.min_s, max_s=timing.max_s, rounds=timing.rounds)
 
 
-def measure(cases, threads, backends, repeats, warmup, bar=None):
+def measure(cases, threads, backends, repeats, warmup, bar=None, one_thread=True):
     """Check and time every case; return one record per (case, implementation).
 
     Parameters
@@ -110,6 +113,8 @@ def measure(cases, threads, backends, repeats, warmup, bar=None):
         For `timing.alternate`.
     bar : tqdm progress bar, optional
         Advanced by one per case.
+    one_thread : bool
+        Also time the cython backend on 1 thread (a thread sweep times every count).
 
     Returns
     -------
@@ -140,7 +145,7 @@ def measure(cases, threads, backends, repeats, warmup, bar=None):
                 step = _torch_on_threads(step, threads)
             case.check(step(), expected, mode, name)
             steps[(name, threads)] = step
-        if SCALING_BACKEND in backends and threads > 1:
+        if one_thread and SCALING_BACKEND in backends and threads > 1:
             # fastbn's kernels on 1 thread; at the module level torch's ops keep `threads`.
             steps[(SCALING_BACKEND, 1)] = _on_threads(steps[(SCALING_BACKEND, threads)], 1,
                                                       threads)
@@ -469,6 +474,54 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     return results
 
 
+def run_sweep(thread_counts, backends=None, repeats=10, output="bench-results",
+              ops=scaling.OPS, levels=scaling.LEVELS, networks=scaling.NETWORKS,
+              grids=None, small_networks=False, progress=True, print_fn=print):
+    """The thread sweep (`scaling`): the training cases of `scaling.GRIDS` (contiguous
+    memory) and the end-to-end `networks` at each count of `thread_counts`; prints the
+    sweep table and writes results.json (with a "sweep" summary) and scaling.png.
+
+    `grids` overrides `scaling.GRIDS` per op and `small_networks` narrows the networks
+    (smoke runs).
+
+    Returns
+    -------
+    dict
+        "environment", "measurements", "networks" (every count's records, each with its
+        "threads") and "sweep" (`scaling.summarise`).
+    """
+    from tqdm import tqdm
+
+    if backends is None:
+        backends = batch_norm.backends(include_reference=False)
+    environment = environment_lines(max(thread_counts))
+    environment.append(f"thread sweep: {', '.join(map(str, thread_counts))}")
+    for line in environment:
+        print_fn(line)
+    grids = {**scaling.GRIDS, **(grids or {})}
+    cases = plan({op: grids[op] for op in ops}, ops, levels, modes=("training",),
+                 channels_last=False)
+    records, network_records = [], []
+    with tqdm(total=(len(cases) + len(networks)) * len(thread_counts), desc="thread sweep",
+              unit="case", disable=not progress) as bar:
+        for threads in thread_counts:
+            records += measure(cases, threads, backends, repeats, warmup=2, bar=bar,
+                               one_thread=False)
+            network_records += measure_networks(networks, threads, max(3, repeats // 2),
+                                                warmup=1, small=small_networks, bar=bar)
+    summary = scaling.summarise(records, network_records)
+    for line in scaling.table(summary):
+        print_fn(line)
+    results = {"environment": environment, "measurements": records,
+               "networks": network_records, "sweep": summary}
+    if output is not None:
+        os.makedirs(output, exist_ok=True)
+        write_json(results, os.path.join(output, "results.json"))
+        print_fn(f"wrote {scaling.plot(summary, output)}")
+        print_fn(f"wrote {os.path.join(output, 'results.json')}")
+    return results
+
+
 def main(argv=None):
     """Command line of `python -m fastbn bench`."""
     parser = argparse.ArgumentParser(
@@ -480,8 +533,12 @@ def main(argv=None):
     parser.add_argument("--full", action="store_true",
                         help="the whole grid, 30 rounds per case (default: a quick run, "
                         "1-2 minutes on 2 cores)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for torch and fastbn (default: every usable CPU)")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="threads for torch and fastbn (default: every usable CPU); "
+                        "several counts (e.g. 1 2 4 8 16) run the thread sweep instead: the "
+                        "training cases of BatchNorm2d, GroupNorm and LayerNorm at the kernel "
+                        "and module level and a MobileNetV2 training step at each count, "
+                        "10 rounds each unless --repeats says otherwise")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="fastbn backends (default: every available one but numpy)")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS),
@@ -500,7 +557,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     levels = [level for level, skip in (("kernel", args.no_kernels), ("module", args.no_modules))
               if not skip]
-    run_report(full=args.full, threads=args.threads, backends=args.backends,
+    if args.threads is not None and len(args.threads) > 1:
+        run_sweep(args.threads, backends=args.backends, repeats=args.repeats or 10,
+                  output=args.output, ops=[op for op in args.ops if op in scaling.OPS],
+                  levels=levels, networks=() if args.no_networks else scaling.NETWORKS)
+        return 0
+    run_report(full=args.full, threads=args.threads and args.threads[0], backends=args.backends,
                repeats=args.repeats, output=args.output, ops=args.ops, levels=levels,
                networks=() if args.no_networks else NETWORKS)
     return 0
