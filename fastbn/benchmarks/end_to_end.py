@@ -10,8 +10,8 @@ import copy
 
 from fastbn.benchmarks import norms
 
-MODELS = ("mobilenet_v2", "resnet18")
-MODEL_TITLES = {"mobilenet_v2": "MobileNetV2", "resnet18": "ResNet-18"}
+MODELS = ("mobilenet_v2", "resnet18")  # the report's; resnet50 on request (the sweep)
+MODEL_TITLES = {"mobilenet_v2": "MobileNetV2", "resnet18": "ResNet-18", "resnet50": "ResNet-50"}
 MODES = ("training", "eval")
 IMPLEMENTATIONS = ("torch", "convert", "no_batch_norm", "no_batch_norm_activation")
 IMPLEMENTATION_TITLES = {
@@ -30,14 +30,16 @@ TOLERANCE = 1e-3
 def build_model(name, small=False):
     """The reference network `name` with CLASSES outputs; `small`: a narrow one for smoke
     tests (the same layers, fewer channels)."""
-    from fastbn.benchmarks.models import MobileNetV2, ResNet
+    from fastbn.benchmarks.models import MobileNetV2, ResNet, ResNet50
 
     if name == "mobilenet_v2":
         return MobileNetV2(num_classes=CLASSES, width_mult=0.25 if small else 1.0)
     if name == "resnet18":
         return ResNet(widths=(4, 8, 8, 8) if small else (64, 128, 256, 512),
                       num_classes=CLASSES)
-    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    if name == "resnet50":
+        return ResNet50(num_classes=CLASSES, blocks=(1, 1, 1, 1) if small else (3, 4, 6, 3))
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_TITLES)}")
 
 
 def without(model, activations):

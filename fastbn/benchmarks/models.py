@@ -1,6 +1,7 @@
 """The reference networks, in torchvision's architecture (torchvision's CPU wheel is not
 on the package index, so it is not a dependency): MobileNetV2 and ResNet-18 for the
-end-to-end rows of ``python -m fastbn bench``, small ResNets for the fastbn.nn tests.
+end-to-end rows of ``python -m fastbn bench``, ResNet-50 for the thread sweep, small
+ResNets for the fastbn.nn tests.
 
 Conv-BN-activation blocks are ``nn.Sequential``s, as torchvision's
 ``Conv2dNormActivation`` is, so ``fastbn.nn.convert`` can fuse a BatchNorm with the
@@ -126,6 +127,58 @@ class ResNet(nn.Module):
                 stride = 2 if stage > 0 and index == 0 else 1
                 layers.append(BasicBlock(in_channels, channels, stride))
                 in_channels = channels
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(in_channels, num_classes))
+
+    def forward(self, x):
+        return self.head(self.layers(self.stem(x)))
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50's block: 1x1 reduce, 3x3 (with the stride), 1x1 expand by 4."""
+
+    expansion = 4
+
+    def __init__(self, in_channels, channels, stride):
+        super().__init__()
+        out_channels = channels * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.conv3 = nn.Conv2d(channels, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet50(nn.Module):
+    """torchvision's ``resnet50`` layers (3, 4, 6, 3 Bottlenecks), under shorter names."""
+
+    def __init__(self, num_classes=1000, blocks=(3, 4, 6, 3)):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1))
+        layers = []
+        in_channels = 64
+        for stage, (channels, count) in enumerate(zip((64, 128, 256, 512), blocks)):
+            for index in range(count):
+                stride = 2 if stage > 0 and index == 0 else 1
+                layers.append(Bottleneck(in_channels, channels, stride))
+                in_channels = channels * Bottleneck.expansion
         self.layers = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                                   nn.Linear(in_channels, num_classes))

@@ -476,7 +476,8 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
 
 def run_sweep(thread_counts, backends=None, repeats=10, output="bench-results",
               ops=scaling.OPS, levels=scaling.LEVELS, networks=scaling.NETWORKS,
-              grids=None, small_networks=False, progress=True, print_fn=print):
+              grids=None, image_size=end_to_end.IMAGE_SIZE, small_networks=False,
+              progress=True, print_fn=print):
     """The thread sweep (`scaling`): the training cases of `scaling.GRIDS` (contiguous
     memory) and the end-to-end `networks` at each count of `thread_counts`; prints the
     sweep table and writes results.json (with a "sweep" summary) and scaling.png.
@@ -508,7 +509,8 @@ def run_sweep(thread_counts, backends=None, repeats=10, output="bench-results",
             records += measure(cases, threads, backends, repeats, warmup=2, bar=bar,
                                one_thread=False)
             network_records += measure_networks(networks, threads, max(3, repeats // 2),
-                                                warmup=1, small=small_networks, bar=bar)
+                                                warmup=1, image_size=image_size,
+                                                small=small_networks, bar=bar)
     summary = scaling.summarise(records, network_records)
     for line in scaling.table(summary):
         print_fn(line)
@@ -520,6 +522,20 @@ def run_sweep(thread_counts, backends=None, repeats=10, output="bench-results",
         print_fn(f"wrote {scaling.plot(summary, output)}")
         print_fn(f"wrote {os.path.join(output, 'results.json')}")
     return results
+
+
+def _parse_networks(parser, specs):
+    networks = []
+    for spec in specs:
+        model, _, rest = spec.partition(":")
+        mode, _, batch = rest.partition(":")
+        if (model not in end_to_end.MODEL_TITLES or mode not in end_to_end.MODES
+                or not batch.isdigit() or int(batch) < 1):
+            parser.error(f"--networks: {spec!r} is not MODEL:MODE:BATCH with MODEL in "
+                         f"{', '.join(end_to_end.MODEL_TITLES)}, MODE in "
+                         f"{', '.join(end_to_end.MODES)} and BATCH >= 1")
+        networks.append((model, mode, int(batch)))
+    return networks
 
 
 def main(argv=None):
@@ -552,17 +568,28 @@ def main(argv=None):
                         help="skip the module-level tables (fastbn.nn through autograd)")
     parser.add_argument("--no-networks", action="store_true",
                         help="skip the end-to-end networks (MobileNetV2, ResNet-18)")
+    parser.add_argument("--networks", nargs="+", default=None, metavar="MODEL:MODE:BATCH",
+                        help="the end-to-end cases, e.g. mobilenet_v2:training:8 "
+                        "resnet50:eval:2 (models: " + ", ".join(end_to_end.MODEL_TITLES)
+                        + "; default: the report's, or the sweep's)")
+    parser.add_argument("--image-size", type=int, default=end_to_end.IMAGE_SIZE,
+                        help=f"image size of the end-to-end cases (default "
+                        f"{end_to_end.IMAGE_SIZE})")
     parser.add_argument("--output", default="bench-results",
                         help="directory for results.json and the plots (default bench-results/)")
     args = parser.parse_args(argv)
     levels = [level for level, skip in (("kernel", args.no_kernels), ("module", args.no_modules))
               if not skip]
-    if args.threads is not None and len(args.threads) > 1:
+    sweep = args.threads is not None and len(args.threads) > 1
+    networks = (() if args.no_networks
+                else _parse_networks(parser, args.networks) if args.networks
+                else scaling.NETWORKS if sweep else NETWORKS)
+    if sweep:
         run_sweep(args.threads, backends=args.backends, repeats=args.repeats or 10,
                   output=args.output, ops=[op for op in args.ops if op in scaling.OPS],
-                  levels=levels, networks=() if args.no_networks else scaling.NETWORKS)
+                  levels=levels, networks=networks, image_size=args.image_size)
         return 0
     run_report(full=args.full, threads=args.threads and args.threads[0], backends=args.backends,
                repeats=args.repeats, output=args.output, ops=args.ops, levels=levels,
-               networks=() if args.no_networks else NETWORKS)
+               networks=networks, network_image_size=args.image_size)
     return 0
