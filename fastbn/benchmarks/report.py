@@ -25,7 +25,7 @@ import os
 import statistics
 
 import fastbn
-from fastbn.benchmarks import batch_norm, end_to_end, modules, norms, scaling, shapes
+from fastbn.benchmarks import batch_norm, end_to_end, machine, modules, norms, scaling, shapes
 from fastbn.benchmarks.compare import environment_lines
 from fastbn.benchmarks.timing import alternate, bandwidth_floor
 
@@ -437,8 +437,9 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     Returns
     -------
     dict
-        What results.json holds: "environment" (lines), "measurements" (the
-        records of `measure`) and "networks" (those of `measure_networks`).
+        What results.json holds: "machine" (`machine.describe`), "environment" (lines),
+        "measurements" (the records of `measure`) and "networks" (those of
+        `measure_networks`).
     """
     from tqdm import tqdm
 
@@ -463,8 +464,8 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
                                            small=small_networks, bar=bar)
     for line in tables(records, threads) + end_to_end.table(network_records):
         print_fn(line)
-    results = {"environment": environment, "measurements": records,
-               "networks": network_records}
+    results = {"machine": machine.describe(threads), "environment": environment,
+               "measurements": records, "networks": network_records}
     if output is not None:
         os.makedirs(output, exist_ok=True)
         write_json(results, os.path.join(output, "results.json"))
@@ -514,8 +515,8 @@ def run_sweep(thread_counts, backends=None, repeats=10, output="bench-results",
     summary = scaling.summarise(records, network_records)
     for line in scaling.table(summary):
         print_fn(line)
-    results = {"environment": environment, "measurements": records,
-               "networks": network_records, "sweep": summary}
+    results = {"machine": machine.describe(max(thread_counts)), "environment": environment,
+               "measurements": records, "networks": network_records, "sweep": summary}
     if output is not None:
         os.makedirs(output, exist_ok=True)
         write_json(results, os.path.join(output, "results.json"))
