@@ -2,6 +2,7 @@
 
     python -m fastbn info     version, backends, OpenMP, threads, compiler flags
     python -m fastbn bench    every backend against PyTorch (`bench --help` for options)
+    python -m fastbn docs     the figures of docs/ and the README, from docs/benchmarks/*.json
 """
 import argparse
 import os
@@ -59,12 +60,19 @@ def main(argv=None):
     commands.add_parser("info", help="version, backends, OpenMP, threads and compiler flags")
     commands.add_parser("bench", add_help=False,
                         help="compare every backend with PyTorch (needs torch)")
+    commands.add_parser("docs", add_help=False,
+                        help="regenerate the figures of docs/ and the README from the "
+                        "recorded results (--check: only compare)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         info()
         return 0
+    if args.command == "docs":
+        from fastbn.benchmarks.docs import main as docs_main
+
+        return docs_main(rest)
     try:
         import torch  # noqa: F401  (the benchmarks compare with it)
     except ImportError:

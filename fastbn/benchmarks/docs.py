@@ -1,0 +1,146 @@
+"""Every published figure from one recorded run: `python -m fastbn docs`.
+
+The benchmark figures in docs/ and the README live in generated blocks,
+
+    <!-- fastbn-docs: KIND SOURCE -->
+    ...
+    <!-- /fastbn-docs -->
+
+whose content this module writes from the results files a benchmark run saved under
+docs/benchmarks/ (SOURCE names one: ``results`` is docs/benchmarks/results.json). Each
+file names the machine it was measured on (`machine.describe`), and every block says it.
+So a figure cannot differ between pages: there is one file, and one function per kind
+of block. tests/test_docs.py regenerates every block and fails if a page differs.
+
+Kinds:
+- ``machine``: the machine line;
+- ``kernel`` / ``module``: geometric-mean speedups over torch per op, layout and mode
+  (worst shape too) at that level;
+- ``networks``: the end-to-end table;
+- ``sweep``: the thread-sweep table;
+- ``report``: every table of the run (docs/benchmarks/report.md).
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+from fastbn.benchmarks import end_to_end, machine, scaling
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RESULTS_DIR = os.path.join("docs", "benchmarks")
+PAGES = ("README.md", "docs")
+BLOCK = re.compile(r"(<!-- fastbn-docs: (\w[\w-]*) ([\w.-]+) -->\n)(.*?)(<!-- /fastbn-docs -->)",
+                   re.DOTALL)
+
+
+def load(source, root=REPOSITORY):
+    """The results file `source` (a name under docs/benchmarks/, without .json)."""
+    with open(os.path.join(root, RESULTS_DIR, f"{source}.json")) as file:
+        return json.load(file)
+
+
+def _geomean(values):
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def level_summary(results, level):
+    """Markdown lines: per op, layout and mode, each implementation's geometric-mean
+    speedup over torch and its worst shape, from the records at the run's thread count."""
+    threads = results["machine"]["threads"]
+    records = [r for r in results["measurements"]
+               if r["level"] == level and r["threads"] == threads]
+    torch_s = {(r["op"], r["layout"], r["mode"], tuple(r["shape"])): r["median_s"]
+               for r in records if r["backend"] == "torch"}
+    groups = {}
+    for r in records:
+        if r["backend"] in ("torch", "floor"):
+            continue
+        key = (r["op"], r["layout"], r["mode"], r["backend"])
+        shape = tuple(r["shape"])
+        groups.setdefault(key, []).append(
+            (torch_s[key[:3] + (shape,)] / r["median_s"], shape))
+    lines = ["| op | layout | mode | implementation | speedup over torch (geometric mean) "
+             "| worst shape |", "|---|---|---|---|---|---|"]
+    for (op, layout, mode, backend), ratios in groups.items():
+        worst, shape = min(ratios)
+        lines.append(f"| {op} | {layout} | {mode} | {backend} | "
+                     f"{_geomean([r for r, _ in ratios]):.2f}x | {worst:.2f}x "
+                     f"({'x'.join(map(str, shape))}) |")
+    return lines
+
+
+def render(kind, source, root=REPOSITORY):
+    """The lines of one block."""
+    results = load(source, root)
+    if kind == "machine":
+        return [f"Measured on: {machine.summary(results['machine'])} "
+                f"(`docs/benchmarks/{source}.json`)."]
+    if kind in ("kernel", "module"):
+        return level_summary(results, kind)
+    if kind == "networks":
+        return end_to_end.table(results["networks"])[2:]  # the caller's page has a heading
+    if kind == "sweep":
+        return scaling.table(results["sweep"])[2:]
+    if kind == "report":
+        from fastbn.benchmarks.report import tables
+
+        return (tables(results["measurements"], results["machine"]["threads"])
+                + end_to_end.table(results["networks"]))
+    raise ValueError(f"unknown block kind {kind!r}")
+
+
+def _pages(root):
+    for page in PAGES:
+        path = os.path.join(root, page)
+        if os.path.isdir(path):
+            for name in sorted(os.listdir(path)):
+                if name.endswith(".md"):
+                    yield os.path.join(path, name)
+            sub = os.path.join(path, "benchmarks")
+            if os.path.isdir(sub):
+                for name in sorted(os.listdir(sub)):
+                    if name.endswith(".md"):
+                        yield os.path.join(sub, name)
+        elif os.path.exists(path):
+            yield path
+
+
+def regenerate(root=REPOSITORY, write=True):
+    """Rewrite every block of every page from its results file. Returns the pages whose
+    blocks differed (with `write=False` nothing is written: a check)."""
+    changed = []
+    for path in _pages(root):
+        with open(path) as file:
+            text = file.read()
+
+        def fill(match):
+            lines = render(match.group(2), match.group(3), root)
+            return match.group(1) + "\n".join(lines) + "\n" + match.group(5)
+
+        new = BLOCK.sub(fill, text)
+        if new != text:
+            changed.append(os.path.relpath(path, root))
+            if write:
+                with open(path, "w") as file:
+                    file.write(new)
+    return changed
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="fastbn docs", description="Regenerate the figures of docs/ and the README from "
+        "the results files under docs/benchmarks/ (see fastbn/benchmarks/docs.py).")
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if a page differs from its results")
+    args = parser.parse_args(argv)
+    changed = regenerate(write=not args.check)
+    for path in changed:
+        print(f"{'differs' if args.check else 'rewrote'}: {path}")
+    return 1 if args.check and changed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
