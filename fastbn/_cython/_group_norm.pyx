@@ -110,6 +110,9 @@ cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
 # the data's type in a 64-byte vector (16 float32 or 8 float64 lanes, GCC/clang
 # vector extensions) that is then added up pairwise: full vector width also
 # for float32, and a short horizontal sum (runs can be as short as 49 values).
+# A float32 block whose sums are not finite is added again in float64: squares of
+# float32 values past about 1.8e19 overflow float32 but not float64 (inf / nan in
+# the data stay inf / nan either way); the usual block pays one test.
 # Other compilers get plain loops summing in float64.
 # Where GCC or clang can dispatch on the CPU at run time (x86-64 Linux), each
 # loop is also compiled for AVX2 and AVX-512 and the widest the CPU has runs;
@@ -118,6 +121,7 @@ cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
 
 cdef extern from *:
     """
+    #include <math.h>
     #include <string.h>
     #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__INTEL_COMPILER)
     #define FASTBN_DISPATCH __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -172,6 +176,7 @@ cdef extern from *:
             T centre = m[run]; \
             for (start = 0; start < n_main; start = stop) { \
                 fastbn_vec_##T block_a = {0}, block_b = {0}, xv, dyv; \
+                T sum_a, sum_b; \
                 stop = start + FASTBN_BLOCK < n_main ? start + FASTBN_BLOCK : n_main; \
                 for (i = start; i < stop; i += LANES) { \
                     memcpy(&xv, x + i, sizeof xv); \
@@ -179,12 +184,21 @@ cdef extern from *:
                     block_a += TERM_A(xv, dyv, centre); \
                     block_b += TERM_B(xv, dyv, centre); \
                 } \
-                total_a += fastbn_hsum_##T(&block_a); \
-                total_b += fastbn_hsum_##T(&block_b); \
+                sum_a = fastbn_hsum_##T(&block_a); \
+                sum_b = fastbn_hsum_##T(&block_b); \
+                if (sizeof(T) < sizeof(double) && !(isfinite(sum_a) && isfinite(sum_b))) { \
+                    for (i = start; i < stop; i++) { \
+                        total_a += TERM_A((double)x[i], (double)dy[i], (double)centre); \
+                        total_b += TERM_B((double)x[i], (double)dy[i], (double)centre); \
+                    } \
+                } else { \
+                    total_a += sum_a; \
+                    total_b += sum_b; \
+                } \
             } \
             for (i = n_main; i < n; i++) { \
-                total_a += TERM_A(x[i], dy[i], centre); \
-                total_b += TERM_B(x[i], dy[i], centre); \
+                total_a += TERM_A((double)x[i], (double)dy[i], (double)centre); \
+                total_b += TERM_B((double)x[i], (double)dy[i], (double)centre); \
             } \
             sum_a[run] = total_a; \
             sum_b[run] = total_b; \
@@ -229,7 +243,19 @@ cdef extern from *:
                     part_b[c] += TERM_B(x_row[c], dy_row[c], m[c]); \
                 } \
             } \
-            for (c = 0; c < width; c++) { sum_a[c] += part_a[c]; sum_b[c] += part_b[c]; } \
+            for (c = 0; c < width; c++) { \
+                if (sizeof(T) < sizeof(double) && !(isfinite(part_a[c]) && isfinite(part_b[c]))) { \
+                    for (r = r0; r < r1; r++) { \
+                        double xr = x[r * stride + c], dyr = dy[r * stride + c]; \
+                        (void)dyr; \
+                        sum_a[c] += TERM_A(xr, dyr, (double)m[c]); \
+                        sum_b[c] += TERM_B(xr, dyr, (double)m[c]); \
+                    } \
+                } else { \
+                    sum_a[c] += part_a[c]; \
+                    sum_b[c] += part_b[c]; \
+                } \
+            } \
         } \
     }
 
