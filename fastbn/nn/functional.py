@@ -98,6 +98,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     # paths below: plain CPU tensors have no __torch_function__ to honour.
     if training:
         _check_batch_size(input)
+    _check_channels("batch_norm", input, weight, bias)
     record = _function.needs_grad(input, weight, bias)
     if backend is None and torch_is_faster("batch_norm", input, not (training or record)):
         return torch.batch_norm(input, weight, bias, running_mean, running_var, training,
@@ -107,6 +108,16 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                                             ("weight", weight), ("bias", bias)))
     op = _function.BatchNormOp(running_mean, running_var, training, momentum, eps, backend)
     return _function.apply(op, input, weight, bias, record)
+
+
+def _check_channels(op, input, weight, bias):
+    """torch's batch_norm and instance_norm raise IndexError for an input of no channels
+    with a weight or bias (ATen indexes their first value); raise that too, before any
+    state changes, with a message that says what is wrong."""
+    if input.shape[1] == 0 and (weight is not None or bias is not None):
+        raise IndexError(f"{op}: the input has no channels (size {list(input.shape)}), so "
+                         "there is nothing for weight and bias to scale: torch raises "
+                         "IndexError here (index 0 out of range for a tensor of size [0])")
 
 
 def _check_batch_size(input):
@@ -126,7 +137,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
         A divisor of C; each group of C / num_groups consecutive channels of a sample
         is normalized with its own mean and biased variance.
     weight, bias : Tensor of shape (C,) or None
-    eps : float, >= 0
+    eps : float
+        Any real number, as torch (NaN where var + eps < 0).
     backend : {"cython", "numba", "numpy"}, optional
         As in :func:`batch_norm`.
 
@@ -161,7 +173,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     weight, bias : Tensor of shape (C,) or None
     use_input_stats : bool
     momentum : float
-    eps : float, >= 0
+    eps : float
+        Any real number, as torch (NaN where var + eps < 0).
     backend : {"cython", "numba", "numpy"}, optional
         As in :func:`batch_norm`.
 
@@ -177,6 +190,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                                               use_input_stats, momentum, eps)
     if use_input_stats:
         torch_functional._verify_spatial_size(input.shape)
+    _check_channels("instance_norm", input, weight, bias)
     record = _function.needs_grad(input, weight, bias)
     if backend is None and torch_is_faster("instance_norm", input, not record):
         return torch.instance_norm(input, weight, bias, running_mean, running_var,
@@ -195,7 +209,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, bac
     normalized_shape : sequence of ints
         The trailing dims normalized together.
     weight, bias : Tensor of shape `normalized_shape` or None
-    eps : float, >= 0
+    eps : float
+        Any real number, as torch (NaN where var + eps < 0).
     backend : {"cython", "numba", "numpy"}, optional
         As in :func:`batch_norm`.
 
@@ -223,8 +238,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
     input : Tensor of shape (*, *normalized_shape)
     normalized_shape : sequence of ints
     weight : Tensor of shape `normalized_shape` or None
-    eps : float >= 0, or None
-        None: the machine epsilon of `input`'s dtype, as torch.
+    eps : float or None
+        Any real number, as torch; None: the machine epsilon of `input`'s dtype.
     backend : {"cython", "numba", "numpy"}, optional
         As in :func:`batch_norm`.
 
@@ -261,6 +276,8 @@ def _row_dims(normalized_shape):
 
 
 def _trailing_fits(input, normalized_shape, *parameters):
-    """Whether input ends with `normalized_shape`, and each parameter given has that shape."""
-    return (input.shape[input.dim() - len(normalized_shape):] == normalized_shape
+    """Whether `normalized_shape` is not empty, input ends with it, and each parameter given
+    has that shape (torch's op raises torch's error on what does not fit)."""
+    return (len(normalized_shape) > 0
+            and input.shape[input.dim() - len(normalized_shape):] == normalized_shape
             and all(p is None or p.shape == normalized_shape for p in parameters))
