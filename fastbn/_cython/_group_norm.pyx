@@ -229,7 +229,10 @@ cdef extern from *:
             const T* x, const T* dy, Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width, \
             const T* m, double* sum_a, double* sum_b) { \
         T part_a[FASTBN_MAX_WIDTH], part_b[FASTBN_MAX_WIDTH]; \
+        double start_a[FASTBN_MAX_WIDTH], start_b[FASTBN_MAX_WIDTH]; \
         Py_ssize_t r0, r, r1, c; \
+        memcpy(start_a, sum_a, width * sizeof(double)); \
+        memcpy(start_b, sum_b, width * sizeof(double)); \
         for (r0 = 0; r0 < rows; r0 = r1) { \
             r1 = r0 + FASTBN_ROW_BLOCK < rows ? r0 + FASTBN_ROW_BLOCK : rows; \
             for (c = 0; c < width; c++) { part_a[c] = 0; part_b[c] = 0; } \
@@ -243,18 +246,20 @@ cdef extern from *:
                     part_b[c] += TERM_B(x_row[c], dy_row[c], m[c]); \
                 } \
             } \
-            for (c = 0; c < width; c++) { \
-                if (sizeof(T) < sizeof(double) && !(isfinite(part_a[c]) && isfinite(part_b[c]))) { \
-                    for (r = r0; r < r1; r++) { \
-                        double xr = x[r * stride + c], dyr = dy[r * stride + c]; \
-                        (void)dyr; \
-                        sum_a[c] += TERM_A(xr, dyr, (double)m[c]); \
-                        sum_b[c] += TERM_B(xr, dyr, (double)m[c]); \
-                    } \
-                } else { \
-                    sum_a[c] += part_a[c]; \
-                    sum_b[c] += part_b[c]; \
-                } \
+            for (c = 0; c < width; c++) { sum_a[c] += part_a[c]; sum_b[c] += part_b[c]; } \
+        } \
+        /* A column whose float32 partials overflowed (or that holds inf / nan) has a \
+           total that is not finite: add it again in float64, once per tile, so that the \
+           loops above stay as they were. */ \
+        for (c = 0; sizeof(T) < sizeof(double) && c < width; c++) { \
+            if (isfinite(sum_a[c]) && isfinite(sum_b[c])) continue; \
+            sum_a[c] = start_a[c]; \
+            sum_b[c] = start_b[c]; \
+            for (r = 0; r < rows; r++) { \
+                double xr = x[r * stride + c], dyr = dy[r * stride + c]; \
+                (void)dyr; \
+                sum_a[c] += TERM_A(xr, dyr, (double)m[c]); \
+                sum_b[c] += TERM_B(xr, dyr, (double)m[c]); \
             } \
         } \
     }
