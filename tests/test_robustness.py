@@ -656,7 +656,8 @@ def huge_cases():
 
     def rms_norm(x, dy, backend):
         D = x.shape[-1]
-        y, rstd = fastbn.rms_norm_forward(x, D, backend=backend)
+        # eps given: None would be each dtype's machine epsilon, not one number for both.
+        y, rstd = fastbn.rms_norm_forward(x, D, eps=1e-6, backend=backend)
         return (y, rstd) + fastbn.rms_norm_backward(dy, x, D, rstd, backend=backend)
 
     return {
@@ -695,6 +696,22 @@ def test_huge_float32_values_give_the_float64_answer(backend, case):
             scale = np.abs(want).max()
             np.testing.assert_allclose(a / scale, want / scale, rtol=0, atol=1e-5,
                                        err_msg=f"result {name}")
+
+
+@pytest.mark.parametrize("case", HUGE_CASES)
+def test_tiny_float32_values_give_the_float64_answer_with_eps(backend, case):
+    """float32 input of magnitude 1e-25, whose squares flush to 0 in float32: with eps > 0
+    the variance is negligible beside it, and every backend gives the float64 answer."""
+    op, shape, layout = HUGE_CASES[case]
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape) * 1e-25
+    x = channels_last(x) if layout == "channels_last" else x
+    dy = view_like(rng.standard_normal(x.size), x)
+    for a, want in zip(op(x.astype(np.float32), dy.astype(np.float32), backend),
+                       op(x, dy, "numpy")):
+        if want is not None:
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(a / scale, want / scale, rtol=0, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------

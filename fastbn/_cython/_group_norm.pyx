@@ -110,9 +110,10 @@ cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
 # the data's type in a 64-byte vector (16 float32 or 8 float64 lanes, GCC/clang
 # vector extensions) that is then added up pairwise: full vector width also
 # for float32, and a short horizontal sum (runs can be as short as 49 values).
-# A float32 block whose sums are not finite is added again in float64: squares of
-# float32 values past about 1.8e19 overflow float32 but not float64 (inf / nan in
-# the data stay inf / nan either way); the usual block pays one test.
+# A float32 block (or tail value) whose sums are not finite is added again in
+# float64: squares of float32 values past about 1.8e19 overflow float32 but not
+# float64 (inf / nan in the data stay inf / nan either way); the usual block pays
+# one test. Squares below float32's range still flush to 0 (as in torch).
 # Other compilers get plain loops summing in float64.
 # Where GCC or clang can dispatch on the CPU at run time (x86-64 Linux), each
 # loop is also compiled for AVX2 and AVX-512 and the widest the CPU has runs;
@@ -197,8 +198,14 @@ cdef extern from *:
                 } \
             } \
             for (i = n_main; i < n; i++) { \
-                total_a += TERM_A((double)x[i], (double)dy[i], (double)centre); \
-                total_b += TERM_B((double)x[i], (double)dy[i], (double)centre); \
+                T term_a = TERM_A(x[i], dy[i], centre), term_b = TERM_B(x[i], dy[i], centre); \
+                if (sizeof(T) < sizeof(double) && !(isfinite(term_a) && isfinite(term_b))) { \
+                    total_a += TERM_A((double)x[i], (double)dy[i], (double)centre); \
+                    total_b += TERM_B((double)x[i], (double)dy[i], (double)centre); \
+                } else { \
+                    total_a += term_a; \
+                    total_b += term_b; \
+                } \
             } \
             sum_a[run] = total_a; \
             sum_b[run] = total_b; \
