@@ -8,11 +8,12 @@ FASTBN_NUM_THREADS and the affinity mask are read once, on first use: this
 runs on every kernel call.
 
 A child made by os.fork() (multiprocessing's 'fork' start method included)
-runs the kernels on one thread, outside any OpenMP region or numba thread
-pool, until it calls `set_num_threads`: GNU OpenMP's thread pool does not
-survive fork(), and a parallel region in a child forked after the parent's
-pool started hangs (numba's OpenMP layer aborts the child instead). The first
-call that would have used more threads warns once (docs/robustness.md).
+runs the kernels on one thread until it calls `set_num_threads`: GNU OpenMP's
+thread pool does not survive fork(), and a parallel region in a child forked
+after the parent's pool started hangs (numba's OpenMP layer aborts the child
+instead). On one thread the Cython kernels enter no OpenMP region and the numba
+backend runs its serial kernels (not yet its LayerNorm / RMSNorm ones). The
+first call that would have used more threads warns once (docs/robustness.md).
 """
 import os
 import sys
@@ -67,7 +68,8 @@ def set_num_threads(n):
     ----------
     n : int or None
         A positive count; a negative one counts back from the available CPUs
-        (-1 = all of them); None goes back to the default.
+        (-1 = all of them); None goes back to the default. In a child made by
+        fork(), which runs on one thread, any call ends that fallback.
     """
     global _requested, _default, _forked
     requested = None if n is None else _parse_thread_count(n, "set_num_threads(n)")

@@ -98,7 +98,8 @@ def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_
         # averages the copies: the same as updating with the averages.
         batch_mean = mean.astype(np.float64).mean(axis=0)
         batch_unbiased_var = variance.mean(axis=0) * (spatial_size / (spatial_size - 1))
-        running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * batch_mean
+        running_mean[...] = ((1.0 - momentum) * running_mean.astype(np.float64)
+                             + momentum * batch_mean)
         running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
                             + momentum * batch_unbiased_var)
     return run_forward(x, C, weight, bias, eps, out, backend, variance=variance,

@@ -65,8 +65,8 @@ OPS = {  # name: (fastbn's call, torch's call), each (x, eps, backend=...) -> ou
             x, *running_stats(x.dtype),
             *weight_bias(4, x.dtype), False, eps=eps)),
     "batch_norm-train": (
-        lambda x, eps, backend: fnn.functional.batch_norm(x, None, None, *weight_bias(4, x.dtype), True,
-                                                          eps=eps, backend=backend),
+        lambda x, eps, backend: fnn.functional.batch_norm(
+            x, None, None, *weight_bias(4, x.dtype), True, eps=eps, backend=backend),
         lambda x, eps: F.batch_norm(x, None, None, *weight_bias(4, x.dtype), True, eps=eps)),
 }
 
