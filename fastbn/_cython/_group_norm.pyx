@@ -229,17 +229,16 @@ cdef extern from *:
     #endif
 
     /* fastbn_rows_KIND_T: per column c < width of `rows` rows (row r at x + r * stride,
-       dy + r * stride), sum_a[c] += sum(TERM_A), sum_b[c] += sum(TERM_B), centre m[c].
+       dy + r * stride), sum_a[c] = sum(TERM_A), sum_b[c] = sum(TERM_B) (the caller
+       passes zeros), centre m[c].
        Elementwise across columns, so `omp simd` vectorises it without reassociating. */
     #define FASTBN_DEFINE_ROW_SUMS(KIND, T, TERM_A, TERM_B) \
     FASTBN_DISPATCH static void fastbn_rows_##KIND##_##T( \
             const T* x, const T* dy, Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width, \
             const T* m, double* sum_a, double* sum_b) { \
         T part_a[FASTBN_MAX_WIDTH], part_b[FASTBN_MAX_WIDTH]; \
-        double start_a[FASTBN_MAX_WIDTH], start_b[FASTBN_MAX_WIDTH]; \
+        double probe = 0.0; \
         Py_ssize_t r0, r, r1, c; \
-        memcpy(start_a, sum_a, width * sizeof(double)); \
-        memcpy(start_b, sum_b, width * sizeof(double)); \
         for (r0 = 0; r0 < rows; r0 = r1) { \
             r1 = r0 + FASTBN_ROW_BLOCK < rows ? r0 + FASTBN_ROW_BLOCK : rows; \
             for (c = 0; c < width; c++) { part_a[c] = 0; part_b[c] = 0; } \
@@ -257,11 +256,16 @@ cdef extern from *:
         } \
         /* A column whose float32 partials overflowed (or that holds inf / nan) has a \
            total that is not finite: add it again in float64, once per tile, so that the \
-           loops above stay as they were. */ \
-        for (c = 0; sizeof(T) < sizeof(double) && c < width; c++) { \
+           loops above stay as they were. probe is 0, or nan when a total is not finite \
+           (t - t); the tile's totals start at 0 (reduce_item zeroes them). */ \
+        if (sizeof(T) == sizeof(double)) return; \
+        _Pragma("omp simd reduction(+:probe)") \
+        for (c = 0; c < width; c++) probe += (sum_a[c] - sum_a[c]) + (sum_b[c] - sum_b[c]); \
+        if (probe == 0.0) return; \
+        for (c = 0; c < width; c++) { \
             if (isfinite(sum_a[c]) && isfinite(sum_b[c])) continue; \
-            sum_a[c] = start_a[c]; \
-            sum_b[c] = start_b[c]; \
+            sum_a[c] = 0.0; \
+            sum_b[c] = 0.0; \
             for (r = 0; r < rows; r++) { \
                 double xr = x[r * stride + c], dyr = dy[r * stride + c]; \
                 (void)dyr; \
@@ -409,8 +413,9 @@ cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t run
 cdef inline void rows_sums(const floating* first, const floating* second, bint gradient,
                            Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
                            const floating* centre, double* sum_a, double* sum_b) noexcept nogil:
-    """Per column of a channels-last tile, add to sum_a, sum_b the sums of
-    shifted_sums(first) or, when gradient, grad_sums(dy=first, x=second)."""
+    """Per column of a channels-last tile, the sums of shifted_sums(first) or, when
+    gradient, grad_sums(dy=first, x=second), added to sum_a, sum_b (zeros: a float32
+    column that overflows is summed again from 0 in float64)."""
     if floating is float:
         if gradient:
             fastbn_rows_grad_sums_float(second, first, rows, stride, width, centre, sum_a, sum_b)
