@@ -95,17 +95,21 @@ def rows_view(a, *shape):
     return (a if a.flags.c_contiguous else np.ascontiguousarray(a)).reshape(shape)
 
 
-def output_buffer(name, out, shape, dtype, rows, D, inputs):
+def output_buffer(name, out, shape, dtype, rows, D, in_place_inputs, other_inputs=()):
     """(result, the (rows, D) view the kernel writes, array to copy into `out` after, or None).
 
-    The kernels write an `out` that is C-contiguous and shares no memory with the
-    `inputs` (they assume outputs and inputs do not overlap); any other `out` gets
-    a temporary, copied into it afterwards."""
+    The kernels write `out` itself when it is C-contiguous and either shares no memory
+    with what they read or is exactly one of `in_place_inputs` (the (rows, D) views of
+    x, and of grad_out in a backward), which is then updated in place; any other `out`
+    gets a temporary, copied into it afterwards (see `_layout.writes_through_temporary`;
+    `other_inputs` are the parameters and statistics the kernel reads)."""
     if out is None:
         result = np.empty(shape, dtype)
         return result, result.reshape(rows, D), None  # new memory is C-contiguous
     _layout.check_out(name, out, shape, dtype)
-    if out.flags.c_contiguous and not any(np.may_share_memory(out, a) for a in inputs):
-        return out, rows_view(out, rows, D), None
+    if out.flags.c_contiguous:
+        view = out.reshape(rows, D)
+        if not _layout.writes_through_temporary(view, in_place_inputs, other_inputs):
+            return out, view, None
     buffer = np.empty(shape, dtype)
     return out, rows_view(buffer, rows, D), buffer

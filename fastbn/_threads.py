@@ -9,13 +9,24 @@ OMP_NUM_THREADS and `threadpoolctl.threadpool_limits(n, user_api="openmp")`; wit
 torch's Linux wheels, which load the same GNU libgomp, also `torch.set_num_threads`).
 FASTBN_NUM_THREADS and the affinity mask are read once, on first use: this
 runs on every kernel call.
+
+A child made by os.fork() (multiprocessing's 'fork' start method included)
+runs the kernels on one thread until it calls `set_num_threads`: GNU OpenMP's
+thread pool does not survive fork(), and a parallel region in a child forked
+after the parent's pool started hangs (numba's OpenMP layer aborts the child
+instead). On one thread the Cython kernels enter no OpenMP region and the numba
+backend runs its serial kernels (not yet its LayerNorm / RMSNorm ones). The
+first call that would have used more threads warns once (docs/robustness.md).
 """
 import os
+import sys
+import warnings
 
 _requested = None  # set_num_threads(n); None means "not set"
 _default = None  # FASTBN_NUM_THREADS or the available CPUs, once known
-_environment = None  # FASTBN_NUM_THREADS, once read (0: not set)
+_pinned = False  # the default is not torch's: FASTBN_NUM_THREADS is set, or a forked child
 _follow = None  # a callable giving the default count instead of the CPUs (fastbn.nn: torch's)
+_forked = False  # in a forked child that has not called set_num_threads yet
 
 
 def _cpus_available():
@@ -62,10 +73,15 @@ def set_num_threads(n):
     ----------
     n : int or None
         A positive count; a negative one counts back from the available CPUs
-        (-1 = all of them); None goes back to the default.
+        (-1 = all of them); None goes back to the default. In a child made by
+        fork(), which runs on one thread, any call ends that fallback.
     """
-    global _requested
-    _requested = None if n is None else _parse_thread_count(n, "set_num_threads(n)")
+    global _requested, _default, _forked
+    requested = None if n is None else _parse_thread_count(n, "set_num_threads(n)")
+    if _forked:  # the user takes the threads back: the default is the usual one again
+        _forked = False
+        _default = None
+    _requested = requested
 
 
 def follow(count):
@@ -77,16 +93,73 @@ def follow(count):
 
 def get_num_threads():
     """The number of threads the next kernel call will use."""
-    global _default, _environment
+    # This runs on every kernel call: `_capped` is written out here (a call costs 0.06 us).
     n = _requested
     if n is None:
-        if _default is None:
-            env = os.environ.get("FASTBN_NUM_THREADS")
-            _environment = _parse_thread_count(env, "FASTBN_NUM_THREADS") if env else 0
-            _default = _environment or _cpus_available()
-        n = _default if _environment or _follow is None else max(1, _follow())
+        n = _default
+        if n is None:
+            n = _load_default()
+        if _follow is not None and not _pinned:
+            n = max(1, _follow())
     if _openmp_max_threads is not None:
         limit = _openmp_max_threads()
-        if limit < n:  # not min/max: two builtin calls cost 0.15 us, and this runs on every call
+        if limit < n:  # not min/max: two builtin calls cost 0.15 us
             n = max(1, limit)
     return n
+
+
+def _capped(n):
+    """n capped by OpenMP's limit (omp_get_max_threads), and at least 1."""
+    if _openmp_max_threads is not None:
+        n = max(1, min(n, _openmp_max_threads()))
+    return n
+
+
+def _load_default():
+    """The default thread count, read once: FASTBN_NUM_THREADS or the available CPUs.
+    In a forked child, 1 (see the module's docstring) after a warning if that is fewer
+    than the parent's rule gives."""
+    global _default, _pinned
+    env = os.environ.get("FASTBN_NUM_THREADS")
+    n = _parse_thread_count(env, "FASTBN_NUM_THREADS") if env else _cpus_available()
+    _pinned = bool(env) or _forked
+    if _forked:
+        would_use = _capped(n if _parent_requested is None else _parent_requested)
+        if would_use > 1:
+            warnings.warn(
+                f"fastbn runs on 1 thread in this process (it would use {would_use}): it was "
+                "made by fork(), and OpenMP's thread pool does not survive fork (a parallel "
+                "region in the child can hang). Call fastbn.set_num_threads(n) in the child "
+                "to use threads again, safe when the parent had not yet run a multi-threaded "
+                "OpenMP call; or start workers with the 'spawn' or 'forkserver' method.",
+                RuntimeWarning, stacklevel=_first_frame_outside_fastbn())
+        n = 1
+    _default = n
+    return n
+
+
+def _first_frame_outside_fastbn():
+    """The `stacklevel` of the warning, for a warning issued from the caller of this
+    function: the first frame outside the fastbn package (the user's call)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_parent_requested = None  # set_num_threads of the parent, in a forked child
+
+
+def _after_fork_in_child():
+    """os.fork() hook: one thread until the child calls set_num_threads (warned once,
+    by the first call in the child that reaches `_load_default`)."""
+    global _requested, _default, _forked, _parent_requested
+    _parent_requested = _requested
+    _requested = None
+    _default = None
+    _forked = True
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -34,7 +34,9 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
     training : bool
         Normalize with the batch statistics (True) or the running ones (False).
     momentum : float
-    eps : float, >= 0
+    eps : float
+        Added to the variance. Any real number, as in ATen: a negative eps gives NaN
+        where var + eps < 0.
     activation : {None, "identity", "relu", "relu6", "silu", "hardswish", "leaky_relu"}
         Applied to the normalized output in the same pass (fused BatchNorm +
         activation): y = act(BatchNorm(x)), as torch's activation after its BatchNorm.
@@ -49,7 +51,8 @@ def batch_norm_forward(x, weight=None, bias=None, running_mean=None, running_var
         without the other. The numpy backend is plain Python and cannot promise that.
     out : ndarray, optional
         Written with y and returned. Any layout; one other than x's costs a copy.
-        It may be x itself.
+        It may be x itself (updated in place); one that partly overlaps an input
+        gets the same results, through a temporary (as NumPy's ufuncs).
     backend : {"cython", "numba", "numpy"}, optional
         Defaults to :func:`fastbn.get_backend`.
 
@@ -104,7 +107,8 @@ def run_forward(kernels, x, weight, bias, running_mean, running_var, training, m
     `layout`: x's ``_layout.kernel_view(x)``, where the caller has it already."""
     C = x.shape[1]
     x_view, channels_last = layout or _layout.kernel_view(x)
-    y, y_view, copy_into = _layout.output_buffer("out", out, x, x_view, channels_last)
+    y, y_view, copy_into = _layout.output_buffer("out", out, x, x_view, channels_last, (x_view,),
+                                                 (weight, bias, running_mean, running_var))
     save_mean = np.empty(C, x.dtype)
     save_invstd = np.empty(C, x.dtype)
     if x.size == 0:
@@ -117,7 +121,7 @@ def run_forward(kernels, x, weight, bias, running_mean, running_var, training, m
                 counter += 1
         else:
             save_mean[...] = running_mean
-            with np.errstate(divide="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore"):
                 save_invstd[...] = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
         return y, save_mean, save_invstd
     mean_buffer = _validation.contiguous_buffer(running_mean)
@@ -162,7 +166,8 @@ def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training, *
     negative_slope : float
         The forward's, for leaky_relu.
     out : ndarray, optional
-        Written with grad_x and returned (any layout; it may be grad_out itself).
+        Written with grad_x and returned (any layout; it may be grad_out or x itself;
+        a partial overlap with an input goes through a temporary).
     backend : {"cython", "numba", "numpy"}, optional
 
     Returns
@@ -201,17 +206,18 @@ def run_backward(kernels, grad_out, x, weight, save_mean, save_invstd, training,
     want_x, want_weight, want_bias = output_mask
     C = x.shape[1]
     x_view, channels_last = layout or _layout.kernel_view(x)
+    grad_out_view = _layout.view_or_copy_as_layout(grad_out, x_view, channels_last)
     grad_x = grad_x_view = copy_into = None
     if want_x:
         grad_x, grad_x_view, copy_into = _layout.output_buffer(
-            "out", out, x, x_view, channels_last)
+            "out", out, x, x_view, channels_last, (x_view, grad_out_view),
+            (weight, save_mean, save_invstd, bias))
     # Sums over an empty batch are 0, as in PyTorch.
     grad_weight = np.zeros(C, x.dtype) if want_weight else None
     grad_bias = np.zeros(C, x.dtype) if want_bias else None
     if x.size == 0:
         return grad_x, grad_weight, grad_bias
 
-    grad_out_view = _layout.view_or_copy_as_layout(grad_out, x_view, channels_last)
     kernels.batch_norm_backward(grad_out_view, x_view, weight, save_mean, save_invstd, training,
                                 grad_x_view, grad_weight, grad_bias, channels_last,
                                 get_num_threads(), activation, negative_slope, bias)

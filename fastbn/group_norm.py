@@ -54,16 +54,21 @@ def check_backward_inputs(grad_out, x, weight, output_mask):
     return grad_out, x, weight, _validation.check_mask(output_mask, 3)
 
 
-def run_forward(x, num_groups, weight, bias, eps, out, backend, given_stats=None, variance=None):
+def run_forward(x, num_groups, weight, bias, eps, out, backend, given_stats=None, variance=None,
+                updated=(), after_kernel=None):
     """Dispatch a checked forward; shared with instance norm.
 
     given_stats: (mean, rstd) of shape (N, G) to normalize with, or None to
     compute them from x. variance: None, or a float64 (N, G) array the kernel
-    writes with the biased group variances it computes.
+    writes with the biased group variances it computes. after_kernel: None, or
+    a function of the group means that instance norm updates its running
+    statistics (`updated`) with; it runs after the kernel and before y is copied
+    into an `out` that overlaps them, so that out's values are the ones left there.
     """
     kernels = load_backend(backend)
     x_view, channels_last = _layout.kernel_view(x)
-    y, y_view, copy_into = _layout.output_buffer("out", out, x, x_view, channels_last)
+    y, y_view, copy_into = _layout.output_buffer("out", out, x, x_view, channels_last, (x_view,),
+                                                 (weight, bias) + tuple(updated))
     if given_stats is None:
         mean = np.empty((x.shape[0], num_groups), x.dtype)
         rstd = np.empty((x.shape[0], num_groups), x.dtype)
@@ -76,6 +81,8 @@ def run_forward(x, num_groups, weight, bias, eps, out, backend, given_stats=None
         return y, mean, rstd
     kernels.group_norm_forward(x_view, weight, bias, eps, given_stats is None, y_view, mean,
                                rstd, variance, channels_last, get_num_threads())
+    if after_kernel is not None:
+        after_kernel(mean)
     if copy_into is not None:
         np.copyto(y, copy_into)
     return y, mean, rstd
@@ -87,17 +94,17 @@ def run_backward(grad_out, x, mean, rstd, weight, stats_from_input, mask, out, b
     kernels = load_backend(backend)
     C = x.shape[1]
     x_view, channels_last = _layout.kernel_view(x)
+    grad_out_view = _layout.view_or_copy_as_layout(grad_out, x_view, channels_last)
     grad_x = grad_x_view = copy_into = None
     if want_x:
         grad_x, grad_x_view, copy_into = _layout.output_buffer(
-            "out", out, x, x_view, channels_last)
+            "out", out, x, x_view, channels_last, (x_view, grad_out_view), (weight, mean, rstd))
     # Sums over no values are 0, as in PyTorch.
     grad_weight = np.zeros(C, x.dtype) if want_weight else None
     grad_bias = np.zeros(C, x.dtype) if want_bias else None
     if x.size == 0 or not (want_x or want_weight or want_bias):
         return grad_x, grad_weight, grad_bias
 
-    grad_out_view = _layout.view_or_copy_as_layout(grad_out, x_view, channels_last)
     kernels.group_norm_backward(grad_out_view, x_view, weight, mean, rstd, stats_from_input,
                                 grad_x_view, grad_weight, grad_bias, channels_last,
                                 get_num_threads())
@@ -123,10 +130,13 @@ def group_norm_forward(x, num_groups, weight=None, bias=None, eps=1e-5, *, out=N
         A positive divisor of C.
     weight, bias : ndarray of shape (C,) and x's dtype, or None
         The per-channel affine parameters (None: weight 1, bias 0).
-    eps : float, >= 0
+    eps : float
+        Added to the variance. Any real number, as in ATen: a negative eps gives NaN
+        where var + eps < 0.
     out : ndarray, optional
         Written with y and returned. Any layout; one other than x's costs a copy.
-        It may be x itself.
+        It may be x itself (updated in place); one that partly overlaps an input
+        gets the same results, through a temporary (as NumPy's ufuncs).
     backend : {"cython", "numba", "numpy"}, optional
         Defaults to :func:`fastbn.get_backend`.
 
@@ -169,7 +179,8 @@ def group_norm_backward(grad_out, x, mean, rstd, weight, num_groups, *,
         Which of (grad_x, grad_weight, grad_bias) to compute; the others are
         returned as None and cost nothing.
     out : ndarray, optional
-        Written with grad_x and returned (any layout; it may be grad_out itself).
+        Written with grad_x and returned (any layout; it may be grad_out or x itself;
+        a partial overlap with an input goes through a temporary).
     backend : {"cython", "numba", "numpy"}, optional
 
     Returns

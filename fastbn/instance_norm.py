@@ -39,10 +39,13 @@ def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_
     use_input_stats : bool
         Normalize with each instance's statistics (True) or the running ones (False).
     momentum : float
-    eps : float, >= 0
+    eps : float
+        Added to the variance. Any real number, as in ATen: a negative eps gives NaN
+        where var + eps < 0.
     out : ndarray, optional
         Written with y and returned. Any layout; one other than x's costs a copy.
-        It may be x itself.
+        It may be x itself (updated in place); one that partly overlaps an input
+        gets the same results, through a temporary (as NumPy's ufuncs).
     backend : {"cython", "numba", "numpy"}, optional
         Defaults to :func:`fastbn.get_backend`.
 
@@ -82,23 +85,25 @@ def instance_norm_forward(x, weight=None, bias=None, running_mean=None, running_
     if spatial_size == 1:
         raise ValueError("Expected more than 1 spatial element when training, "
                          f"got input size {list(x.shape)}")
-    track = running_mean is not None
-    if track:
-        momentum = _validation.check_real("momentum", momentum)
-        why = "use_input_stats updates the running statistics in place"
-        _validation.check_writeable("running_mean", running_mean, why)
-        _validation.check_writeable("running_var", running_var, why)
-    variance = np.empty((N, C)) if track else None
-    y, mean, rstd = run_forward(x, C, weight, bias, eps, out, backend, variance=variance)
-    if track and x.size > 0:
+    if running_mean is None:
+        return run_forward(x, C, weight, bias, eps, out, backend)
+    momentum = _validation.check_real("momentum", momentum)
+    why = "use_input_stats updates the running statistics in place"
+    _validation.check_writeable("running_mean", running_mean, why)
+    _validation.check_writeable("running_var", running_var, why)
+    variance = np.empty((N, C))
+
+    def update_running_stats(mean):
         # PyTorch updates a copy of the running statistics per instance and then
         # averages the copies: the same as updating with the averages.
         batch_mean = mean.astype(np.float64).mean(axis=0)
         batch_unbiased_var = variance.mean(axis=0) * (spatial_size / (spatial_size - 1))
-        running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * batch_mean
+        running_mean[...] = ((1.0 - momentum) * running_mean.astype(np.float64)
+                             + momentum * batch_mean)
         running_var[...] = ((1.0 - momentum) * running_var.astype(np.float64)
                             + momentum * batch_unbiased_var)
-    return y, mean, rstd
+    return run_forward(x, C, weight, bias, eps, out, backend, variance=variance,
+                       updated=(running_mean, running_var), after_kernel=update_running_stats)
 
 
 def instance_norm_backward(grad_out, x, mean, rstd, weight, use_input_stats=True, *,
@@ -121,7 +126,8 @@ def instance_norm_backward(grad_out, x, mean, rstd, weight, use_input_stats=True
         Which of (grad_x, grad_weight, grad_bias) to compute; the others are
         returned as None and cost nothing.
     out : ndarray, optional
-        Written with grad_x and returned (any layout; it may be grad_out itself).
+        Written with grad_x and returned (any layout; it may be grad_out or x itself;
+        a partial overlap with an input goes through a temporary).
     backend : {"cython", "numba", "numpy"}, optional
 
     Returns

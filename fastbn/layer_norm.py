@@ -26,10 +26,13 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
         The trailing dims to normalize over (an int means one dim).
     weight, bias : ndarray of shape `normalized_shape` and x's dtype, or None
         The elementwise affine parameters (None: weight 1, bias 0).
-    eps : float, >= 0
+    eps : float
+        Added to the variance. Any real number, as in ATen: a negative eps gives NaN
+        where var + eps < 0.
     out : ndarray, optional
-        Written with y and returned. Any strides, and it may be x itself (one
-        that is not C-contiguous, or overlaps x, is written through a copy).
+        Written with y and returned. Any strides; it may be x itself (updated in
+        place). One that is not C-contiguous, or partly overlaps an input, is written
+        through a temporary (the same results, as NumPy's ufuncs).
     backend : {"cython", "numba", "numpy"}, optional
         Defaults to :func:`fastbn.get_backend`.
 
@@ -53,15 +56,17 @@ def layer_norm_forward(x, normalized_shape, weight=None, bias=None, eps=1e-5, *,
     eps = _validation.check_eps(eps)
     kernels = load_backend(backend)
 
-    y, y_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype, rows, D, (x,))
+    x_rows = _rowwise.rows_view(x, rows, D)
+    y, y_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype, rows, D, (x_rows,),
+                                                (weight, bias))
     mean = np.empty(stats_shape, x.dtype)
     rstd = np.empty(stats_shape, x.dtype)
     if x.size == 0:
         mean.fill(0.0)
         rstd.fill(np.nan)
         return y, mean, rstd
-    kernels.layer_norm_forward(_rowwise.rows_view(x, rows, D), weight, bias, eps, y_rows,
-                               mean.reshape(rows), rstd.reshape(rows), get_num_threads())
+    kernels.layer_norm_forward(x_rows, weight, bias, eps, y_rows, mean.reshape(rows),
+                               rstd.reshape(rows), get_num_threads())
     if written is not None:
         np.copyto(y, written)
     return y, mean, rstd
@@ -88,7 +93,8 @@ def layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, 
         returned as None and cost nothing. The gradient of a parameter that is
         None is None.
     out : ndarray, optional
-        Written with grad_x and returned (any strides; it may be grad_out itself).
+        Written with grad_x and returned (any strides; it may be grad_out or x itself;
+        a partial overlap with an input goes through a temporary).
     backend : {"cython", "numba", "numpy"}, optional
 
     Returns
@@ -106,10 +112,12 @@ def layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, 
     want_x, want_weight, want_bias = _validation.check_mask(output_mask, 3)
     kernels = load_backend(backend)
 
+    x_rows = _rowwise.rows_view(x, rows, D)
+    grad_out_rows = _rowwise.rows_view(grad_out, rows, D)
     grad_x = grad_x_rows = written = None
     if want_x:
-        grad_x, grad_x_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype,
-                                                              rows, D, (x, grad_out))
+        grad_x, grad_x_rows, written = _rowwise.output_buffer(
+            "out", out, x.shape, x.dtype, rows, D, (x_rows, grad_out_rows), (weight, mean, rstd))
     # Sums over no rows are 0, as in PyTorch.
     want_weight = want_weight and weight is not None
     want_bias = want_bias and bias is not None
@@ -118,8 +126,8 @@ def layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, 
     if x.size == 0:
         return grad_x, grad_weight, grad_bias
     kernels.layer_norm_backward(
-        _rowwise.rows_view(grad_out, rows, D), _rowwise.rows_view(x, rows, D), mean, rstd, weight,
-        grad_x_rows, None if grad_weight is None else grad_weight.reshape(D),
+        grad_out_rows, x_rows, mean, rstd, weight, grad_x_rows,
+        None if grad_weight is None else grad_weight.reshape(D),
         None if grad_bias is None else grad_bias.reshape(D), get_num_threads())
     if written is not None:
         np.copyto(grad_x, written)

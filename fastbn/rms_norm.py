@@ -24,12 +24,14 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None, ba
         copied to C order.
     normalized_shape : int or sequence of ints
     weight : ndarray of shape `normalized_shape` and x's dtype, or None (weight 1)
-    eps : float >= 0, or None
-        None means the machine epsilon of x's dtype, ``np.finfo(x.dtype).eps``,
-        as in PyTorch.
+    eps : float or None
+        Added to the mean square; any real number, as in PyTorch (a negative eps gives
+        NaN where mean(x**2) + eps < 0). None means the machine epsilon of x's dtype,
+        ``np.finfo(x.dtype).eps``, as in PyTorch.
     out : ndarray, optional
-        Written with y and returned. Any strides, and it may be x itself (one
-        that is not C-contiguous, or overlaps x, is written through a copy).
+        Written with y and returned. Any strides; it may be x itself (updated in
+        place). One that is not C-contiguous, or partly overlaps an input, is written
+        through a temporary (the same results, as NumPy's ufuncs).
     backend : {"cython", "numba", "numpy"}, optional
 
     Returns
@@ -50,13 +52,14 @@ def rms_norm_forward(x, normalized_shape, weight=None, eps=None, *, out=None, ba
     eps = float(np.finfo(x.dtype).eps) if eps is None else _validation.check_eps(eps)
     kernels = load_backend(backend)
 
-    y, y_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype, rows, D, (x,))
+    x_rows = _rowwise.rows_view(x, rows, D)
+    y, y_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype, rows, D, (x_rows,),
+                                                (weight,))
     rstd = np.empty(stats_shape, x.dtype)
     if x.size == 0:
         rstd.fill(np.nan)  # as PyTorch, for rows of no values
         return y, rstd
-    kernels.rms_norm_forward(_rowwise.rows_view(x, rows, D), weight, eps, y_rows,
-                             rstd.reshape(rows), get_num_threads())
+    kernels.rms_norm_forward(x_rows, weight, eps, y_rows, rstd.reshape(rows), get_num_threads())
     if written is not None:
         np.copyto(y, written)
     return y, rstd
@@ -82,7 +85,8 @@ def rms_norm_backward(grad_out, x, normalized_shape, rstd, weight=None, *,
         Which of (grad_x, grad_weight) to compute; the other is returned as
         None. grad_weight is None when weight is None.
     out : ndarray, optional
-        Written with grad_x and returned (any strides; it may be grad_out itself).
+        Written with grad_x and returned (any strides; it may be grad_out or x itself;
+        a partial overlap with an input goes through a temporary).
     backend : {"cython", "numba", "numpy"}, optional
 
     Returns
@@ -98,17 +102,19 @@ def rms_norm_backward(grad_out, x, normalized_shape, rstd, weight=None, *,
     want_x, want_weight = _validation.check_mask(output_mask, 2)
     kernels = load_backend(backend)
 
+    x_rows = _rowwise.rows_view(x, rows, D)
+    grad_out_rows = _rowwise.rows_view(grad_out, rows, D)
     grad_x = grad_x_rows = written = None
     if want_x:
-        grad_x, grad_x_rows, written = _rowwise.output_buffer("out", out, x.shape, x.dtype,
-                                                              rows, D, (x, grad_out))
+        grad_x, grad_x_rows, written = _rowwise.output_buffer(
+            "out", out, x.shape, x.dtype, rows, D, (x_rows, grad_out_rows), (weight, rstd))
     want_weight = want_weight and weight is not None
     grad_weight = np.zeros(normalized_shape, x.dtype) if want_weight else None
     if x.size == 0:
         return grad_x, grad_weight
     kernels.rms_norm_backward(
-        _rowwise.rows_view(grad_out, rows, D), _rowwise.rows_view(x, rows, D), rstd, weight,
-        grad_x_rows, None if grad_weight is None else grad_weight.reshape(D), get_num_threads())
+        grad_out_rows, x_rows, rstd, weight, grad_x_rows,
+        None if grad_weight is None else grad_weight.reshape(D), get_num_threads())
     if written is not None:
         np.copyto(grad_x, written)
     return grad_x, grad_weight

@@ -136,7 +136,7 @@ def test_empty_input(backend, shape, normalized_shape):
 @pytest.mark.parametrize("arguments, error, message", [
     (dict(normalized_shape=(4, 6)), ValueError, r"Given normalized_shape=\[4, 6\]"),
     (dict(weight=np.ones(5, np.float32)), ValueError, "Expected weight to be of same shape"),
-    (dict(eps=-1.0), ValueError, "eps must be a finite number >= 0"),
+    (dict(eps=[1e-5]), TypeError, "eps must be a real number"),
     (dict(x=np.ones((3, 6), np.int32)), TypeError, "x must be a float32 or float64"),
 ])
 def test_bad_arguments_raise_before_writing(backend, arguments, error, message):

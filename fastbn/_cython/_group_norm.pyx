@@ -110,6 +110,10 @@ cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
 # the data's type in a 64-byte vector (16 float32 or 8 float64 lanes, GCC/clang
 # vector extensions) that is then added up pairwise: full vector width also
 # for float32, and a short horizontal sum (runs can be as short as 49 values).
+# A float32 block (or tail value) whose sums are not finite is added again in
+# float64: squares of float32 values past about 1.8e19 overflow float32 but not
+# float64 (inf / nan in the data stay inf / nan either way); the usual block pays
+# one test. Squares below float32's range still flush to 0 (as in torch).
 # Other compilers get plain loops summing in float64.
 # Where GCC or clang can dispatch on the CPU at run time (x86-64 Linux), each
 # loop is also compiled for AVX2 and AVX-512 and the widest the CPU has runs;
@@ -118,6 +122,7 @@ cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
 
 cdef extern from *:
     """
+    #include <math.h>
     #include <string.h>
     #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__INTEL_COMPILER)
     #define FASTBN_DISPATCH __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -172,6 +177,7 @@ cdef extern from *:
             T centre = m[run]; \
             for (start = 0; start < n_main; start = stop) { \
                 fastbn_vec_##T block_a = {0}, block_b = {0}, xv, dyv; \
+                T sum_a, sum_b; \
                 stop = start + FASTBN_BLOCK < n_main ? start + FASTBN_BLOCK : n_main; \
                 for (i = start; i < stop; i += LANES) { \
                     memcpy(&xv, x + i, sizeof xv); \
@@ -179,12 +185,27 @@ cdef extern from *:
                     block_a += TERM_A(xv, dyv, centre); \
                     block_b += TERM_B(xv, dyv, centre); \
                 } \
-                total_a += fastbn_hsum_##T(&block_a); \
-                total_b += fastbn_hsum_##T(&block_b); \
+                sum_a = fastbn_hsum_##T(&block_a); \
+                sum_b = fastbn_hsum_##T(&block_b); \
+                if (sizeof(T) < sizeof(double) && !(isfinite(sum_a) && isfinite(sum_b))) { \
+                    for (i = start; i < stop; i++) { \
+                        total_a += TERM_A((double)x[i], (double)dy[i], (double)centre); \
+                        total_b += TERM_B((double)x[i], (double)dy[i], (double)centre); \
+                    } \
+                } else { \
+                    total_a += sum_a; \
+                    total_b += sum_b; \
+                } \
             } \
             for (i = n_main; i < n; i++) { \
-                total_a += TERM_A(x[i], dy[i], centre); \
-                total_b += TERM_B(x[i], dy[i], centre); \
+                T term_a = TERM_A(x[i], dy[i], centre), term_b = TERM_B(x[i], dy[i], centre); \
+                if (sizeof(T) < sizeof(double) && !(isfinite(term_a) && isfinite(term_b))) { \
+                    total_a += TERM_A((double)x[i], (double)dy[i], (double)centre); \
+                    total_b += TERM_B((double)x[i], (double)dy[i], (double)centre); \
+                } else { \
+                    total_a += term_a; \
+                    total_b += term_b; \
+                } \
             } \
             sum_a[run] = total_a; \
             sum_b[run] = total_b; \
@@ -208,13 +229,15 @@ cdef extern from *:
     #endif
 
     /* fastbn_rows_KIND_T: per column c < width of `rows` rows (row r at x + r * stride,
-       dy + r * stride), sum_a[c] += sum(TERM_A), sum_b[c] += sum(TERM_B), centre m[c].
+       dy + r * stride), sum_a[c] = sum(TERM_A), sum_b[c] = sum(TERM_B) (the caller
+       passes zeros), centre m[c].
        Elementwise across columns, so `omp simd` vectorises it without reassociating. */
     #define FASTBN_DEFINE_ROW_SUMS(KIND, T, TERM_A, TERM_B) \
     FASTBN_DISPATCH static void fastbn_rows_##KIND##_##T( \
             const T* x, const T* dy, Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width, \
             const T* m, double* sum_a, double* sum_b) { \
         T part_a[FASTBN_MAX_WIDTH], part_b[FASTBN_MAX_WIDTH]; \
+        double probe = 0.0; \
         Py_ssize_t r0, r, r1, c; \
         for (r0 = 0; r0 < rows; r0 = r1) { \
             r1 = r0 + FASTBN_ROW_BLOCK < rows ? r0 + FASTBN_ROW_BLOCK : rows; \
@@ -230,6 +253,25 @@ cdef extern from *:
                 } \
             } \
             for (c = 0; c < width; c++) { sum_a[c] += part_a[c]; sum_b[c] += part_b[c]; } \
+        } \
+        /* A column whose float32 partials overflowed (or that holds inf / nan) has a \
+           total that is not finite: add it again in float64, once per tile, so that the \
+           loops above stay as they were. probe is 0, or nan when a total is not finite \
+           (t - t); the tile's totals start at 0 (reduce_item zeroes them). */ \
+        if (sizeof(T) == sizeof(double)) return; \
+        _Pragma("omp simd reduction(+:probe)") \
+        for (c = 0; c < width; c++) probe += (sum_a[c] - sum_a[c]) + (sum_b[c] - sum_b[c]); \
+        if (probe == 0.0) return; \
+        for (c = 0; c < width; c++) { \
+            if (isfinite(sum_a[c]) && isfinite(sum_b[c])) continue; \
+            sum_a[c] = 0.0; \
+            sum_b[c] = 0.0; \
+            for (r = 0; r < rows; r++) { \
+                double xr = x[r * stride + c], dyr = dy[r * stride + c]; \
+                (void)dyr; \
+                sum_a[c] += TERM_A(xr, dyr, (double)m[c]); \
+                sum_b[c] += TERM_B(xr, dyr, (double)m[c]); \
+            } \
         } \
     }
 
@@ -371,8 +413,9 @@ cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t run
 cdef inline void rows_sums(const floating* first, const floating* second, bint gradient,
                            Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
                            const floating* centre, double* sum_a, double* sum_b) noexcept nogil:
-    """Per column of a channels-last tile, add to sum_a, sum_b the sums of
-    shifted_sums(first) or, when gradient, grad_sums(dy=first, x=second)."""
+    """Per column of a channels-last tile, the sums of shifted_sums(first) or, when
+    gradient, grad_sums(dy=first, x=second), added to sum_a, sum_b (zeros: a float32
+    column that overflows is summed again from 0 in float64)."""
     if floating is float:
         if gradient:
             fastbn_rows_grad_sums_float(second, first, rows, stride, width, centre, sum_a, sum_b)

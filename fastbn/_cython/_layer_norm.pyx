@@ -105,11 +105,16 @@ cdef extern from *:
     /* The loops over a run of one row, where nearly all the time goes. They are
        C so that `omp simd` can vectorise them: it lets the row sums reassociate
        (inside one block only; the order is fixed when the module is compiled)
-       and, with `restrict`, promises that outputs do not overlap inputs (too
-       many pointers for the compiler to check at run time). With GCC on x86-64
-       each is also compiled for AVX2 and AVX-512 and the best one the CPU runs
-       is picked when the module loads, so a portable build still gets the wide
-       vectors. */
+       and vectorises the elementwise loops without run-time alias checks. An
+       output may be exactly its input (y = x, dx = dy or dx = x: each value is read
+       before it is written, at the same index), so those pointers are not
+       `restrict`; partial overlaps never reach the kernels (fastbn/_layout.py).
+       With GCC on x86-64 each is also compiled for AVX2 and AVX-512 and the best
+       one the CPU runs is picked when the module loads, so a portable build still
+       gets the wide vectors. A missing weight or bias is a NULL pointer: each loop
+       is expanded with and without it (HAS_* constants; the vectoriser takes no
+       branch inside a loop), so no array of ones or zeros is ever made. */
+    #include <math.h>
     #ifdef _MSC_VER
     #define restrict __restrict
     #endif
@@ -125,29 +130,56 @@ cdef extern from *:
        values, then added into float64. */
     #define FASTBN_SUM_BLOCK 512
 
-    /* sum(g) and sum(g * (x - centre)) for g = G, an expression in d = x[i] - centre,
-       dy[i] and w[i]: one function per G, since a branch would stop the vectoriser. */
+    /* The terms g of the paired sums, in type U, for d = x[i] - centre. */
+    #define FASTBN_G_MOMENT(U, d, i) (d)
+    #define FASTBN_G_WEIGHTED(U, d, i) ((U)dy[i] * (U)w[i])
+    #define FASTBN_G_UNWEIGHTED(U, d, i) ((U)dy[i])
+
+    /* sum(g) and sum(g * (x - centre)) for g = G(type, d, i), d = x[i] - centre: one
+       function per G, since a branch would stop the vectoriser. A float32 block whose
+       sums are not finite is added again in float64: squares of float32 values past
+       about 1.8e19 overflow float32 (but not float64), and inf / nan in the data stay
+       inf / nan either way. The usual block pays one test. */
     #define FASTBN_DEFINE_PAIRED_SUMS(T, NAME, G)                                      \
     FASTBN_CLONES static void NAME(                                                    \
             const T* x, const T* dy, const T* w, Py_ssize_t n, T centre,               \
             double* first_out, double* second_out) {                                  \
         double first = 0.0, second = 0.0;                                              \
+        (void)dy; (void)w;                                                             \
         for (Py_ssize_t start = 0; start < n; start += FASTBN_SUM_BLOCK) {             \
             Py_ssize_t stop = n - start > FASTBN_SUM_BLOCK ? start + FASTBN_SUM_BLOCK : n; \
             T block_first = 0, block_second = 0;                                       \
             _Pragma("omp simd reduction(+:block_first, block_second)")                 \
             for (Py_ssize_t i = start; i < stop; i++) {                                \
                 T d = x[i] - centre;                                                   \
-                T g = (G);                                                             \
+                T g = G(T, d, i);                                                      \
                 block_first += g;                                                      \
                 block_second += g * d;                                                 \
             }                                                                          \
-            first += block_first;                                                      \
-            second += block_second;                                                    \
+            if (sizeof(T) < sizeof(double)                                             \
+                    && !(isfinite(block_first) && isfinite(block_second))) {           \
+                double wide_first = 0.0, wide_second = 0.0;                            \
+                for (Py_ssize_t i = start; i < stop; i++) {                            \
+                    double d = (double)x[i] - (double)centre;                          \
+                    double g = G(double, d, i);                                        \
+                    wide_first += g;                                                   \
+                    wide_second += g * d;                                              \
+                }                                                                      \
+                first += wide_first;                                                   \
+                second += wide_second;                                                 \
+            } else {                                                                   \
+                first += block_first;                                                  \
+                second += block_second;                                                \
+            }                                                                          \
         }                                                                              \
         *first_out = first;                                                            \
         *second_out = second;                                                          \
     }
+
+    #define FASTBN_NORMALIZE_LOOP(W, B)                                                \
+        _Pragma("omp simd")                                                            \
+        for (Py_ssize_t i = 0; i < n; i++)                                             \
+            y[i] = ((x[i] - pivot) * scale + offset) W B;
 
     #define FASTBN_DEFINE_ROW_LOOPS(T)                                                 \
     /* The mean of the first (up to) 16 values, in float64. */                        \
@@ -160,31 +192,40 @@ cdef extern from *:
         return total / count;                                                          \
     }                                                                                  \
                                                                                        \
-    FASTBN_DEFINE_PAIRED_SUMS(T, fastbn_moment_sums_##T, d)                            \
-    FASTBN_DEFINE_PAIRED_SUMS(T, fastbn_grad_sums_##T, dy[i] * w[i])                   \
+    FASTBN_DEFINE_PAIRED_SUMS(T, fastbn_moment_sums_##T, FASTBN_G_MOMENT)              \
+    FASTBN_DEFINE_PAIRED_SUMS(T, fastbn_grad_sums_##T, FASTBN_G_WEIGHTED)              \
+    FASTBN_DEFINE_PAIRED_SUMS(T, fastbn_unweighted_grad_sums_##T, FASTBN_G_UNWEIGHTED) \
                                                                                        \
+    /* y = ((x - pivot) * scale + offset) * w + b; w and b may be NULL. */            \
     FASTBN_CLONES static void fastbn_normalize_run_##T(                                \
-            const T* restrict x, const T* restrict w, const T* restrict b,             \
-            T* restrict y, Py_ssize_t n, T pivot, T scale, T offset) {                 \
-        _Pragma("omp simd")                                                            \
-        for (Py_ssize_t i = 0; i < n; i++)                                             \
-            y[i] = ((x[i] - pivot) * scale + offset) * w[i] + b[i];                    \
+            const T* x, const T* restrict w, const T* restrict b,                      \
+            T* y, Py_ssize_t n, T pivot, T scale, T offset) {                          \
+        if (w && b) {                                                                  \
+            FASTBN_NORMALIZE_LOOP(* w[i], + b[i])                                      \
+        } else if (w) {                                                                \
+            FASTBN_NORMALIZE_LOOP(* w[i], )                                            \
+        } else if (b) {                                                                \
+            FASTBN_NORMALIZE_LOOP(, + b[i])                                            \
+        } else {                                                                       \
+            FASTBN_NORMALIZE_LOOP(, )                                                  \
+        }                                                                              \
     }
 
     /* The backward's elementwise pass over ROWS rows `stride` apart: dx, and the
        rows' terms of grad_weight / grad_bias added (in row order) into the partial
        column sums, which are so loaded and stored once for all the rows. The loop is
-       written once and expanded for each set of wanted outputs (HAS_* constants), as
-       the vectoriser takes no branch inside it; only the rare calls without dx keep
-       run-time conditions. */
-    #define FASTBN_GRAD_LOOP(T, ROWS, HAS_DX, HAS_DW, HAS_DB)                          \
+       written once and expanded for each set of wanted outputs and for a weight or
+       none (HAS_* constants), as the vectoriser takes no branch inside it; only the
+       rare calls without dx keep run-time conditions. */
+    #define FASTBN_GRAD_LOOP(T, ROWS, HAS_W, HAS_DX, HAS_DW, HAS_DB)                   \
         _Pragma("omp simd")                                                            \
         for (Py_ssize_t i = 0; i < n; i++) {                                           \
             T sum_w = 0, sum_b = 0;                                                    \
             for (int r = 0; r < ROWS; r++) {                                           \
                 T g = dy[r * stride + i];                                              \
                 T d = x[r * stride + i] - centre[r];                                   \
-                if (HAS_DX) dx[r * stride + i] = g * w[i] * a[r] + d * b[r] + c[r];    \
+                if (HAS_DX) dx[r * stride + i] = (HAS_W ? g * w[i] : g) * a[r]         \
+                                                 + d * b[r] + c[r];                    \
                 sum_w += g * d * rstd[r];                                              \
                 sum_b += g;                                                            \
             }                                                                          \
@@ -192,23 +233,30 @@ cdef extern from *:
             if (HAS_DB) db_part[i] += sum_b;                                           \
         }
 
+    #define FASTBN_GRAD_LOOPS_WITH_DX(T, ROWS, HAS_W)                                  \
+        if (dw_part && db_part) {                                                      \
+            FASTBN_GRAD_LOOP(T, ROWS, HAS_W, 1, 1, 1)                                  \
+        } else if (dw_part) {                                                          \
+            FASTBN_GRAD_LOOP(T, ROWS, HAS_W, 1, 1, 0)                                  \
+        } else if (db_part) {                                                          \
+            FASTBN_GRAD_LOOP(T, ROWS, HAS_W, 1, 0, 1)                                  \
+        } else {                                                                       \
+            FASTBN_GRAD_LOOP(T, ROWS, HAS_W, 1, 0, 0)                                  \
+        }
+
     #define FASTBN_DEFINE_GRAD_ROWS(T, ROWS)                                           \
     FASTBN_CLONES static void fastbn_grad_rows##ROWS##_##T(                            \
-            const T* restrict dy, const T* restrict x, const T* restrict w,            \
-            T* restrict dx, T* restrict dw_part, T* restrict db_part,                  \
+            const T* dy, const T* x, const T* restrict w,                              \
+            T* dx, T* restrict dw_part, T* restrict db_part,                           \
             Py_ssize_t stride, Py_ssize_t n, const T* restrict centre,                 \
             const T* restrict rstd, const T* restrict a, const T* restrict b,          \
             const T* restrict c) {                                                     \
         if (!dx) {                                                                     \
-            FASTBN_GRAD_LOOP(T, ROWS, 0, dw_part != NULL, db_part != NULL)             \
-        } else if (dw_part && db_part) {                                               \
-            FASTBN_GRAD_LOOP(T, ROWS, 1, 1, 1)                                         \
-        } else if (dw_part) {                                                          \
-            FASTBN_GRAD_LOOP(T, ROWS, 1, 1, 0)                                         \
-        } else if (db_part) {                                                          \
-            FASTBN_GRAD_LOOP(T, ROWS, 1, 0, 1)                                         \
+            FASTBN_GRAD_LOOP(T, ROWS, 0, 0, dw_part != NULL, db_part != NULL)          \
+        } else if (w) {                                                                \
+            FASTBN_GRAD_LOOPS_WITH_DX(T, ROWS, 1)                                      \
         } else {                                                                       \
-            FASTBN_GRAD_LOOP(T, ROWS, 1, 0, 0)                                         \
+            FASTBN_GRAD_LOOPS_WITH_DX(T, ROWS, 0)                                      \
         }                                                                              \
     }
 
@@ -233,6 +281,12 @@ cdef extern from *:
     void fastbn_grad_sums_double(const double* x, const double* dy, const double* w,
                                  Py_ssize_t n, double centre, double* first_out,
                                  double* second_out) noexcept nogil
+    void fastbn_unweighted_grad_sums_float(const float* x, const float* dy, const float* w,
+                                           Py_ssize_t n, float centre, double* first_out,
+                                           double* second_out) noexcept nogil
+    void fastbn_unweighted_grad_sums_double(const double* x, const double* dy, const double* w,
+                                            Py_ssize_t n, double centre, double* first_out,
+                                            double* second_out) noexcept nogil
     void fastbn_normalize_run_float(const float* x, const float* w, const float* b, float* y,
                                     Py_ssize_t n, float pivot, float scale,
                                     float offset) noexcept nogil
@@ -262,10 +316,16 @@ cdef extern from *:
 cdef inline void paired_sums(const floating* x, const floating* dy, const floating* w,
                              Py_ssize_t n, floating centre, bint gradient,
                              double* first_out, double* second_out) noexcept nogil:
-    """sum(g) and sum(g * (x - centre)) in float64, where g = dy * w when `gradient`,
-    else g = x - centre (the shifted sum and sum of squares of the statistics)."""
+    """sum(g) and sum(g * (x - centre)) in float64, where g = dy * w (dy when w is NULL)
+    when `gradient`, else g = x - centre (the shifted sum and sum of squares of the
+    statistics)."""
     if gradient:
-        if floating is float:
+        if w == NULL:
+            if floating is float:
+                fastbn_unweighted_grad_sums_float(x, dy, w, n, centre, first_out, second_out)
+            else:
+                fastbn_unweighted_grad_sums_double(x, dy, w, n, centre, first_out, second_out)
+        elif floating is float:
             fastbn_grad_sums_float(x, dy, w, n, centre, first_out, second_out)
         else:
             fastbn_grad_sums_double(x, dy, w, n, centre, first_out, second_out)
@@ -278,11 +338,18 @@ cdef inline void paired_sums(const floating* x, const floating* dy, const floati
 cdef inline void normalize_run(const floating* x, const floating* w, const floating* b,
                                floating* y, Py_ssize_t n, floating pivot, floating scale,
                                floating offset) noexcept nogil:
-    """y = ((x - pivot) * scale + offset) * w + b."""
+    """y = ((x - pivot) * scale + offset) * w + b; w and b may be NULL (none)."""
     if floating is float:
         fastbn_normalize_run_float(x, w, b, y, n, pivot, scale, offset)
     else:
         fastbn_normalize_run_double(x, w, b, y, n, pivot, scale, offset)
+
+
+cdef inline const floating* column(const floating* parameter, Py_ssize_t c0) noexcept nogil:
+    """parameter + c0, or NULL for a missing parameter (NULL + c0 is not a pointer)."""
+    if parameter == NULL:
+        return NULL
+    return parameter + c0
 
 
 # ---------------------------------------------------------------------------
@@ -316,7 +383,7 @@ cdef void row_sums(const floating* x, const floating* dy, const floating* w,
     """paired_sums of each row; without `gradient` dy and w are not read (pass x)."""
     cdef Py_ssize_t r
     for r in range(r0, r1):
-        paired_sums(x + r * D + c0, dy + r * D + c0, w + c0, c1 - c0,
+        paired_sums(x + r * D + c0, dy + r * D + c0, column(w, c0), c1 - c0,
                     centre[r], gradient, &sums[2 * (r * chunks + k)],
                     &sums[2 * (r * chunks + k) + 1])
 
@@ -374,7 +441,8 @@ cdef void normalize_rows(const floating* x, const floating* w, const floating* b
                          Py_ssize_t c1) noexcept nogil:
     cdef Py_ssize_t r
     for r in range(r0, r1):
-        normalize_run(x + r * D + c0, w + c0, b + c0, y + r * D + c0, c1 - c0, pivot[r],
+        normalize_run(x + r * D + c0, column(w, c0), column(b, c0), y + r * D + c0, c1 - c0,
+                      pivot[r],
                       scale[r], offset[r])
 
 
@@ -406,23 +474,23 @@ cdef void grad_rows(const floating* dy, const floating* x, const floating* w, fl
             dx_row = dx + r * D + c0
         if floating is float:
             if group == GRAD_ROW_GROUP:
-                fastbn_grad_rows4_float(dy + r * D + c0, x + r * D + c0, w + c0, dx_row,
+                fastbn_grad_rows4_float(dy + r * D + c0, x + r * D + c0, column(w, c0), dx_row,
                                         NULL if dw_part == NULL else dw_part + c0,
                                         NULL if db_part == NULL else db_part + c0, D, c1 - c0,
                                         centre + r, rstd + r, a + r, b + r, c + r)
             else:
-                fastbn_grad_rows1_float(dy + r * D + c0, x + r * D + c0, w + c0, dx_row,
+                fastbn_grad_rows1_float(dy + r * D + c0, x + r * D + c0, column(w, c0), dx_row,
                                         NULL if dw_part == NULL else dw_part + c0,
                                         NULL if db_part == NULL else db_part + c0, D, c1 - c0,
                                         centre + r, rstd + r, a + r, b + r, c + r)
         else:
             if group == GRAD_ROW_GROUP:
-                fastbn_grad_rows4_double(dy + r * D + c0, x + r * D + c0, w + c0, dx_row,
+                fastbn_grad_rows4_double(dy + r * D + c0, x + r * D + c0, column(w, c0), dx_row,
                                          NULL if dw_part == NULL else dw_part + c0,
                                          NULL if db_part == NULL else db_part + c0, D, c1 - c0,
                                          centre + r, rstd + r, a + r, b + r, c + r)
             else:
-                fastbn_grad_rows1_double(dy + r * D + c0, x + r * D + c0, w + c0, dx_row,
+                fastbn_grad_rows1_double(dy + r * D + c0, x + r * D + c0, column(w, c0), dx_row,
                                          NULL if dw_part == NULL else dw_part + c0,
                                          NULL if db_part == NULL else db_part + c0, D, c1 - c0,
                                          centre + r, rstd + r, a + r, b + r, c + r)
@@ -444,9 +512,11 @@ cdef void fold_partials(const floating* part, Py_ssize_t n_parts, Py_ssize_t D,
 
 
 # ---------------------------------------------------------------------------
-# Drivers. Whole rows: each item runs every phase on its block of rows (on one
-# thread, without entering an OpenMP region: that costs about 1 us). Few long
-# rows: each phase runs over all (row, chunk) items before the next starts.
+# Drivers. Whole rows: each item runs every phase on its block of rows. Few long
+# rows: each phase runs over all (row, chunk) items before the next starts. On one
+# thread every driver runs its items in plain loops, without entering an OpenMP
+# region: that costs about 1 us, and in a child forked after the parent's OpenMP
+# pool started (fastbn/_threads.py) a region may never return.
 
 cdef void forward_block(const floating* x, const floating* w, const floating* b, floating* y,
                         floating* mean, floating* rstd, Py_ssize_t D, Py_ssize_t r0,
@@ -459,12 +529,32 @@ cdef void forward_block(const floating* x, const floating* w, const floating* b,
     normalize_rows(x, w, b, y, pivot, scale, offset, D, r0, r1, 0, D)
 
 
+cdef inline void sum_chunk(const floating* x, const floating* pivot, Py_ssize_t D,
+                           Py_ssize_t chunks, Py_ssize_t item, double* sums) noexcept nogil:
+    """Few long rows: the statistics sums of (row, chunk) item `item`."""
+    cdef Py_ssize_t r = item // chunks
+    cdef Py_ssize_t k = item - r * chunks
+    row_sums(x, x, x, pivot, D, r, r + 1, part_start(k, D, chunks), part_start(k + 1, D, chunks),
+             chunks, k, False, sums)
+
+
+cdef inline void normalize_chunk(const floating* x, const floating* w, const floating* b,
+                                 floating* y, const floating* pivot, const floating* scale,
+                                 const floating* offset, Py_ssize_t D, Py_ssize_t chunks,
+                                 Py_ssize_t item) noexcept nogil:
+    """Few long rows: y for (row, chunk) item `item`."""
+    cdef Py_ssize_t r = item // chunks
+    cdef Py_ssize_t k = item - r * chunks
+    normalize_rows(x, w, b, y, pivot, scale, offset, D, r, r + 1, part_start(k, D, chunks),
+                   part_start(k + 1, D, chunks))
+
+
 cdef void forward(const floating* x, const floating* w, const floating* b, floating* y,
                   floating* mean, floating* rstd, Py_ssize_t rows, Py_ssize_t D, double eps,
                   bint centred, Split split, int threads, double* sums,
                   floating* row_scalars) noexcept nogil:
     """sums: 2 * rows * split.chunks doubles; row_scalars: 3 * rows values."""
-    cdef Py_ssize_t item, r, k, chunks = split.chunks
+    cdef Py_ssize_t item, chunks = split.chunks
     cdef floating* pivot = row_scalars
     cdef floating* scale = row_scalars + rows
     cdef floating* offset = row_scalars + 2 * rows
@@ -481,17 +571,18 @@ cdef void forward(const floating* x, const floating* w, const floating* b, float
                           pivot, scale, offset)
         return
     row_pivots(x, D, 0, rows, centred, pivot)
+    if threads == 1:  # the same items in a plain loop: no OpenMP region (see above)
+        for item in range(split.items):
+            sum_chunk(x, pivot, D, chunks, item, sums)
+        row_statistics(sums, chunks, pivot, D, 0, rows, eps, centred, mean, rstd, scale, offset)
+        for item in range(split.items):
+            normalize_chunk(x, w, b, y, pivot, scale, offset, D, chunks, item)
+        return
     for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
-        r = item // chunks
-        k = item - r * chunks
-        row_sums(x, x, x, pivot, D, r, r + 1, part_start(k, D, chunks),
-                 part_start(k + 1, D, chunks), chunks, k, False, sums)
+        sum_chunk(x, pivot, D, chunks, item, sums)
     row_statistics(sums, chunks, pivot, D, 0, rows, eps, centred, mean, rstd, scale, offset)
     for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
-        r = item // chunks
-        k = item - r * chunks
-        normalize_rows(x, w, b, y, pivot, scale, offset, D, r, r + 1, part_start(k, D, chunks),
-                       part_start(k + 1, D, chunks))
+        normalize_chunk(x, w, b, y, pivot, scale, offset, D, chunks, item)
 
 
 cdef void backward_block(const floating* dy, const floating* x, const floating* centre,
@@ -521,6 +612,16 @@ cdef void fold_block(const floating* dw_part, const floating* db_part, Py_ssize_
         fold_partials(db_part, n_parts, D, c0, c1, db)
 
 
+cdef inline void grad_sum_chunk(const floating* dy, const floating* x, const floating* w,
+                                const floating* centre, Py_ssize_t D, Py_ssize_t chunks,
+                                Py_ssize_t item, double* sums) noexcept nogil:
+    """Few long rows: the gradient sums of (row, chunk) item `item`."""
+    cdef Py_ssize_t r = item // chunks
+    cdef Py_ssize_t k = item - r * chunks
+    row_sums(x, dy, w, centre, D, r, r + 1, part_start(k, D, chunks), part_start(k + 1, D, chunks),
+             chunks, k, True, sums)
+
+
 cdef void backward(const floating* dy, const floating* x, const floating* centre,
                    const floating* rstd, const floating* w, floating* dx, floating* dw,
                    floating* db, Py_ssize_t rows, Py_ssize_t D, bint centred, Split split,
@@ -530,7 +631,7 @@ cdef void backward(const floating* dy, const floating* x, const floating* centre
     row_scalars: 3 * rows zeros; dw_part / db_part: split.row_items * D values (whole
     rows), NULL when that gradient is not wanted. dx, dw, db may be NULL. Without dx
     the coefficients stay 0 and the rows only add their column sums."""
-    cdef Py_ssize_t item, r, k, cb, chunks = split.chunks
+    cdef Py_ssize_t item, k, cb, chunks = split.chunks
     # No partial sums to fold: no block (the loops below then do nothing).
     cdef Py_ssize_t fold_blocks = ((D + FOLD_COLUMNS - 1) // FOLD_COLUMNS
                                    if dw_part != NULL or db_part != NULL else 0)
@@ -554,15 +655,21 @@ cdef void backward(const floating* dy, const floating* x, const floating* centre
             for cb in prange(fold_blocks, schedule="static"):
                 fold_block(dw_part, db_part, split.row_items, D, cb, dw, db)
         return
+    # Each chunk of columns is one item of the second pass: it owns those columns of
+    # grad_weight / grad_bias and adds every row's terms into them, in row order.
+    if threads == 1:  # the same items in a plain loop: no OpenMP region
+        if dx != NULL:
+            for item in range(split.items):
+                grad_sum_chunk(dy, x, w, centre, D, chunks, item, sums)
+            grad_coefficients(sums, chunks, rstd, D, 0, rows, centred, a, b, c)
+        for k in range(chunks):
+            grad_rows(dy, x, w, dx, dw, db, centre, rstd, a, b, c, D, 0, rows,
+                      part_start(k, D, chunks), part_start(k + 1, D, chunks))
+        return
     if dx != NULL:
         for item in prange(split.items, nogil=True, num_threads=threads, schedule="static"):
-            r = item // chunks
-            k = item - r * chunks
-            row_sums(x, dy, w, centre, D, r, r + 1, part_start(k, D, chunks),
-                     part_start(k + 1, D, chunks), chunks, k, True, sums)
+            grad_sum_chunk(dy, x, w, centre, D, chunks, item, sums)
         grad_coefficients(sums, chunks, rstd, D, 0, rows, centred, a, b, c)
-    # Each chunk of columns is one item: it owns those columns of grad_weight /
-    # grad_bias and adds every row's terms into them, in row order.
     for k in prange(chunks, nogil=True, num_threads=threads, schedule="static"):
         grad_rows(dy, x, w, dx, dw, db, centre, rstd, a, b, c, D, 0, rows,
                   part_start(k, D, chunks), part_start(k + 1, D, chunks))
@@ -570,8 +677,9 @@ cdef void backward(const floating* dy, const floating* x, const floating* centre
 
 # ---------------------------------------------------------------------------
 # One call: the temporaries, then the driver (argument checks are the caller's
-# job; inputs are never empty). weight, bias, mean may be NULL: missing
-# parameters become weight 1 / bias 0, so one loop serves every case.
+# job; inputs are never empty). weight, bias, mean may be NULL: the loops take a
+# missing weight or bias as NULL, so no temporary grows with the row length
+# beyond the per-chunk sums.
 
 cdef int forward_call(const floating* x, const floating* weight, const floating* bias,
                       double eps, floating* y, floating* mean, floating* rstd, Py_ssize_t rows,
@@ -579,19 +687,13 @@ cdef int forward_call(const floating* x, const floating* weight, const floating*
     """Returns 0, or -1 when the temporaries cannot be allocated."""
     cdef Split split = make_split(rows, D)
     cdef int threads = effective_threads(n_threads, rows * D, split.items)
-    cdef Py_ssize_t n_sums = 2 * rows * split.chunks, j
-    cdef double* sums = <double*>malloc(n_sums * sizeof(double)
-                                        + (3 * rows + 2 * D) * sizeof(floating))
+    cdef Py_ssize_t n_sums = 2 * rows * split.chunks
+    cdef double* sums = <double*>malloc(n_sums * sizeof(double) + 3 * rows * sizeof(floating))
     if sums == NULL:
         return -1
     cdef floating* row_scalars = <floating*>(sums + n_sums)
-    cdef floating* ones = row_scalars + 3 * rows
-    cdef floating* zeros = ones + D
-    for j in range(D):
-        ones[j] = 1.0
-        zeros[j] = 0.0
-    forward(x, weight if weight != NULL else ones, bias if bias != NULL else zeros, y, mean,
-            rstd, rows, D, eps, centred, split, threads, sums, row_scalars)
+    forward(x, weight, bias, y, mean, rstd, rows, D, eps, centred, split, threads, sums,
+            row_scalars)
     free(sums)
     return 0
 
@@ -605,29 +707,25 @@ cdef int backward_call(const floating* grad_out, const floating* x, const floati
     cdef Split split = make_split(rows, D)
     cdef int threads = effective_threads(n_threads, rows * D, split.items)
     cdef bint whole_rows = split.chunks == 1
-    cdef Py_ssize_t n_sums = 2 * rows * split.chunks, j
+    cdef Py_ssize_t n_sums = 2 * rows * split.chunks
     # Whole rows: each item's partial column sums (split rows add into the outputs).
     cdef Py_ssize_t n_parts = 0
     if whole_rows:
         n_parts = split.row_items * D * ((dw != NULL) + (db != NULL))
     cdef double* sums = <double*>malloc(n_sums * sizeof(double)
-                                        + (4 * rows + D + n_parts) * sizeof(floating))
+                                        + (4 * rows + n_parts) * sizeof(floating))
     if sums == NULL:
         return -1
     cdef floating* row_scalars = <floating*>(sums + n_sums)
     cdef floating* centre = row_scalars + 3 * rows
-    cdef floating* ones = centre + rows
-    cdef floating* parts = ones + D
+    cdef floating* parts = centre + rows
     cdef floating* dw_part = parts if whole_rows and dw != NULL else NULL
     cdef floating* db_part = NULL
     if whole_rows and db != NULL:
         db_part = parts + (n_parts // 2 if dw != NULL else 0)
     memset(row_scalars, 0, 4 * rows * sizeof(floating))
-    for j in range(D):
-        ones[j] = 1.0
-    backward(grad_out, x, mean if mean != NULL else centre, rstd,
-             weight if weight != NULL else ones, dx, dw, db, rows, D, centred, split, threads,
-             sums, row_scalars, dw_part, db_part)
+    backward(grad_out, x, mean if mean != NULL else centre, rstd, weight, dx, dw, db, rows, D,
+             centred, split, threads, sums, row_scalars, dw_part, db_part)
     free(sums)
     return 0
 

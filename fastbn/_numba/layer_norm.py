@@ -319,6 +319,16 @@ def _run_forward(x, weight, bias, eps, centred, y, mean, rstd, n_threads):
 def _run_backward(grad_out, x, mean, rstd, weight, grad_x, grad_weight, grad_bias, centred,
                   n_threads):
     rows, D = x.shape
+    if grad_x is not None and (np.may_share_memory(grad_x, grad_out)
+                               or np.may_share_memory(grad_x, x)):
+        # grad_x is exactly grad_out or x (fastbn/_rowwise.py lets no partial overlap
+        # through), but _grad_run writes dx before it reads dy and x for grad_weight and
+        # grad_bias: compute it apart.
+        written = np.empty_like(grad_x)
+        _run_backward(grad_out, x, mean, rstd, weight, written, grad_weight, grad_bias,
+                      centred, n_threads)
+        grad_x[...] = written
+        return
     chunks, row_items, items = _split(rows, D)
     w = np.ones(D, x.dtype) if weight is None else weight
     centre = np.zeros(rows, x.dtype) if mean is None else mean

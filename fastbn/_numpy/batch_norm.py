@@ -21,7 +21,7 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
                        negative_slope=0.0, counter=None):
     axes, per_channel = _layout(channels_last)
     x64 = x.astype(np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         if training:
             count = x.size // len(save_mean)  # N * S values per channel
             # Shift each channel by one of its values (x - pivot is exact for values within

@@ -115,6 +115,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     # paths below: plain CPU tensors have no __torch_function__ to honour.
     if training:
         _check_batch_size(input)
+    _check_channels("batch_norm", input, weight, bias)
     record = _function.needs_grad(input, weight, bias)
     if backend is None and torch_is_faster("batch_norm", input, not (training or record)):
         return _torch_batch_norm(_aten_batch_norm, input, running_mean, running_var, weight,
@@ -153,6 +154,16 @@ def _torch_batch_norm(torch_op, input, running_mean, running_var, weight, bias, 
     return _function.torch_activation(activation, output, negative_slope)
 
 
+def _check_channels(op, input, weight, bias):
+    """torch's batch_norm and instance_norm raise IndexError for an input of no channels
+    with a weight or bias (ATen indexes their first value); raise that too, before any
+    state changes, with a message that says what is wrong."""
+    if input.shape[1] == 0 and (weight is not None or bias is not None):
+        raise IndexError(f"{op}: the input has no channels (size {list(input.shape)}), so "
+                         "there is nothing for weight and bias to scale: torch raises "
+                         "IndexError here (index 0 out of range for a tensor of size [0])")
+
+
 def _check_batch_size(input):
     size = input.shape
     if size[0] * math.prod(size[2:]) == 1:
@@ -170,7 +181,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, backend=N
         A divisor of C; each group of C / num_groups consecutive channels of a sample
         is normalized with its own mean and biased variance.
     weight, bias : Tensor of shape (C,) or None
-    eps : float, >= 0
+    eps : float
+        Any real number, as torch (NaN where var + eps < 0).
     backend : {"cython", "numba", "numpy"}, optional
         As in :func:`batch_norm`.
 
@@ -205,7 +217,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     weight, bias : Tensor of shape (C,) or None
     use_input_stats : bool
     momentum : float
-    eps : float, >= 0
+    eps : float
+        Any real number, as torch (NaN where var + eps < 0).
     backend : {"cython", "numba", "numpy"}, optional
         As in :func:`batch_norm`.
 
@@ -221,6 +234,7 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
                                               use_input_stats, momentum, eps)
     if use_input_stats:
         torch_functional._verify_spatial_size(input.shape)
+    _check_channels("instance_norm", input, weight, bias)
     record = _function.needs_grad(input, weight, bias)
     if backend is None and torch_is_faster("instance_norm", input, not record):
         return torch.instance_norm(input, weight, bias, running_mean, running_var,
@@ -239,7 +253,8 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, *, bac
     normalized_shape : sequence of ints
         The trailing dims normalized together.
     weight, bias : Tensor of shape `normalized_shape` or None
-    eps : float, >= 0
+    eps : float
+        Any real number, as torch (NaN where var + eps < 0).
     backend : {"cython", "numba", "numpy"}, optional
         As in :func:`batch_norm`.
 
@@ -267,8 +282,8 @@ def rms_norm(input, normalized_shape, weight=None, eps=None, *, backend=None):
     input : Tensor of shape (*, *normalized_shape)
     normalized_shape : sequence of ints
     weight : Tensor of shape `normalized_shape` or None
-    eps : float >= 0, or None
-        None: the machine epsilon of `input`'s dtype, as torch.
+    eps : float or None
+        Any real number, as torch; None: the machine epsilon of `input`'s dtype.
     backend : {"cython", "numba", "numpy"}, optional
         As in :func:`batch_norm`.
 
@@ -305,6 +320,8 @@ def _row_dims(normalized_shape):
 
 
 def _trailing_fits(input, normalized_shape, *parameters):
-    """Whether input ends with `normalized_shape`, and each parameter given has that shape."""
-    return (input.shape[input.dim() - len(normalized_shape):] == normalized_shape
+    """Whether `normalized_shape` is not empty, input ends with it, and each parameter given
+    has that shape (torch's op raises torch's error on what does not fit)."""
+    return (len(normalized_shape) > 0
+            and input.shape[input.dim() - len(normalized_shape):] == normalized_shape
             and all(p is None or p.shape == normalized_shape for p in parameters))
