@@ -1,12 +1,20 @@
 """Drop-in subclasses of torch's normalization modules that run fastbn's kernels.
 
 Each class subclasses the torch module of the same name (so ``isinstance(m,
-torch.nn.BatchNorm2d)`` holds), takes the same constructor arguments plus
-``backend=``, and has the same parameters, buffers, state-dict keys and
-``_version``. Only ``forward`` differs: it calls `fastbn.nn.functional`.
+torch.nn.BatchNorm2d)`` holds), takes the installed torch's constructor
+arguments plus a keyword-only ``backend=``, and has the same parameters,
+buffers, state-dict keys and ``_version``. Only ``forward`` differs: it calls
+`fastbn.nn.functional`.
+
+The constructor arguments are not written out here: they differ between torch
+releases (``bias=`` of BatchNorm, GroupNorm and InstanceNorm is newer than
+torch 2.4), so each class takes them from its torch class when it is defined
+(`FastbnNorm.__init_subclass__`) and hands them to torch's constructor as given.
 
 A new op's module is the torch class plus `FastbnNorm` and a ``forward``.
 """
+import inspect
+
 import torch
 from torch import nn
 
@@ -17,8 +25,64 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "GroupNorm", "InstanceNo
            "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm"]
 
 
+def constructor_signature(torch_class):
+    """`torch_class`'s constructor signature (self included) plus the keyword-only
+    ``backend=None``: what a fastbn.nn subclass of it takes on this torch."""
+    parameters = list(inspect.signature(torch_class.__init__).parameters.values())
+    backend = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None)
+    # A **kwargs, if torch's constructor has one, must stay last.
+    position = len(parameters)
+    if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        position -= 1
+    parameters.insert(position, backend)
+    return inspect.Signature(parameters)
+
+
+def _constructor(cls, torch_class):
+    """`cls`'s ``__init__``: `torch_class`'s arguments, handed to its constructor as
+    given, plus ``backend``."""
+    torch_signature = inspect.signature(torch_class.__init__)
+    signature = constructor_signature(torch_class)
+
+    def __init__(self, *args, backend=None, **kwargs):
+        try:
+            super(FastbnNorm, self).__init__(*args, **kwargs)
+        except TypeError as error:
+            try:
+                torch_signature.bind(self, *args, **kwargs)
+            except TypeError:
+                # An argument this torch does not take (bias= before torch had it):
+                # torch's message, plus which torch this is and what it takes.
+                arguments = str(signature.replace(return_annotation=inspect.Signature.empty))
+                raise TypeError(f"{error} (fastbn.nn.{cls.__name__} takes the arguments of "
+                                f"the installed torch {torch.__version__}'s "
+                                f"{torch_class.__name__}: {arguments.replace('(self, ', '(', 1)})"
+                                ) from None
+            raise
+        self.backend = backend
+
+    __init__.__signature__ = signature
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    return __init__
+
+
+def _torch_class(cls):
+    """The torch module class a fastbn.nn class subclasses (None for a mixin)."""
+    for base in cls.__mro__:
+        if issubclass(base, nn.Module) and not issubclass(base, FastbnNorm):
+            return base
+    return None
+
+
 class FastbnNorm:
-    """Mixin of every fastbn.nn module: the ``backend`` attribute and its repr."""
+    """Mixin of every fastbn.nn module: the constructor (torch's arguments plus
+    ``backend``), the ``backend`` attribute and its repr."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        torch_class = _torch_class(cls)
+        if torch_class is not None and "__init__" not in cls.__dict__:
+            cls.__init__ = _constructor(cls, torch_class)
 
     @property
     def backend(self):
@@ -36,13 +100,7 @@ class FastbnNorm:
 
 
 class _BatchNorm(FastbnNorm):
-    """BatchNorm*d's constructor and forward; the torch class comes second in the bases."""
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *, bias=True, backend=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias)
-        self.backend = backend
+    """BatchNorm*d's forward; the torch class comes second in the bases."""
 
     def forward(self, input):
         if torch.compiler.is_compiling():
@@ -101,11 +159,6 @@ class GroupNorm(FastbnNorm, nn.GroupNorm):
     :func:`fastbn.get_backend`). See ``docs/nn.md``.
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None,
-                 dtype=None, *, backend=None):
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
-        self.backend = backend
-
     def forward(self, input):
         return functional.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
                                      backend=self.backend)
@@ -117,11 +170,6 @@ class LayerNorm(FastbnNorm, nn.LayerNorm):
     Takes torch's arguments plus ``backend`` ({"cython", "numba", "numpy"} or None for
     :func:`fastbn.get_backend`). See ``docs/nn.md``.
     """
-
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
-                 device=None, dtype=None, *, backend=None):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
-        self.backend = backend
 
     def forward(self, input):
         return functional.layer_norm(input, self.normalized_shape, self.weight, self.bias,
@@ -135,24 +183,14 @@ class RMSNorm(FastbnNorm, nn.RMSNorm):
     :func:`fastbn.get_backend`). See ``docs/nn.md``.
     """
 
-    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None,
-                 dtype=None, *, backend=None):
-        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
-        self.backend = backend
-
     def forward(self, input):
         return functional.rms_norm(input, self.normalized_shape, self.weight, self.eps,
                                    backend=self.backend)
 
 
 class _InstanceNorm(FastbnNorm):
-    """InstanceNorm*d's constructor and normalization; torch's forward checks the input and
-    handles an unbatched one. The torch class comes second in the bases."""
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, device=None, dtype=None, *, backend=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.backend = backend
+    """InstanceNorm*d's normalization; torch's forward checks the input and handles an
+    unbatched one. The torch class comes second in the bases."""
 
     def _apply_instance_norm(self, input):
         # As torch's: the running statistics are updated in training, and used in eval mode
