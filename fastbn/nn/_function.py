@@ -109,9 +109,12 @@ class NormFunction(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         output_mask = ctx.needs_input_grad[1:4]
         if torch.is_grad_enabled():
-            # create_graph=True: the gradients must themselves be differentiable.
-            grads = ctx.op.backward_differentiable(grad_y, input, weight,
-                                                   tuple(map(as_tensor, ctx.stats)), output_mask)
+            # create_graph=True: the gradients must themselves be differentiable, so they
+            # come from torch's ops, given contiguous operands: torch's CPU batch-norm
+            # backward misreads channels-last memory when N = 1 (docs/nn.md).
+            grads = ctx.op.backward_differentiable(grad_y.contiguous(), input.contiguous(),
+                                                   weight, tuple(map(as_tensor, ctx.stats)),
+                                                   output_mask)
         else:
             grads = tuple(map(as_tensor, ctx.op.backward(
                 as_array(grad_y), as_array(input), as_array(weight), ctx.stats, output_mask)))
