@@ -9,7 +9,9 @@ buffers, state-dict keys and ``_version``. Only ``forward`` differs: it calls
 The constructor arguments are not written out here: they differ between torch
 releases (``bias=`` of BatchNorm, GroupNorm and InstanceNorm is newer than
 torch 2.4), so each class takes them from its torch class when it is defined
-(`FastbnNorm.__init_subclass__`) and hands them to torch's constructor as given.
+(`FastbnNorm.__init_subclass__`) and hands them to torch's constructor as given
+(`FastbnNorm.__init__`, which a subclass with arguments of its own can call with
+``backend=``).
 
 A new op's module is the torch class plus `FastbnNorm` and a ``forward``.
 """
@@ -38,31 +40,15 @@ def constructor_signature(torch_class):
     return inspect.Signature(parameters)
 
 
-def _constructor(cls, torch_class):
-    """`cls`'s ``__init__``: `torch_class`'s arguments, handed to its constructor as
-    given, plus ``backend``."""
-    torch_signature = inspect.signature(torch_class.__init__)
-    signature = constructor_signature(torch_class)
-
+def _signed_constructor(cls, torch_class):
+    """`cls`'s ``__init__``: `FastbnNorm.__init__` under `torch_class`'s signature plus
+    ``backend``, so that ``inspect.signature(cls)`` (and help) shows what it takes."""
     def __init__(self, *args, backend=None, **kwargs):
-        try:
-            super(FastbnNorm, self).__init__(*args, **kwargs)
-        except TypeError as error:
-            try:
-                torch_signature.bind(self, *args, **kwargs)
-            except TypeError:
-                # An argument this torch does not take (bias= before torch had it):
-                # torch's message, plus which torch this is and what it takes.
-                arguments = str(signature.replace(return_annotation=inspect.Signature.empty))
-                raise TypeError(f"{error} (fastbn.nn.{cls.__name__} takes the arguments of "
-                                f"the installed torch {torch.__version__}'s "
-                                f"{torch_class.__name__}: {arguments.replace('(self, ', '(', 1)})"
-                                ) from None
-            raise
-        self.backend = backend
+        FastbnNorm.__init__(self, *args, backend=backend, **kwargs)
 
-    __init__.__signature__ = signature
+    __init__.__signature__ = constructor_signature(torch_class)
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__doc__ = f"The installed torch's {torch_class.__name__} arguments, plus backend."
     return __init__
 
 
@@ -78,11 +64,33 @@ class FastbnNorm:
     """Mixin of every fastbn.nn module: the constructor (torch's arguments plus
     ``backend``), the ``backend`` attribute and its repr."""
 
+    def __init__(self, *args, backend=None, **kwargs):
+        """torch's constructor, given the arguments as they came, then ``backend``."""
+        try:
+            super().__init__(*args, **kwargs)
+        except TypeError as error:
+            torch_class = _torch_class(type(self))
+            try:
+                inspect.signature(torch_class).bind(*args, **kwargs)
+            except TypeError:
+                # An argument this torch does not take (bias= before torch had it):
+                # torch's message, plus which torch this is and what it takes.
+                signature = constructor_signature(torch_class).replace(
+                    return_annotation=inspect.Signature.empty)
+                arguments = str(signature).replace("(self, ", "(", 1)
+                raise TypeError(f"{error} (fastbn.nn.{type(self).__name__} takes the "
+                                f"arguments of the installed torch {torch.__version__}'s "
+                                f"{torch_class.__name__}: {arguments})") from None
+            raise
+        self.backend = backend
+
     def __init_subclass__(cls, **kwargs):
+        # Each class with a torch class gets that class's signature, read from the
+        # installed torch; a class that defines its own __init__ keeps it.
         super().__init_subclass__(**kwargs)
         torch_class = _torch_class(cls)
         if torch_class is not None and "__init__" not in cls.__dict__:
-            cls.__init__ = _constructor(cls, torch_class)
+            cls.__init__ = _signed_constructor(cls, torch_class)
 
     @property
     def backend(self):
