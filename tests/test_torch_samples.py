@@ -104,10 +104,7 @@ def module_infos():
                                              "(pip install '.[test]')")
     from torch.testing._internal.common_modules import module_db
 
-    # The samples are tiny: on a shared 2-core machine torch's parallel regions spent
-    # ten times longer waiting for a core than computing (10-20 ms per call).
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield module_db
     torch.set_num_threads(threads)
 
@@ -146,6 +143,10 @@ def run(module, x, grad_out):
 def check_sample(torch_class, fastbn_class, sample, training, backend, dtype):
     """Raise AssertionError unless fastbn's module matches torch's on the sample, in
     each layout of `layouts` (torch's always runs on contiguous input)."""
+    # The samples are tiny: on a busy 2-core machine torch's 2-thread regions waited
+    # 10 ms per call for a core. Set on every sample: a numba kernel call sets the
+    # calling thread's OpenMP count (which torch's follows) back to numba's.
+    torch.set_num_threads(1)
     constructor = sample.constructor_input
     (x,) = sample.forward_input.args
     generator = torch.Generator().manual_seed(0)
