@@ -59,8 +59,9 @@ def test_constructor_takes_torchs_arguments_and_backend(fastbn_class):
 
 
 def test_an_argument_torch_lacks_fails_with_torchs_error_and_the_torch_version():
+    version = re.escape(torch.__version__)
     with pytest.raises(TypeError, match=r"unexpected keyword argument 'momentum'.*installed "
-                                        rf"torch {re.escape(torch.__version__)}'s GroupNorm: \(num_groups"):
+                                        rf"torch {version}'s GroupNorm: \(num_groups"):
         fastbn.nn.GroupNorm(2, 6, momentum=0.1)
     with pytest.raises(TypeError, match="positional"):
         fastbn.nn.BatchNorm2d(6, backend=None, *(0.1,) * 8)
