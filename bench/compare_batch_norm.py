@@ -38,8 +38,9 @@ Method
   machine (waking up on a busy core costs more). The header lists the OpenMP
   runtimes loaded and warns when there are several: then rerun with
   OMP_WAIT_POLICY=passive (and say so), or fix the installation.
-- The header also warns when the load average says other processes compete for
-  the cores: OpenMP threads that wait for a core stall every barrier.
+- The header also warns when other processes compete for the cores (their CPU use,
+  measured over half a second before the run, fastbn/benchmarks/machine.py): OpenMP
+  threads that wait for a core stall every barrier.
 """
 import sys
 

@@ -11,8 +11,9 @@ small end. Contiguous and, for BatchNorm2d, GroupNorm and InstanceNorm,
 channels-last. A fastbn implementation is the fastbn.nn module with that
 backend named, which always runs fastbn's kernels (the report also times the
 default, backend=None, which hands some inputs to torch). bench/conftest.py
-parametrises over the implementations, checks each result against torch
-before timing it, and warms each implementation up first.
+parametrises over the implementations, checks each result against torch (or,
+where torch's own module is wrong, against torch on float64 contiguous copies:
+ModuleCase.expected) before timing it, and warms each implementation up first.
 """
 import pytest
 

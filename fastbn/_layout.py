@@ -21,6 +21,8 @@ import math
 
 import numpy as np
 
+from fastbn import _validation
+
 
 # ndim -> the transpose that moves axis 1 (channels) last, and its inverse. A transpose
 # with these costs 0.15 us; np.moveaxis, which normalises its arguments first, 3 us,
@@ -75,6 +77,7 @@ def empty_like_layout(shape, dtype, channels_last, view_shape=None):
 def check_out(name, out, shape, dtype):
     """Raise unless `out` is a writeable ndarray of `shape` and `dtype`."""
     if not isinstance(out, np.ndarray):
+        _validation.reject_tensor(name, out)
         raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
     if out.shape != tuple(shape) or out.dtype != dtype:
         raise ValueError(f"{name} must have shape {tuple(shape)} and dtype {dtype}, "

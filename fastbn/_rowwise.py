@@ -64,7 +64,7 @@ def check_parameter(name, a, normalized_shape, x):
     if a is None:
         return None
     if not isinstance(a, np.ndarray):
-        a = np.asarray(a)
+        a = _validation.as_array(name, a)
     if a.dtype != x.dtype:
         _validation.raise_dtype_error(name, a, x)
     if a.shape != normalized_shape:
@@ -81,7 +81,7 @@ def check_statistic(name, a, stats_shape, rows, x, returned_by):
     if a is None:
         raise ValueError(f"{name} is needed: pass the one {returned_by} returned")
     if not isinstance(a, np.ndarray):
-        a = np.asarray(a)
+        a = _validation.as_array(name, a)
     if a.dtype != x.dtype:
         _validation.raise_dtype_error(name, a, x)
     if a.shape != stats_shape and a.shape != (rows,):

@@ -3,7 +3,8 @@
 The count is, in order of precedence, what `set_num_threads` was given, else
 FASTBN_NUM_THREADS, else torch's count (`torch.get_num_threads()`) once fastbn.nn is
 imported (so that `torch.set_num_threads` governs both libraries in a torch program),
-else the CPUs this process may run on (its affinity mask).
+else the CPUs this process may run on (its affinity mask). A negative count counts
+back from those CPUs (-1 = all; `_parse_thread_count`).
 It is then capped by OpenMP's own limit (omp_get_max_threads, which follows
 OMP_NUM_THREADS and `threadpoolctl.threadpool_limits(n, user_api="openmp")`; with
 torch's Linux wheels, which load the same GNU libgomp, also `torch.set_num_threads`).
@@ -18,6 +19,7 @@ instead). On one thread the Cython kernels enter no OpenMP region and the numba
 backend runs its serial kernels (not yet its LayerNorm / RMSNorm ones). The
 first call that would have used more threads warns once (docs/robustness.md).
 """
+import operator
 import os
 import sys
 import warnings
@@ -53,15 +55,23 @@ def openmp_enabled():
     return _openmp_max_threads is not None
 
 
+RULE = ("a positive count, or a negative one that counts back from the available CPUs "
+        "(-1 = all of them, -2 = all but one, ...; never fewer than 1)")
+
+
 def _parse_thread_count(value, source):
+    """The thread count `value` (an int, or a str from the environment) asks for.
+
+    scikit-learn's and joblib's rule: n > 0 is n threads; n < 0 is the available CPUs
+    + 1 + n, and at least 1 (so -1 is all of them); 0 is an error.
+    """
     try:
-        n = int(value)
+        n = int(value) if isinstance(value, str) else operator.index(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{source} must be a positive integer, got {value!r}") from None
+        raise ValueError(f"{source} must be an integer, {RULE}; got {value!r}") from None
     if n == 0:
-        raise ValueError(f"{source} must not be 0: use a positive count, or a negative one to "
-                         "count back from the available CPUs (-1 = all)")
-    if n < 0:  # scikit-learn's rule: -1 is all CPUs, -2 all but one, ...
+        raise ValueError(f"{source} must not be 0: use {RULE}")
+    if n < 0:
         n = max(1, _cpus_available() + 1 + n)
     return n
 
@@ -72,9 +82,18 @@ def set_num_threads(n):
     Parameters
     ----------
     n : int or None
-        A positive count; a negative one counts back from the available CPUs
-        (-1 = all of them); None goes back to the default. In a child made by
-        fork(), which runs on one thread, any call ends that fallback.
+        A positive count; or a negative one that counts back from the CPUs this
+        process may use (its affinity mask): -1 is all of them, -2 all but one, and a
+        count below minus the CPUs gives 1 (scikit-learn's and joblib's rule). None
+        goes back to the default (FASTBN_NUM_THREADS, else torch's count under
+        fastbn.nn, else all available CPUs). In a child made by fork(), which
+        runs on one thread, any call ends that fallback.
+        OpenMP's limit (OMP_NUM_THREADS, threadpoolctl) still caps the count.
+
+    Raises
+    ------
+    ValueError
+        For 0 or a value that is not an integer; the setting then stays as it was.
     """
     global _requested, _default, _forked
     requested = None if n is None else _parse_thread_count(n, "set_num_threads(n)")

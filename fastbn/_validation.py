@@ -1,16 +1,36 @@
 """Argument checks shared by every op. Each raises before any state changes,
 with a message that names the argument, what was wrong and what was expected."""
 import operator
+import sys
 
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def reject_tensor(name, a):
+    """Raise a TypeError if `a` is a torch tensor: the NumPy API would read its memory and
+    return ndarrays, outside autograd; fastbn.nn.functional is the API for tensors."""
+    torch = sys.modules.get("torch")  # no tensor exists before torch is imported
+    if torch is not None and isinstance(a, torch.Tensor):
+        raise TypeError(f"{name} is a torch.Tensor: fastbn's NumPy API takes NumPy arrays "
+                        "(and array_likes such as lists) and returns arrays; for tensors use "
+                        "fastbn.nn.functional (autograd, tensors out), or pass tensor.numpy()")
+
+
+def as_array(name, a):
+    """`a` as an ndarray: an ndarray itself, any other NumPy array_like converted
+    (np.asarray, no copy where it can share memory); a torch tensor is a TypeError."""
+    if isinstance(a, np.ndarray):
+        return a
+    reject_tensor(name, a)
+    return np.asarray(a)
+
+
 def check_float_input(name, x):
     """x as an ndarray of float32 or float64 (no copy for arrays)."""
     if not isinstance(x, np.ndarray):
-        x = np.asarray(x)
+        x = as_array(name, x)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a float32 or float64 array, got dtype {x.dtype}")
     return x
@@ -48,6 +68,7 @@ def check_vector(name, a, length, x, what="one value per channel", contiguous=Tr
     if a is None:
         return None
     if not isinstance(a, np.ndarray):
+        reject_tensor(name, a)
         if not contiguous:
             raise TypeError(f"{name} must be a NumPy array (it is updated in place), "
                             f"got {type(a).__name__}")

@@ -35,7 +35,7 @@ def check_stats(name, a, shape, x, producer):
     """A per-(sample, group) statistic: an array of `shape` (N, G) and x's dtype, C-contiguous."""
     if a is None:
         raise ValueError(f"{name} is needed: pass the {name} returned by {producer}")
-    a = np.asarray(a)
+    a = _validation.as_array(name, a)
     _validation.check_same_dtype(name, a, x)
     if a.shape != shape:
         raise ValueError(f"{name} must have shape {shape} as returned by {producer}, "

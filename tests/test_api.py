@@ -204,8 +204,10 @@ def test_default_thread_count_is_the_available_cpus():
 
 
 @pytest.mark.parametrize("n, message", [
-    (0, r"set_num_threads\(n\) must not be 0: use a positive count, or a negative one"),
-    ("two", r"set_num_threads\(n\) must be a positive integer, got 'two'"),
+    (0, r"set_num_threads\(n\) must not be 0: use a positive count, or a negative one that "
+        r"counts back from the available CPUs \(-1 = all of them"),
+    ("two", r"set_num_threads\(n\) must be an integer, a positive count, .*; got 'two'"),
+    (2.5, r"set_num_threads\(n\) must be an integer, .*; got 2.5"),  # not truncated to 2
 ])
 def test_bad_thread_count_is_an_error_that_changes_nothing(n, message):
     fastbn.set_num_threads(1)
@@ -227,14 +229,23 @@ def thread_count_in_new_process(**environment):
     return result.stdout.strip() if result.returncode == 0 else result.stderr
 
 
-@pytest.mark.parametrize("value, expected", [("1", 1), ("-1", CPUS)])
+@pytest.mark.parametrize("value, expected", [
+    ("1", 1), ("3", 3), ("-1", CPUS), ("-2", max(1, CPUS - 1)), (str(-CPUS), 1),
+    (str(-CPUS - 5), 1), ("", CPUS)])  # below -CPUS: 1; empty: as if unset
 def test_fastbn_num_threads_environment_variable(value, expected):
+    """The rule of set_num_threads: negative counts back from the CPUs, -1 = all."""
     assert thread_count_in_new_process(FASTBN_NUM_THREADS=value) == str(capped(expected))
 
 
-def test_fastbn_num_threads_zero_is_an_error():
-    message = thread_count_in_new_process(FASTBN_NUM_THREADS="0")
-    assert "ValueError: FASTBN_NUM_THREADS must not be 0" in message
+@pytest.mark.parametrize("value, message", [
+    ("0", "ValueError: FASTBN_NUM_THREADS must not be 0: use a positive count"),
+    ("all", "ValueError: FASTBN_NUM_THREADS must be an integer, a positive count, or a "
+            "negative one that counts back from the available CPUs (-1 = all of them, -2 = "
+            "all but one, ...; never fewer than 1); got 'all'"),
+    ("1.5", "ValueError: FASTBN_NUM_THREADS must be an integer"),
+])
+def test_fastbn_num_threads_that_is_not_a_count_is_an_error(value, message):
+    assert message in thread_count_in_new_process(FASTBN_NUM_THREADS=value)
 
 
 def test_omp_num_threads_caps_the_count():

@@ -159,6 +159,25 @@ def test_module_case_matches_torch_and_rejects_a_wrong_result(op, shape, channel
         case.check(wrong, expected, mode)
 
 
+@pytest.mark.parametrize("op", ["instance_norm", "batch_norm_2d"])
+def test_module_case_expects_a_float64_oracle_where_torch_is_wrong(op):
+    """Training on a batch of one: torch's module step can be wrong there (channels-last
+    InstanceNorm is, docs/nn.md), so fastbn is checked against torch on float64
+    contiguous copies of the same values."""
+    torch = pytest.importorskip("torch")
+    case = modules.ModuleCase(op, modules.kernel_case(op, (1, 8, 5, 6), channels_last=True))
+    expected = case.expected("training")
+    assert all(output.dtype == torch.float64 and output.is_contiguous() for output in expected
+               if output.is_floating_point())  # (not BatchNorm's num_batches_tracked)
+    case.check(case.fastbn_step("numpy", "training")(), expected, "training")
+    if op == "instance_norm":
+        with pytest.raises(AssertionError, match="differs"):
+            case.check(case.torch_step("training")(), expected, "training", "torch")
+    # A batch of two is right in torch: its own result stays the reference.
+    case = modules.ModuleCase(op, modules.kernel_case(op, (2, 8, 5, 6), channels_last=True))
+    assert case.expected("training")[0].dtype == torch.float32
+
+
 @pytest.mark.parametrize("model", end_to_end.MODELS)
 @pytest.mark.parametrize("mode", end_to_end.MODES)
 def test_network_case_checks_the_converted_model_against_torch(model, mode):

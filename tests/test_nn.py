@@ -2,6 +2,7 @@
 mode and configuration, for every backend; and the module behaviours a drop-in needs
 (state dicts, convert/revert, copies, autograd corners, torch.compile, DDP)."""
 import copy
+import inspect
 import io
 import os
 import pickle
@@ -57,6 +58,9 @@ def randomise(module, generator):
 
 def module_pair(fastbn_class, torch_class, backend, dtype=torch.float32, **kwargs):
     """(torch module, fastbn module) with the same random state (shared via the state dict)."""
+    missing = set(kwargs) - set(inspect.signature(torch_class).parameters)
+    if missing:  # fastbn.nn supports torch 2.4 to 2.13: bias= is newer than torch 2.11
+        pytest.skip(f"torch {torch.__version__}'s {torch_class.__name__} takes no {missing}")
     reference = torch_class(5, dtype=dtype, **kwargs)
     randomise(reference, torch.Generator().manual_seed(0))
     module = fastbn_class(5, dtype=dtype, backend=backend, **kwargs)
@@ -324,6 +328,52 @@ def test_torch_func_transforms_run_torch(backend):
     torch.testing.assert_close(grads[1], grads[0])
     y = torch.func.vmap(lambda sample: module(sample.unsqueeze(0)))(x)
     torch.testing.assert_close(y.squeeze(1), reference(x))
+
+
+class TensorSubclass(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("case", ["meta", "mixed_dtypes", "six_dims", "tensor_subclass"])
+def test_a_named_backend_hands_what_the_kernels_cannot_take_to_torch(backend, case,
+                                                                     monkeypatch):
+    """docs/nn.md, "Which calls run fastbn": with a backend named, input on another device
+    (meta too), of mixed dtypes, with more dims than the kernels take, or a tensor
+    subclass still runs torch's op (its numbers, bit for bit), and no fastbn kernel."""
+    def kernel_called(*args, **kwargs):
+        raise AssertionError("a fastbn kernel ran")
+
+    monkeypatch.setattr(fastbn, "batch_norm_forward", kernel_called)
+    generator = torch.Generator().manual_seed(3)
+    shape = (2, 4, 2, 2, 3, 2) if case == "six_dims" else (2, 4, 3, 3)
+    x = torch.randn(shape, generator=generator)
+    weight, bias = torch.rand(4, generator=generator) + 0.5, torch.randn(4, generator=generator)
+    if case == "meta":
+        x, weight, bias = (t.to("meta") for t in (x, weight, bias))
+    elif case == "mixed_dtypes":
+        x = x.to(torch.bfloat16)
+    elif case == "tensor_subclass":
+        x = x.as_subclass(TensorSubclass)
+    for training in (True, False):
+        stats = [torch.zeros(4, device=x.device), torch.ones(4, device=x.device)]
+        y = fnn.functional.batch_norm(x, *stats, weight, bias, training, backend=backend)
+        expected = nn.functional.batch_norm(x, *[s.clone() for s in stats], weight, bias,
+                                            training)
+        assert y.shape == x.shape and y.device == x.device and y.dtype == expected.dtype
+        if case != "meta":
+            torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_a_meta_device_model_builds_and_runs_with_a_backend_named(backend):
+    """Models are built on the meta device to size them before their weights exist."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3), fnn.BatchNorm2d(8, backend=backend),
+                              nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+        y = model(torch.empty(2, 3, 8, 8))
+    y.sum().backward()
+    assert y.shape == (2, 10) and y.device.type == "meta"
+    assert model[1].weight.grad.device.type == "meta"
+    assert model[1].num_batches_tracked.device.type == "meta"
 
 
 def test_in_place_change_before_backward_is_caught(backend):

@@ -9,7 +9,10 @@ comparison scripts in bench/ and ``python -m fastbn bench``.
 - `modules`: the module-level cases (torch.nn against fastbn.nn through autograd)
   and the ResNet-18 training step, end to end (the report and bench/test_nn.py).
 - `resnet`: the ResNet (torchvision style) of that step and of the fastbn.nn tests.
-- `compare`: the BatchNorm tables of bench/compare_batch_norm.py.
+- `compare`: the BatchNorm tables of bench/compare_batch_norm.py, and the environment
+  header of every report.
+- `machine`: other processes' CPU use before a run (the busy-machine warning).
+- `torch_layouts`: where torch's own ops are wrong (bench/torch_layout_bugs.py).
 - `report`: ``python -m fastbn bench``: every op at both levels, the ResNet-18 step,
   tables, results.json and plots.
 """

@@ -10,6 +10,8 @@ Every implementation is a callable with no arguments over inputs made once, so
 a timed call does no conversion: torch's tensors are ``torch.from_numpy`` views
 of the very arrays fastbn reads.
 """
+import copy
+
 import numpy as np
 
 import fastbn
@@ -99,6 +101,22 @@ class CaseArrays:
     @property
     def nbytes(self):
         return self.x.nbytes
+
+    def expected(self, mode):
+        """What a fastbn step must return in `mode`: torch's (its aten ops get x and
+        grad_out in one layout, where they are right)."""
+        return self.torch_step(mode)()
+
+    def converted(self, dtype, channels_last=False):
+        """A copy of this case with every array in `dtype` and the layout asked for: the
+        same values (rounded once where `dtype` is the narrower)."""
+        case = copy.copy(self)
+        case.dtype, case.channels_last = np.dtype(dtype), bool(channels_last)
+        for name, value in vars(self).items():
+            if isinstance(value, np.ndarray):
+                setattr(case, name, case._array(value) if value.shape == self.shape
+                        else value.astype(case.dtype))
+        return case
 
 
 class BatchNormCase(CaseArrays):

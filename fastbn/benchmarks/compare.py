@@ -13,7 +13,7 @@ import numpy as np
 
 import fastbn
 from fastbn._threads import _cpus_available
-from fastbn.benchmarks import batch_norm, shapes
+from fastbn.benchmarks import batch_norm, machine, shapes
 from fastbn.benchmarks.timing import alternate, bandwidth_floor
 
 MODE_TITLES = {
@@ -22,26 +22,15 @@ MODE_TITLES = {
 }
 
 
-def cpu_model():
-    """The CPU's model name (Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment_lines(threads):
-    """What the numbers depend on: CPU, versions, threads and the OpenMP runtimes loaded."""
+    """What the numbers depend on: CPU, versions, threads, the OpenMP runtimes loaded and
+    the CPUs other processes use (measured over `machine.WINDOW_S` seconds)."""
     import threadpoolctl
     import torch
 
     usable_cpus = _cpus_available()
     lines = [
-        f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, {usable_cpus} usable)",
+        f"CPU: {machine.cpu_model()} ({os.cpu_count()} logical CPUs, {usable_cpus} usable)",
         f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
         f"fastbn {fastbn.__version__}",
         f"threads: {threads} (torch.get_num_threads() = {torch.get_num_threads()}, "
@@ -58,12 +47,11 @@ def environment_lines(threads):
     wait_settings = {name: os.environ[name] for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
                      if name in os.environ}
     lines.append(f"OpenMP wait settings: {wait_settings or 'defaults'}")
-    if hasattr(os, "getloadavg"):
-        load = os.getloadavg()[0]
-        # OpenMP threads that must wait for a core stall every barrier: the
-        # times then measure the other processes, not the kernels.
-        busy = load + threads > usable_cpus + 0.5
-        lines.append(f"load average (1 min): {load:.2f}"
+    other_cpus = machine.measure_other_processes()
+    if other_cpus is not None:
+        busy = machine.is_busy(other_cpus, threads, usable_cpus)
+        lines.append(f"CPUs used by other processes: {other_cpus:.2f} of {usable_cpus} "
+                     f"(over {machine.WINDOW_S:g} s before the run)"
                      + (" -- BUSY MACHINE: other processes compete for the cores, "
                         "the timings are unreliable" if busy else ""))
     return lines

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import fastbn
-from fastbn import _activations, _layout, _threads
+from fastbn import _layout, _threads
 from fastbn import batch_norm as _batch_norm
 from fastbn._backends import load_backend
 
@@ -122,10 +122,14 @@ class NormFunction(torch.autograd.Function):
         saved = ctx.saved_tensors  # (raises if one was changed in place since the forward)
         output_mask = ctx.needs_input_grad[1:4]
         if torch.is_grad_enabled():
-            # create_graph=True: the gradients must themselves be differentiable.
+            # create_graph=True: the gradients must themselves be differentiable, so they
+            # come from torch's ops, given contiguous operands: torch's CPU batch-norm
+            # backward misreads channels-last memory when N = 1 (docs/nn.md).
+            input, weight, bias = saved
             stats = tuple(torch.from_numpy(a) if isinstance(a, np.ndarray) else a
                           for a in ctx.stats)
-            grads = ctx.op.backward_differentiable(grad_y, *saved, stats, output_mask)
+            grads = ctx.op.backward_differentiable(grad_y.contiguous(), input.contiguous(),
+                                                   weight, bias, stats, output_mask)
         else:
             grad_x, grad_weight, grad_bias = ctx.op.backward(
                 grad_y.numpy(), *ctx.arrays, ctx.stats, output_mask)

@@ -7,7 +7,9 @@ op, so the numbers are always torch's or fastbn's float32/float64 ones.
 
 With ``backend=None``, inputs on which torch's op was measured to be faster
 (small ones, below a size measured per op, and most channels-last ones; see
-`torch_is_faster`) also run torch's op; naming a backend always runs fastbn.
+`torch_is_faster`) also run torch's op, except where torch's op is known to give
+wrong numbers (`torch_is_wrong`). Naming a backend runs fastbn on every call the
+kernels can take (the calls listed above still run torch's op).
 """
 import math
 
@@ -52,6 +54,23 @@ def torch_is_faster(op, input, eval_forward):
                 and math.prod(input.shape[2:]) >= MIN_SPATIAL_GROUP_NORM_CHANNELS_LAST)
 
 
+def torch_is_wrong(op, input, record):
+    """Whether torch's CPU `op` may give wrong numbers on `input` (found on torch 2.13 by
+    bench/torch_layout_bugs.py; docs/nn.md, "Where torch is wrong").
+
+    torch's batch-norm backward, which InstanceNorm's runs too, misreads channels-last
+    memory when N = 1: given an input and an output gradient of different layouts, one
+    of them channels-last with a batch stride other than C x spatial (legal when N = 1,
+    and what a view or InstanceNorm's own reshape gives), its gradients are wrong.
+    Whether the gradient will be laid out so is not known at the forward, so every
+    recorded call with N = 1 and more than one spatial value counts.
+
+    `record`: autograd records the call (a backward may follow).
+    """
+    return (record and op in ("batch_norm", "instance_norm") and input.dim() >= 4
+            and input.shape[0] == 1 and math.prod(input.shape[2:]) > 1)
+
+
 def _is_channels_last(input):
     memory_format = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
     return memory_format is not None and input.is_contiguous(memory_format=memory_format)
@@ -87,7 +106,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         one updated without the other), and not at all by a call that raises.
     backend : {"cython", "numba", "numpy"}, optional
         fastbn's backend. None uses :func:`fastbn.get_backend`, or torch's op where
-        that is faster (`torch_is_faster`).
+        that is faster (`torch_is_faster`) and not known to be wrong (`torch_is_wrong`).
 
     Returns
     -------
@@ -117,7 +136,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         _check_batch_size(input)
     _check_channels("batch_norm", input, weight, bias)
     record = _function.needs_grad(input, weight, bias)
-    if backend is None and torch_is_faster("batch_norm", input, not (training or record)):
+    if (backend is None and torch_is_faster("batch_norm", input, not (training or record))
+            and not torch_is_wrong("batch_norm", input, record)):
         return _torch_batch_norm(_aten_batch_norm, input, running_mean, running_var, weight,
                                  bias, training, momentum, eps, code, negative_slope, counter)
     _function.check_channel_vectors(input, (("running_mean", running_mean),
@@ -236,7 +256,8 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
         torch_functional._verify_spatial_size(input.shape)
     _check_channels("instance_norm", input, weight, bias)
     record = _function.needs_grad(input, weight, bias)
-    if backend is None and torch_is_faster("instance_norm", input, not record):
+    if (backend is None and torch_is_faster("instance_norm", input, not record)
+            and not torch_is_wrong("instance_norm", input, record)):
         return torch.instance_norm(input, weight, bias, running_mean, running_var,
                                    use_input_stats, momentum, eps, False)
     op = _function.InstanceNormOp(running_mean, running_var, use_input_stats, momentum, eps,

@@ -1,12 +1,22 @@
 """Drop-in subclasses of torch's normalization modules that run fastbn's kernels.
 
 Each class subclasses the torch module of the same name (so ``isinstance(m,
-torch.nn.BatchNorm2d)`` holds), takes the same constructor arguments plus
-``backend=``, and has the same parameters, buffers, state-dict keys and
-``_version``. Only ``forward`` differs: it calls `fastbn.nn.functional`.
+torch.nn.BatchNorm2d)`` holds), takes the installed torch's constructor
+arguments plus a keyword-only ``backend=``, and has the same parameters,
+buffers, state-dict keys and ``_version``. Only ``forward`` differs: it calls
+`fastbn.nn.functional`.
+
+The constructor arguments are not written out here: they differ between torch
+releases (``bias=`` of BatchNorm, GroupNorm and InstanceNorm is newer than
+torch 2.4), so each class takes them from its torch class when it is defined
+(`FastbnNorm.__init_subclass__`) and hands them to torch's constructor as given
+(`FastbnNorm.__init__`, which a subclass with arguments of its own can call with
+``backend=``).
 
 A new op's module is the torch class plus `FastbnNorm` and a ``forward``.
 """
+import inspect
+
 import torch
 from torch import nn
 
@@ -18,8 +28,72 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "Group
            "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm"]
 
 
+def constructor_signature(torch_class, **extra):
+    """`torch_class`'s constructor signature (self included) plus the keyword-only
+    ``backend=None`` (and `extra`: name=default, keyword-only too): what a fastbn.nn
+    subclass of it takes on this torch."""
+    parameters = list(inspect.signature(torch_class.__init__).parameters.values())
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+             for name, default in dict(extra, backend=None).items()]
+    # A **kwargs, if torch's constructor has one, must stay last.
+    position = len(parameters)
+    if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        position -= 1
+    parameters[position:position] = added
+    return inspect.Signature(parameters)
+
+
+def _signed_constructor(cls, torch_class):
+    """`cls`'s ``__init__``: `FastbnNorm.__init__` under `torch_class`'s signature plus
+    ``backend``, so that ``inspect.signature(cls)`` (and help) shows what it takes."""
+    def __init__(self, *args, backend=None, **kwargs):
+        FastbnNorm.__init__(self, *args, backend=backend, **kwargs)
+
+    __init__.__signature__ = constructor_signature(torch_class)
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__doc__ = f"The installed torch's {torch_class.__name__} arguments, plus backend."
+    return __init__
+
+
+def _torch_class(cls):
+    """The torch module class a fastbn.nn class subclasses (None for a mixin)."""
+    for base in cls.__mro__:
+        if issubclass(base, nn.Module) and not issubclass(base, FastbnNorm):
+            return base
+    return None
+
+
 class FastbnNorm:
-    """Mixin of every fastbn.nn module: the ``backend`` attribute and its repr."""
+    """Mixin of every fastbn.nn module: the constructor (torch's arguments plus
+    ``backend``), the ``backend`` attribute and its repr."""
+
+    def __init__(self, *args, backend=None, **kwargs):
+        """torch's constructor, given the arguments as they came, then ``backend``."""
+        try:
+            super().__init__(*args, **kwargs)
+        except TypeError as error:
+            torch_class = _torch_class(type(self))
+            try:
+                inspect.signature(torch_class).bind(*args, **kwargs)
+            except TypeError:
+                # An argument this torch does not take (bias= before torch had it):
+                # torch's message, plus which torch this is and what it takes.
+                signature = constructor_signature(torch_class).replace(
+                    return_annotation=inspect.Signature.empty)
+                arguments = str(signature).replace("(self, ", "(", 1)
+                raise TypeError(f"{error} (fastbn.nn.{type(self).__name__} takes the "
+                                f"arguments of the installed torch {torch.__version__}'s "
+                                f"{torch_class.__name__}: {arguments})") from None
+            raise
+        self.backend = backend
+
+    def __init_subclass__(cls, **kwargs):
+        # Each class with a torch class gets that class's signature, read from the
+        # installed torch; a class that defines its own __init__ keeps it.
+        super().__init_subclass__(**kwargs)
+        torch_class = _torch_class(cls)
+        if torch_class is not None and "__init__" not in cls.__dict__:
+            cls.__init__ = _signed_constructor(cls, torch_class)
 
     @property
     def backend(self):
@@ -37,17 +111,11 @@ class FastbnNorm:
 
 
 class _BatchNorm(FastbnNorm):
-    """BatchNorm*d's constructor and forward; the torch class comes second in the bases."""
+    """BatchNorm*d's forward; the torch class comes second in the bases."""
 
     # The fused activation (fastbn/_activations.py): none in the plain modules.
     activation = None
     negative_slope = 0.01
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *, bias=True, backend=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias)
-        self.backend = backend
 
     def forward(self, input):
         if torch.compiler.is_compiling():
@@ -122,12 +190,12 @@ class BatchNormAct2d(BatchNorm2d):
         As in :class:`BatchNorm2d`. See ``docs/nn.md``.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None, *, bias=True, act="relu",
-                 negative_slope=0.01, backend=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         bias=bias, backend=backend)
+    def __init__(self, *args, act="relu", negative_slope=0.01, **kwargs):
+        super().__init__(*args, **kwargs)
         self.set_activation(act, negative_slope)
+
+    __init__.__signature__ = constructor_signature(nn.BatchNorm2d, act="relu",
+                                                   negative_slope=0.01)
 
     def set_activation(self, act, negative_slope=0.01):
         """Set the fused activation (checked now, not at the first call)."""
@@ -149,11 +217,6 @@ class GroupNorm(FastbnNorm, nn.GroupNorm):
     :func:`fastbn.get_backend`). See ``docs/nn.md``.
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, device=None,
-                 dtype=None, *, backend=None):
-        super().__init__(num_groups, num_channels, eps, affine, device, dtype)
-        self.backend = backend
-
     def forward(self, input):
         return functional.group_norm(input, self.num_groups, self.weight, self.bias, self.eps,
                                      backend=self.backend)
@@ -165,11 +228,6 @@ class LayerNorm(FastbnNorm, nn.LayerNorm):
     Takes torch's arguments plus ``backend`` ({"cython", "numba", "numpy"} or None for
     :func:`fastbn.get_backend`). See ``docs/nn.md``.
     """
-
-    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
-                 device=None, dtype=None, *, backend=None):
-        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
-        self.backend = backend
 
     def forward(self, input):
         return functional.layer_norm(input, self.normalized_shape, self.weight, self.bias,
@@ -183,24 +241,14 @@ class RMSNorm(FastbnNorm, nn.RMSNorm):
     :func:`fastbn.get_backend`). See ``docs/nn.md``.
     """
 
-    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None,
-                 dtype=None, *, backend=None):
-        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
-        self.backend = backend
-
     def forward(self, input):
         return functional.rms_norm(input, self.normalized_shape, self.weight, self.eps,
                                    backend=self.backend)
 
 
 class _InstanceNorm(FastbnNorm):
-    """InstanceNorm*d's constructor and normalization; torch's forward checks the input and
-    handles an unbatched one. The torch class comes second in the bases."""
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, device=None, dtype=None, *, backend=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self.backend = backend
+    """InstanceNorm*d's normalization; torch's forward checks the input and handles an
+    unbatched one. The torch class comes second in the bases."""
 
     def _apply_instance_norm(self, input):
         # As torch's: the running statistics are updated in training, and used in eval mode
