@@ -16,6 +16,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 lscpu > "$OUT/lscpu.txt" 2>&1
 "$PYTHON" setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
 "$PYTHON" -m fastbn info > "$OUT/info.txt" 2>&1
+"$PYTHON" -c "import importlib.util as u; print('missing:', [m for m in ('tqdm', 'matplotlib', 'threadpoolctl', 'numba', 'torchvision') if u.find_spec(m) is None])" >> "$OUT/info.txt" 2>&1
 cat "$OUT/info.txt"
 
 # 1. Kernels and modules (BatchNorm2d, GroupNorm, LayerNorm training on issue 17's grids)

@@ -25,7 +25,6 @@ MODE_TITLES = {
 def environment_lines(threads):
     """What the numbers depend on: CPU, versions, threads, the OpenMP runtimes loaded and
     the CPUs other processes use (measured over `machine.WINDOW_S` seconds)."""
-    import threadpoolctl
     import torch
 
     usable_cpus = _cpus_available()
@@ -38,9 +37,15 @@ def environment_lines(threads):
     ]
     if "numba" in sys.modules:
         lines.append(f"numba {sys.modules['numba'].__version__}")
-    runtimes = [info["filepath"] for info in threadpoolctl.threadpool_info()
-                if info["user_api"] == "openmp"]
-    lines.append(f"OpenMP runtimes loaded: {', '.join(runtimes) or 'none'}")
+    try:
+        import threadpoolctl
+    except ImportError:  # fastbn needs it, but a checkout run in place may lack it
+        runtimes = []
+        lines.append("OpenMP runtimes loaded: unknown (threadpoolctl is not installed)")
+    else:
+        runtimes = [info["filepath"] for info in threadpoolctl.threadpool_info()
+                    if info["user_api"] == "openmp"]
+        lines.append(f"OpenMP runtimes loaded: {', '.join(runtimes) or 'none'}")
     if len(runtimes) > 1:
         lines.append("WARNING: several OpenMP runtimes: the idle threads of one spin on the "
                      "cores the other needs (docs/design.md, Threads: how to make them one)")

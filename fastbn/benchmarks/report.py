@@ -23,6 +23,7 @@ import json
 import math
 import os
 import statistics
+import sys
 
 import fastbn
 from fastbn.benchmarks import batch_norm, end_to_end, machine, modules, norms, scaling, shapes
@@ -296,6 +297,48 @@ def _geomean(values):
     return math.exp(sum(map(math.log, values)) / len(values))
 
 
+class _Counter:
+    """A progress bar's stand-in without tqdm: one line per finished case."""
+
+    def __init__(self, total, description, shown):
+        self.total, self.done, self.description, self.shown = total, 0, description, shown
+        self.text = ""
+
+    def set_postfix_str(self, text):
+        self.text = text
+
+    def update(self):
+        self.done += 1
+        if self.shown:
+            print(f"{self.description}: {self.done}/{self.total} {self.text}", file=sys.stderr,
+                  flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return False
+
+
+def progress_bar(total, description, shown=True):
+    """tqdm's bar over `total` cases (where tqdm is installed: `pip install fastbn[bench]`),
+    else a line per case on stderr; nothing when not `shown`."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Counter(total, description, shown)
+    return tqdm(total=total, desc=description, unit="case", disable=not shown)
+
+
+def _have_matplotlib(print_fn):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print_fn("no plots: matplotlib is not installed (pip install fastbn[bench])")
+        return False
+    return True
+
+
 def write_json(results, path):
     """Write `results` (the dict `run_report` returns) as JSON to `path`."""
     with open(path, "w") as file:
@@ -442,8 +485,6 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
         "measurements" (the records of `measure`) and "networks" (those of
         `measure_networks`).
     """
-    from tqdm import tqdm
-
     if threads is None:
         threads = fastbn.get_num_threads()
     if backends is None:
@@ -457,8 +498,7 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     for line in environment:
         print_fn(line)
     cases = plan(chosen, ops, levels)
-    with tqdm(total=len(cases) + len(networks), desc="fastbn bench", unit="case",
-              disable=not progress) as bar:
+    with progress_bar(len(cases) + len(networks), "fastbn bench", progress) as bar:
         records = measure(cases, threads, backends, repeats, warmup, bar)
         network_records = measure_networks(networks, threads, max(3, repeats // 2), warmup=1,
                                            image_size=network_image_size,
@@ -470,7 +510,7 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     if output is not None:
         os.makedirs(output, exist_ok=True)
         write_json(results, os.path.join(output, "results.json"))
-        for path in plot(records, output, threads):
+        for path in plot(records, output, threads) if _have_matplotlib(print_fn) else ():
             print_fn(f"wrote {path}")
         print_fn(f"wrote {os.path.join(output, 'results.json')}")
     return results
@@ -493,8 +533,6 @@ def run_sweep(thread_counts, backends=None, repeats=10, output="bench-results",
         "environment", "measurements", "networks" (every count's records, each with its
         "threads") and "sweep" (`scaling.summarise`).
     """
-    from tqdm import tqdm
-
     if backends is None:
         backends = batch_norm.backends(include_reference=False)
     environment = environment_lines(max(thread_counts))
@@ -505,8 +543,8 @@ def run_sweep(thread_counts, backends=None, repeats=10, output="bench-results",
     cases = plan({op: grids[op] for op in ops}, ops, levels, modes=("training",),
                  channels_last=False)
     records, network_records = [], []
-    with tqdm(total=(len(cases) + len(networks)) * len(thread_counts), desc="thread sweep",
-              unit="case", disable=not progress) as bar:
+    with progress_bar((len(cases) + len(networks)) * len(thread_counts), "thread sweep",
+                      progress) as bar:
         for threads in thread_counts:
             records += measure(cases, threads, backends, repeats, warmup=2, bar=bar,
                                one_thread=False)
@@ -521,7 +559,8 @@ def run_sweep(thread_counts, backends=None, repeats=10, output="bench-results",
     if output is not None:
         os.makedirs(output, exist_ok=True)
         write_json(results, os.path.join(output, "results.json"))
-        print_fn(f"wrote {scaling.plot(summary, output)}")
+        if _have_matplotlib(print_fn):
+            print_fn(f"wrote {scaling.plot(summary, output)}")
         print_fn(f"wrote {os.path.join(output, 'results.json')}")
     return results
 
