@@ -21,13 +21,18 @@ cat "$OUT/info.txt"
 
 # 1. Kernels and modules (BatchNorm2d, GroupNorm, LayerNorm training on issue 17's grids)
 #    and a MobileNetV2 training step (112 px, N = 8) at every thread count.
-timeout 330 "$PYTHON" -m fastbn bench --threads 1 2 4 8 16 ${BACKENDS:+--backends $BACKENDS} \
-    --repeats 10 --output "$OUT/sweep" > "$OUT/sweep.txt" 2>&1
+timeout 240 "$PYTHON" -m fastbn bench --threads 1 2 4 8 16 ${BACKENDS:+--backends $BACKENDS} \
+    --repeats 12 --output "$OUT/sweep" > "$OUT/sweep.txt" 2>&1
 echo "sweep exit $?"; tail -40 "$OUT/sweep.txt"
 
-# 2. The networks at torchvision's 224 px: MobileNetV2 at N = 2, 8, 32 and ResNet-50 at N = 8.
-timeout 240 "$PYTHON" -m fastbn bench --threads 4 8 16 --no-kernels --no-modules \
+# 2. The networks at torchvision's 224 px: MobileNetV2 at N = 2, 8, 32 and ResNet-50 at N = 8
+#    on 4, 8 and 16 threads; then MobileNetV2 at N = 2 and 8 on 1 and 2 threads.
+timeout 200 "$PYTHON" -m fastbn bench --threads 4 8 16 --no-kernels --no-modules \
     --networks mobilenet_v2:training:2 mobilenet_v2:training:8 mobilenet_v2:training:32 \
-    resnet50:training:8 --image-size 224 --repeats 6 --output "$OUT/networks" \
+    resnet50:training:8 --image-size 224 --repeats 8 --output "$OUT/networks" \
     > "$OUT/networks.txt" 2>&1
 echo "networks exit $?"; tail -25 "$OUT/networks.txt"
+timeout 120 "$PYTHON" -m fastbn bench --threads 1 2 --no-kernels --no-modules \
+    --networks mobilenet_v2:training:2 mobilenet_v2:training:8 --image-size 224 --repeats 6 \
+    --output "$OUT/networks_few_threads" > "$OUT/networks_few_threads.txt" 2>&1
+echo "networks (1, 2 threads) exit $?"; tail -12 "$OUT/networks_few_threads.txt"
