@@ -2,6 +2,7 @@
 from torch import nn
 
 from fastbn.nn import modules
+from fastbn.nn.factory import restore_norms, swap_norm
 
 __all__ = ["convert", "revert"]
 
@@ -21,7 +22,7 @@ FASTBN_CLASS = {
 TORCH_CLASS = {fastbn_class: torch_class for torch_class, fastbn_class in FASTBN_CLASS.items()}
 
 
-def convert(model, backend=None):
+def convert(model, backend=None, *, norm=None, **norm_kwargs):
     """Make every torch normalization layer of `model` a fastbn one, in place.
 
     Each layer keeps its identity: its class becomes the fastbn subclass of its
@@ -37,12 +38,21 @@ def convert(model, backend=None):
     backend : {"cython", "numba", "numpy"}, optional
         Set on every fastbn layer of the model, including ones already converted;
         None follows :func:`fastbn.get_backend` at each call.
+    norm : str, optional
+        First replace every BatchNorm layer by this kind of norm
+        (:func:`fastbn.nn.factory.swap_norm`, e.g. ``norm="ghost",
+        virtual_batch_size=4``), with ``norm_kwargs`` as its arguments.
 
     Returns
     -------
     torch.nn.Module
-        `model` itself.
+        `model` itself (with `norm`: a new layer if `model` is a BatchNorm layer).
     """
+    if norm is not None:
+        model = swap_norm(model, norm, **norm_kwargs)
+    elif norm_kwargs:
+        raise TypeError(f"convert() got arguments for a norm ({', '.join(norm_kwargs)}) "
+                        "but no norm=")
     for module in model.modules():
         fastbn_class = FASTBN_CLASS.get(type(module))
         if fastbn_class is not None:
@@ -55,8 +65,11 @@ def convert(model, backend=None):
 def revert(model):
     """Undo :func:`convert`: every fastbn layer of `model` becomes its torch class again.
 
-    Layers built as fastbn modules are reverted too. Returns `model`.
+    Layers built as fastbn modules are reverted too. Layers that replaced BatchNorm layers
+    (``convert(model, norm=...)``, :func:`fastbn.nn.freeze`) give way to them again where
+    the state allows (:func:`fastbn.nn.factory.restore_norms`). Returns `model`.
     """
+    model = restore_norms(model)
     for module in model.modules():
         torch_class = TORCH_CLASS.get(type(module))
         if torch_class is not None:

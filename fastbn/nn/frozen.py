@@ -60,10 +60,11 @@ class FrozenBatchNorm2d(FastbnNorm, nn.Module):
         return f"{self.num_features}, eps={self.eps}, backend={self.backend!r}"
 
     @classmethod
-    def from_batch_norm(cls, module, *, backend=None):
+    def from_batch_norm(cls, module, *, eps=None, backend=None):
         """A FrozenBatchNorm2d with a copy of a BatchNorm layer's statistics and affine
-        parameters (weight 1 and bias 0 where it has none), on its device and dtype."""
-        frozen = cls(module.num_features, module.eps, backend=backend)
+        parameters (weight 1 and bias 0 where it has none), on its device and dtype, with
+        its eps unless `eps` is given."""
+        frozen = cls(module.num_features, module.eps if eps is None else eps, backend=backend)
         like = module.running_mean
         with torch.no_grad():
             frozen.weight = (torch.ones_like(like) if module.weight is None
