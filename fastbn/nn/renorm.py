@@ -27,6 +27,8 @@ with weight * r, bias + weight * d and unit statistics (the affine map). The
 backward is BatchNorm's training backward with weight * r for the input's
 gradient; the parameters' are r * sum(dy * x_hat) + d * sum(dy) and sum(dy).
 """
+import numbers
+
 import numpy as np
 import torch
 from torch import nn
@@ -54,12 +56,9 @@ def check_d_max(d_max):
 
 
 def _real(name, value):
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    return float(value)
 
 
 def batch_renorm(input, running_mean, running_var, weight=None, bias=None, training=False,
