@@ -152,12 +152,12 @@ def precise_bn(model, batches, num_batches=200, progress=True, forward=None):
 
         with torch.no_grad(), tqdm(total=num_batches, desc="precise_bn",
                                    disable=not progress) as bar:
-            for batch in batches:
-                if done == num_batches:
-                    break
+            for batch in batches:  # no item is taken past the last one used
                 forward(model, batch)
                 done += 1
                 bar.update()
+                if done == num_batches:
+                    break
         if done == 0:
             raise ValueError("precise_bn got no batches: `batches` was empty")
         failed = False
