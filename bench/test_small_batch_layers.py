@@ -13,31 +13,39 @@ channels-last on the quick grid (the extreme batch sizes and stages):
 - Batch Renorm: fastbn.nn.BatchRenorm2d against Ioffe's formula in torch ops;
 - FrozenBatchNorm2d: fastbn.nn's against torchvision's (x * scale + shift).
 
-The "torch" implementation is the plain-torch layer; a fastbn implementation is the
-fastbn.nn layer with that backend named. bench/conftest.py checks each result against
-the plain-torch one before timing it. SyncBatchNorm's cost is measured over processes
-by bench/sync_overhead.py.
+Implementations: "torch" is the plain-torch layer; a backend name is the fastbn.nn layer
+with that backend named (always fastbn's kernels); "default" is the layer as built
+(backend=None: fastbn.nn's routing, which runs torch's own BatchNorm op on the small
+inputs where it measured faster, see fastbn.nn.functional.torch_is_faster). The NumPy
+reference backend is not timed (tests/test_ghost_renorm.py compares it). bench/conftest.py
+checks each result against the plain-torch one before timing it. SyncBatchNorm's cost is
+measured over processes by bench/sync_overhead.py.
 """
 import pytest
 
-from fastbn.benchmarks import shapes, small_batch
+from fastbn.benchmarks import batch_norm, shapes, small_batch
+
+IMPLEMENTATIONS = batch_norm.backends(include_reference=False) + ["default", "torch"]
 
 
-def time_layer(time_case, layer, implementation, shape, dtype, channels_last):
-    case = small_batch.SmallBatchLayerCase(layer, shape, dtype, channels_last)
+def cases(grid):
+    return [pytest.param(implementation, shape,
+                         id=f"{implementation}-{shapes.format_shape(shape)}")
+            for shape in grid.shapes() for implementation in IMPLEMENTATIONS]
+
+
+def time_layer(time_case, layer, implementation, shape, channels_last):
+    case = small_batch.SmallBatchLayerCase(layer, shape, "float32", channels_last)
     time_case(f"nn.{layer}", case, implementation, "training")
 
 
-@pytest.mark.grid({"float32": shapes.BATCH_NORM_2D}, floor=False)
+@pytest.mark.parametrize("implementation, shape", cases(shapes.BATCH_NORM_2D))
 @pytest.mark.parametrize("layer", small_batch.LAYERS)
-def test_small_batch_layer(time_case, layer, implementation, shape, dtype, layout):
-    time_layer(time_case, layer, implementation, shape, dtype, channels_last=False)
+def test_small_batch_layer(time_case, layer, implementation, shape):
+    time_layer(time_case, layer, implementation, shape, channels_last=False)
 
 
-@pytest.mark.grid({"float32": shapes.BATCH_NORM_2D_QUICK}, channels_last=True, floor=False)
+@pytest.mark.parametrize("implementation, shape", cases(shapes.BATCH_NORM_2D_QUICK))
 @pytest.mark.parametrize("layer", small_batch.LAYERS)
-def test_small_batch_layer_channels_last(time_case, layer, implementation, shape, dtype,
-                                         layout):
-    if layout == "contiguous":
-        pytest.skip("contiguous inputs: test_small_batch_layer, on the whole grid")
-    time_layer(time_case, layer, implementation, shape, dtype, channels_last=True)
+def test_small_batch_layer_channels_last(time_case, layer, implementation, shape):
+    time_layer(time_case, layer, implementation, shape, channels_last=True)

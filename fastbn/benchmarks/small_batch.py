@@ -146,6 +146,9 @@ class SmallBatchLayerCase(modules.ModuleCase):
         return self._step(self._with_values(module), mode, compiled)
 
     def fastbn_step(self, backend, mode):
+        """The fastbn layer's step with `backend`; "default" (or None) builds it with
+        backend=None, fastbn.nn's routing."""
+        backend = None if backend == "default" else backend
         return self._step(self._with_values(fastbn_layer(self.layer, self.shape[1], backend)),
                           mode)
 
