@@ -130,7 +130,8 @@ def test_create_norm_choices():
     with pytest.raises(ValueError, match="unknown norm 'batchnorm2'; the names are batchnorm, "
                                          "ghost, renorm"):
         fnn.create_norm("batchnorm2", 8)
-    with pytest.raises(ValueError, match=r"'frozen' has no class for dim=1; it takes dim in \(2,\)"):
+    with pytest.raises(ValueError,
+                       match=r"'frozen' has no class for dim=1; it takes dim in \(2,\)"):
         fnn.create_norm("frozen", 8, dim=1)
     with pytest.raises(TypeError, match="virtual_batch_size"):
         fnn.create_norm("ghost", 8)
@@ -193,7 +194,8 @@ def test_swap_keeps_parameters_and_reverts(name, kwargs, cls):
 def test_swap_to_frozen_and_back():
     model = small_resnet()
     fnn.convert(model, norm="frozen")
-    assert len([m for m in model.modules() if isinstance(m, fnn.FrozenBatchNorm2d)]) == RESNET_BATCH_NORMS
+    frozen = [m for m in model.modules() if isinstance(m, fnn.FrozenBatchNorm2d)]
+    assert len(frozen) == RESNET_BATCH_NORMS
     with torch.no_grad():
         model.stem[1].running_mean.add_(1.0)
     fnn.revert(model)
@@ -211,7 +213,8 @@ def test_swap_to_other_norms(name, cls):
     fnn.swap_norm(model, name)
     assert not batch_norms(model)
     layers = [m for m in model.modules() if type(m) is cls]
-    assert len(layers) == RESNET_BATCH_NORMS and all(m.weight.dtype == torch.float64 for m in layers)
+    assert len(layers) == RESNET_BATCH_NORMS
+    assert all(m.weight.dtype == torch.float64 for m in layers)
     model(torch.randn(2, 3, 32, 32, dtype=torch.float64)).sum().backward()
     fnn.revert(model)  # no running statistics to go back to: they stay (as torch's class)
     assert not batch_norms(model)
