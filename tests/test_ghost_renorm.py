@@ -318,3 +318,22 @@ def test_ghost_keeps_virtual_batch_statistics_apart():
     y = module(x)
     np.testing.assert_allclose(y.mean(dim=(2, 3)).numpy(), 0.0, atol=1e-5)
     np.testing.assert_allclose(y.var(dim=(2, 3), unbiased=False).numpy(), 1.0, atol=1e-3)
+
+
+@pytest.mark.parametrize("layer", ["ghost_batch_norm", "batch_renorm"])
+def test_other_strides(backend, layer):
+    """An input laid out neither contiguous nor channels-last (a transpose), and the expanded
+    output gradient of y.sum(): the same numbers as the plain layer."""
+    reference, module = pair(layer, backend, torch.float64)
+    x = torch.randn(7, CHANNELS, 4, 3, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(10)).transpose(2, 3)
+    x_ref, x_new = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref, y_new = reference(x_ref), module(x_new)
+    (y_ref * y_ref.detach()).sum().backward()
+    (y_new * y_new.detach()).sum().backward()
+    torch.testing.assert_close(y_new, y_ref)
+    torch.testing.assert_close(x_new.grad, x_ref.grad)
+    x_ref.grad = x_new.grad = None
+    reference(x_ref).sum().backward()
+    module(x_new).sum().backward()
+    torch.testing.assert_close(x_new.grad, x_ref.grad)
