@@ -15,8 +15,8 @@ speedup and the worst shape. A step is one training step of the layer alone
 
 Method: the same threads for torch and fastbn; each fastbn result checked against the
 plain one first; the implementations interleaved (fastbn.benchmarks.timing.alternate,
-shuffled rounds, medians over rounds). The machine is shared: compare the columns of one
-run, and rerun when the interquartile ranges are wide.
+shuffled rounds); a time is the minimum over rounds (interference only adds time: on the
+shared 2-core machine medians moved by 10x between runs). Compare the columns of one run.
 """
 import argparse
 import math
@@ -52,7 +52,7 @@ def main():
     fastbn.set_num_threads(args.threads)
     layout = "channels-last" if args.channels_last else "contiguous"
     print(f"{args.threads} threads, float32, {layout}, torch {torch.__version__}, "
-          f"median per-step times over {args.repeats} interleaved rounds")
+          f"per-step times, minimum over {args.repeats} interleaved rounds")
     for layer in args.layers:
         print(f"\n{layer}\n")
         print(f"| input | plain torch | fastbn ({args.backend}) | speedup | fastbn (default) "
@@ -61,11 +61,11 @@ def main():
         speedups = {args.backend: [], "default": []}
         for shape in shapes.BATCH_NORM_2D.shapes():
             timings = compare(layer, shape, args.backend, args.channels_last, args.repeats)
-            torch_s = timings["torch"].median_s
+            torch_s = timings["torch"].min_s
             cells = []
             for name in (args.backend, "default"):
-                speedups[name].append((torch_s / timings[name].median_s, shape))
-                cells.append(f"{timings[name].median_s * 1e6:.0f} us | "
+                speedups[name].append((torch_s / timings[name].min_s, shape))
+                cells.append(f"{timings[name].min_s * 1e6:.0f} us | "
                              f"{speedups[name][-1][0]:.2f}x")
             print(f"| {shapes.format_shape(shape)} | {torch_s * 1e6:.0f} us | "
                   + " | ".join(cells) + " |", flush=True)
