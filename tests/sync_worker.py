@@ -29,6 +29,7 @@ SCENARIOS = {
     "large_mean": ((2, 2, 3), (4, 4), torch.float64, torch.contiguous_format, None, 1e6, 0.1),
     "momentum_none": ((2, 1, 2), (3, 3), torch.float64, torch.contiguous_format, None, 1.0,
                       None),
+    "all_empty": ((0, 0, 0), (3, 3), torch.float64, torch.contiguous_format, None, 1.0, 0.1),
 }
 # One value per channel over the whole group: every rank raises, nothing changes.
 TOO_FEW_VALUES = (1, 0, 0)

@@ -204,7 +204,10 @@ def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum, ep
     dist.all_gather(parts, local, group=process_group)
     gathered = torch.stack(parts).numpy()
     count, mean, var_sum = _combine(gathered)
-    if count <= 1:  # every process raises, from the same gathered numbers
+    if count == 0:  # every process is empty: as BatchNorm on an empty batch (no update)
+        return functional.batch_norm(input, None, None, weight, bias, True, 0.0, eps,
+                                     backend=backend)
+    if count == 1:  # every process raises, from the same gathered numbers
         raise ValueError(f"Expected more than 1 value per channel when training, got "
                          f"{int(count)} over the {gathered.shape[0]} processes of the group")
     if running_mean is not None:
