@@ -4,6 +4,7 @@ from collections import Counter
 from torch import nn
 
 from fastbn.nn import modules
+from fastbn.nn.factory import restore_norms, swap_norm
 
 __all__ = ["convert", "revert"]
 
@@ -37,7 +38,7 @@ class FusedActivation(nn.Identity):
         return "fused into the BatchNormAct2d before it"
 
 
-def convert(model, backend=None, *, fuse=True):
+def convert(model, backend=None, *, fuse=True, norm=None, **norm_kwargs):
     """Make every torch normalization layer of `model` a fastbn one, in place.
 
     Each layer keeps its identity: its class becomes the fastbn subclass of its
@@ -65,12 +66,21 @@ def convert(model, backend=None, *, fuse=True):
         None follows :func:`fastbn.get_backend` at each call.
     fuse : bool
         Fuse BatchNorm2d + activation as said above.
+    norm : str, optional
+        First replace every BatchNorm layer by this kind of norm
+        (:func:`fastbn.nn.factory.swap_norm`, e.g. ``norm="ghost",
+        virtual_batch_size=4``), with ``norm_kwargs`` as its arguments.
 
     Returns
     -------
     torch.nn.Module
-        `model` itself.
+        `model` itself (with `norm`: a new layer if `model` is a BatchNorm layer).
     """
+    if norm is not None:
+        model = swap_norm(model, norm, **norm_kwargs)
+    elif norm_kwargs:
+        raise TypeError(f"convert() got arguments for a norm ({', '.join(norm_kwargs)}) "
+                        "but no norm=")
     if fuse:
         _fuse_activations(model)
     for module in model.modules():
@@ -87,7 +97,10 @@ def revert(model):
     and every activation `convert` fused goes back to its place.
 
     Layers built as fastbn modules are reverted too, except a `BatchNormAct2d` built as
-    such (no torch module computes BatchNorm and activation in one). Returns `model`.
+    such (no torch module computes BatchNorm and activation in one). Layers that replaced
+    BatchNorm layers (``convert(model, norm=...)``, :func:`fastbn.nn.freeze`) give way to
+    them again where the state allows (:func:`fastbn.nn.factory.restore_norms`). Returns
+    `model`.
     """
     for parent in model.modules():
         for name, module in parent._modules.items():
@@ -95,6 +108,7 @@ def revert(model):
                 norm = _previous_module(parent, name)
                 parent._modules[name] = norm.__dict__.pop("_fused_activation")
                 del norm.__dict__["activation"], norm.__dict__["negative_slope"]
+    model = restore_norms(model)
     for module in model.modules():
         torch_class = TORCH_CLASS.get(type(module))
         if torch_class is None or (type(module) is modules.BatchNormAct2d

@@ -50,9 +50,23 @@ def _signed_constructor(cls, torch_class):
         FastbnNorm.__init__(self, *args, backend=backend, **kwargs)
 
     __init__.__signature__ = constructor_signature(torch_class)
+    __init__.fastbn_signed = True
     __init__.__qualname__ = f"{cls.__qualname__}.__init__"
     __init__.__doc__ = f"The installed torch's {torch_class.__name__} arguments, plus backend."
     return __init__
+
+
+def _own_constructor(cls):
+    """The __init__ a fastbn class defines itself or inherits from a fastbn base (None
+    if it would only get FastbnNorm's or a signed copy of its torch class's)."""
+    for base in cls.__mro__:
+        init = base.__dict__.get("__init__")
+        if init is None:
+            continue
+        if base is FastbnNorm or getattr(init, "fastbn_signed", False):
+            return None
+        return init
+    return None
 
 
 def _torch_class(cls):
@@ -89,10 +103,11 @@ class FastbnNorm:
 
     def __init_subclass__(cls, **kwargs):
         # Each class with a torch class gets that class's signature, read from the
-        # installed torch; a class that defines its own __init__ keeps it.
+        # installed torch; a class that defines its own __init__, or inherits one from a
+        # fastbn base other than FastbnNorm (GhostBatchNorm2d's), keeps it.
         super().__init_subclass__(**kwargs)
         torch_class = _torch_class(cls)
-        if torch_class is not None and "__init__" not in cls.__dict__:
+        if torch_class is not None and _own_constructor(cls) is None:
             cls.__init__ = _signed_constructor(cls, torch_class)
 
     @property
