@@ -136,7 +136,8 @@ def extensions():
         "initializedcheck": env_flag("FASTBN_CYTHON_DEBUG"),
         "cdivision": True,
     }
-    modules = ["_openmp_helpers", "_memory", "_batch_norm", "_group_norm", "_layer_norm"]
+    modules = ["_openmp_helpers", "_memory", "_batch_norm", "_group_norm", "_layer_norm",
+               "_norm_act"]
     exts = [
         Extension(
             f"fastbn._cython.{name}",
