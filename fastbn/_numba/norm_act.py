@@ -19,7 +19,7 @@ import types
 import numpy as np
 from numba import njit, prange
 
-from fastbn._numba._runtime import FASTMATH, numba_threads
+from fastbn._numba._runtime import numba_threads
 
 # The element's kind, as in the Cython kernels (fastbn/_cython/_norm_act_loops.h).
 PLAIN, TLU, ACT = 0, 1, 2
@@ -28,7 +28,10 @@ MIN_BLOCK_CHANNELS = 16
 # Below this many values per thread, an extra thread costs more than it brings.
 MIN_ELEMENTS_PER_THREAD = 16384
 
-_OPTIONS = dict(nogil=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+# No fast-math: with reassociation (or reciprocal) allowed, LLVM vectorised the sums
+# of the serial and the parallel compilation of the same loops differently, and the
+# results differed in the last bit between one thread and two.
+_OPTIONS = dict(nogil=True, cache=True, error_model="numpy")
 _HELPER_OPTIONS = dict(_OPTIONS, cache=False)
 
 

@@ -16,10 +16,12 @@ from fastbn.nn import _function, _norm_act
 __all__ = ["evonorm_s0", "filter_response_norm"]
 
 
-def _check_input(input):
+def _check_input(input, op):
     if input.dim() < 2:
         raise ValueError(f"expected an input of shape (N, C, ...) with at least 2 dims "
                          f"(got {input.dim()}D input)")
+    if not input.is_floating_point():  # torch's message for an op without the dtype
+        raise RuntimeError(f'"{op}" not implemented for {input.dtype}')
 
 
 def _check_channel_vectors(input, named_vectors):
@@ -78,7 +80,7 @@ def filter_response_norm(input, weight=None, bias=None, tau=None, eps=1e-6, *, b
         On bad arguments (fewer than 2 dims, a negative eps, a parameter whose size is
         not the channel count).
     """
-    _check_input(input)
+    _check_input(input, "filter_response_norm")
     _check_channel_vectors(input, (("weight", weight), ("bias", bias), ("tau", tau)))
     eps = _check_eps(eps)
     eps_tensor = eps if isinstance(eps, torch.Tensor) else None
@@ -117,7 +119,7 @@ def evonorm_s0(input, num_groups, weight=None, bias=None, v=None, eps=1e-5, *, b
     ValueError, RuntimeError
         On bad arguments (num_groups not dividing C, and as :func:`filter_response_norm`).
     """
-    _check_input(input)
+    _check_input(input, "evonorm_s0")
     if num_groups <= 0 or input.shape[1] % num_groups:
         raise ValueError("Expected number of channels in input to be divisible by num_groups, "
                          f"but got input of shape {list(input.shape)} and "
