@@ -6,6 +6,7 @@ FASTBN_NO_OPENMP=1     build without OpenMP (the kernels then run on one thread)
 FASTBN_MARCH_NATIVE=1  add -march=native (faster on the build machine, not portable)
 FASTBN_CYTHON_DEBUG=1  turn Cython's bounds and wraparound checks back on
 """
+import glob
 import os
 import shutil
 import subprocess
@@ -144,6 +145,8 @@ def extensions():
             [os.path.join("fastbn", "_cython", f"{name}.pyx")],
             include_dirs=[numpy.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            # The module's C loops (<name>_*.h): an edit must recompile the module.
+            depends=glob.glob(os.path.join("fastbn", "_cython", f"{name}_*.h")),
         )
         for name in modules
     ]

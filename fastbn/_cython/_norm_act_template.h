@@ -162,13 +162,15 @@ NA_INLINE void NA_ATTR NA_F(na_accumulate)(double* sums, NA_VT v, ptrdiff_t n) {
         NA_F(na_add_d_n)(sums + p * NA_D_LANES, part[p], n - p * NA_D_LANES);
 }
 
-/* The lanes' total, in a fixed order. */
+/* The lanes' total, added pairwise (a fixed order, and log2(lanes) adds deep: adding
+   them one after another was latency-bound, 20 ns per 49-value run). */
 NA_INLINE double NA_ATTR NA_F(na_hsum)(NA_VD v) {
-    double lanes[NA_D_LANES], total = 0.0;
-    ptrdiff_t i;
+    double lanes[NA_D_LANES];
+    ptrdiff_t width, i;
     memcpy(lanes, &v, sizeof lanes);
-    for (i = 0; i < NA_D_LANES; i++) total += lanes[i];
-    return total;
+    for (width = NA_D_LANES / 2; width >= 1; width /= 2)
+        for (i = 0; i < width; i++) lanes[i] += lanes[i + width];
+    return lanes[0];
 }
 
 /* ---- sigmoid (see _norm_act_loops.h) ---- */
@@ -274,62 +276,111 @@ NA_INLINE NA_VT NA_ATTR NA_F(na_grad_x)(NA_VT dz, NA_VT x, NA_VT a, NA_VT b, NA_
     return g * a + (x - m) * k;
 }
 
-/* ---- runs: n consecutive values, scalar coefficients ---- */
+/* ---- runs: n consecutive values, scalar coefficients.
+   A run of at least NA_LANES values ends with a vector that overlaps the one before it
+   (its last `rest` lanes are new): a per-call cost of a few instructions, where moving a
+   partial vector through a buffer cost more than the rest of a 49-value run (7x7 maps).
+   The overlapping vector's inputs are loaded before anything is stored, so that an output
+   may be the input itself; sums keep only its new lanes. ---- */
+
+/* All bits set in the last `rest` lanes, 0 < rest < NA_LANES. */
+NA_INLINE NA_VI NA_ATTR NA_F(na_last_lanes)(ptrdiff_t rest) {
+#if NA_VECTORS
+    NA_INT index[NA_LANES];
+    NA_VI lanes;
+    ptrdiff_t i;
+    for (i = 0; i < NA_LANES; i++) index[i] = (NA_INT)i;
+    memcpy(&lanes, index, sizeof lanes);
+    return lanes >= (NA_INT)(NA_LANES - rest);
+#else
+    (void)rest;
+    return -1;
+#endif
+}
+
+NA_INLINE void NA_ATTR NA_F(na_stats_step)(NA_VT x, NA_VD centre, NA_VD* sums, NA_VD* squares) {
+    NA_VD part[2];
+    ptrdiff_t p;
+    NA_F(na_widen)(x, &part[0], &part[1]);
+    for (p = 0; p < NA_PARTS; p++) {
+        NA_VD d = part[p] - centre;
+        sums[p] += d;
+        squares[p] += d * d;
+    }
+}
 
 static void NA_ATTR NA_F(na_run_stats)(const NA_T* x, ptrdiff_t n, double pivot, double* sum,
                                        double* sum_sq) {
     NA_VD sums[2] = {NA_SPLAT_D(0), NA_SPLAT_D(0)}, squares[2] = {NA_SPLAT_D(0), NA_SPLAT_D(0)};
-    NA_VD part[2];
     const NA_VD centre = NA_SPLAT_D(pivot);
-    ptrdiff_t i, p;
-    for (i = 0; i < n; i += NA_LANES) {
-        /* lanes past the end hold the pivot: they add 0 */
-        NA_F(na_widen)(NA_F(na_load_n)(x + i, n - i, (NA_T)pivot), &part[0], &part[1]);
-        for (p = 0; p < NA_PARTS; p++) {
-            NA_VD d = part[p] - centre;
-            sums[p] += d;
-            squares[p] += d * d;
-        }
+    const NA_VT fill = NA_SPLAT(pivot);  /* lanes that must not count hold the pivot: d = 0 */
+    ptrdiff_t i;
+    if (n < NA_LANES) {
+        NA_F(na_stats_step)(NA_F(na_load_n)(x, n, (NA_T)pivot), centre, sums, squares);
+    } else {
+        for (i = 0; i + NA_LANES <= n; i += NA_LANES)
+            NA_F(na_stats_step)(NA_F(na_load)(x + i), centre, sums, squares);
+        if (i < n)
+            NA_F(na_stats_step)(NA_SEL(NA_F(na_last_lanes)(n - i),
+                                       NA_F(na_load)(x + n - NA_LANES), fill),
+                                centre, sums, squares);
     }
-    *sum = NA_F(na_hsum)(sums[0]);
-    *sum_sq = NA_F(na_hsum)(squares[0]);
-    if (NA_PARTS == 2) {
-        *sum += NA_F(na_hsum)(sums[1]);
-        *sum_sq += NA_F(na_hsum)(squares[1]);
-    }
+    *sum = NA_F(na_hsum)(sums[0] + sums[1]);
+    *sum_sq = NA_F(na_hsum)(squares[0] + squares[1]);
 }
 
 NA_INLINE void NA_ATTR NA_F(na_run_forward_mode)(const NA_T* x, NA_T* y, ptrdiff_t n, NA_T a,
                                                  NA_T b, NA_T v, NA_T tau, const int mode) {
     const NA_VT va = NA_SPLAT(a), vb = NA_SPLAT(b), vv = NA_SPLAT(v), vtau = NA_SPLAT(tau);
+    NA_VT last;
     ptrdiff_t i;
-    for (i = 0; i < n; i += NA_LANES)
-        NA_F(na_store_n)(y + i, NA_F(na_value)(NA_F(na_load_n)(x + i, n - i, 0), va, vb, vv,
-                                               vtau, mode), n - i);
+    if (n < NA_LANES) {
+        NA_F(na_store_n)(y, NA_F(na_value)(NA_F(na_load_n)(x, n, 0), va, vb, vv, vtau, mode), n);
+        return;
+    }
+    last = NA_F(na_load)(x + n - NA_LANES);
+    for (i = 0; i + NA_LANES <= n; i += NA_LANES)
+        NA_F(na_store)(y + i, NA_F(na_value)(NA_F(na_load)(x + i), va, vb, vv, vtau, mode));
+    if (i < n)
+        NA_F(na_store)(y + n - NA_LANES, NA_F(na_value)(last, va, vb, vv, vtau, mode));
+}
+
+NA_INLINE void NA_ATTR NA_F(na_sums_step)(NA_VT dz, NA_VT x, NA_VT a, NA_VT b, NA_VT v,
+                                          NA_VT tau, const int mode, NA_VI keep,
+                                          NA_VD acc[3][2]) {
+    NA_VT terms[3];
+    NA_VD part[2];
+    ptrdiff_t t, p;
+    NA_F(na_grad_terms)(dz, x, a, b, v, tau, mode, &terms[0], &terms[1], &terms[2]);
+    for (t = 0; t < 3; t++) {
+        NA_F(na_widen)(NA_SEL(keep, terms[t], NA_SPLAT(0)), &part[0], &part[1]);
+        for (p = 0; p < NA_PARTS; p++) acc[t][p] += part[p];
+    }
 }
 
 NA_INLINE void NA_ATTR NA_F(na_run_backward_sums_mode)(
         const NA_T* dz, const NA_T* x, ptrdiff_t n, NA_T a, NA_T b, NA_T v, NA_T tau,
         const int mode, double* sum_gu, double* sum_g, double* sum_third) {
     const NA_VT va = NA_SPLAT(a), vb = NA_SPLAT(b), vv = NA_SPLAT(v), vtau = NA_SPLAT(tau);
-    NA_VD acc[3][2], part[2];
-    NA_VT terms[3];
-    ptrdiff_t i, t, p;
+    const NA_VI all = NA_EQ(NA_SPLAT(0), NA_SPLAT(0));
+    NA_VD acc[3][2];
+    ptrdiff_t i, t;
     for (t = 0; t < 3; t++) acc[t][0] = acc[t][1] = NA_SPLAT_D(0);
-    for (i = 0; i < n; i += NA_LANES) {
+    if (n < NA_LANES) {
         /* lanes past the end: dz = 0 and x = 0, whose terms are 0 */
-        NA_F(na_grad_terms)(NA_F(na_load_n)(dz + i, n - i, 0), NA_F(na_load_n)(x + i, n - i, 0),
-                            va, vb, vv, vtau, mode, &terms[0], &terms[1], &terms[2]);
-        for (t = 0; t < 3; t++) {
-            NA_F(na_widen)(terms[t], &part[0], &part[1]);
-            for (p = 0; p < NA_PARTS; p++) acc[t][p] += part[p];
-        }
+        NA_F(na_sums_step)(NA_F(na_load_n)(dz, n, 0), NA_F(na_load_n)(x, n, 0), va, vb, vv,
+                           vtau, mode, all, acc);
+    } else {
+        for (i = 0; i + NA_LANES <= n; i += NA_LANES)
+            NA_F(na_sums_step)(NA_F(na_load)(dz + i), NA_F(na_load)(x + i), va, vb, vv, vtau,
+                               mode, all, acc);
+        if (i < n)
+            NA_F(na_sums_step)(NA_F(na_load)(dz + n - NA_LANES), NA_F(na_load)(x + n - NA_LANES),
+                               va, vb, vv, vtau, mode, NA_F(na_last_lanes)(n - i), acc);
     }
-    for (t = 0; t < 3; t++) {
-        double total = NA_F(na_hsum)(acc[t][0]);
-        if (NA_PARTS == 2) total += NA_F(na_hsum)(acc[t][1]);
-        *(t == 0 ? sum_gu : t == 1 ? sum_g : sum_third) = total;
-    }
+    *sum_gu = NA_F(na_hsum)(acc[0][0] + acc[0][1]);
+    *sum_g = NA_F(na_hsum)(acc[1][0] + acc[1][1]);
+    *sum_third = NA_F(na_hsum)(acc[2][0] + acc[2][1]);
 }
 
 NA_INLINE void NA_ATTR NA_F(na_run_backward_dx_mode)(
@@ -337,11 +388,21 @@ NA_INLINE void NA_ATTR NA_F(na_run_backward_dx_mode)(
         NA_T k, NA_T m, const int mode) {
     const NA_VT va = NA_SPLAT(a), vb = NA_SPLAT(b), vv = NA_SPLAT(v), vtau = NA_SPLAT(tau);
     const NA_VT vk = NA_SPLAT(k), vm = NA_SPLAT(m);
+    NA_VT last_dz, last_x;
     ptrdiff_t i;
-    for (i = 0; i < n; i += NA_LANES)
-        NA_F(na_store_n)(dx + i, NA_F(na_grad_x)(NA_F(na_load_n)(dz + i, n - i, 0),
-                                                 NA_F(na_load_n)(x + i, n - i, 0), va, vb, vv,
-                                                 vtau, vk, vm, mode), n - i);
+    if (n < NA_LANES) {
+        NA_F(na_store_n)(dx, NA_F(na_grad_x)(NA_F(na_load_n)(dz, n, 0), NA_F(na_load_n)(x, n, 0),
+                                             va, vb, vv, vtau, vk, vm, mode), n);
+        return;
+    }
+    last_dz = NA_F(na_load)(dz + n - NA_LANES);
+    last_x = NA_F(na_load)(x + n - NA_LANES);
+    for (i = 0; i + NA_LANES <= n; i += NA_LANES)
+        NA_F(na_store)(dx + i, NA_F(na_grad_x)(NA_F(na_load)(dz + i), NA_F(na_load)(x + i), va, vb,
+                                               vv, vtau, vk, vm, mode));
+    if (i < n)
+        NA_F(na_store)(dx + n - NA_LANES, NA_F(na_grad_x)(last_dz, last_x, va, vb, vv, vtau, vk,
+                                                          vm, mode));
 }
 
 /* ---- tiles: `rows` rows of `width` values, row r at r * stride, coefficients per column.
