@@ -3,6 +3,7 @@ torch ops (timm's formulas): one training step (forward + backward through autog
 
     PYTHONPATH=$PWD python bench/compare_frn_evonorm.py [--ops frn evonorm_s0]
         [--backends cython] [--threads 2] [--rounds 15] [--channels-last] [--quick]
+        [--estimate median|min] [--sample-ms 0.5]
 
 For each shape of fastbn.benchmarks.norm_act.GRID (the ResNet feature maps at N = 1, 2,
 4, 8) it prints a markdown row: the median time of one step of the plain-torch layer and
@@ -11,7 +12,10 @@ is faster); then per op and backend the geometric mean of the ratios and the wor
 shape. Each implementation's outputs and gradients are checked against the plain-torch
 layer's first. The implementations are timed interleaved, in a shuffled order each
 round (fastbn.benchmarks.timing.alternate), with the same thread count for torch and
-fastbn; on a shared machine the ratios are steadier than the times.
+fastbn; on a shared machine the ratios are steadier than the times. Where other jobs
+stall most samples (more runnable threads than cores: a descheduled OpenMP thread holds
+up its whole parallel region), `--estimate min` reports each implementation's fastest
+sample instead, as timeit advises: stalls only ever add time.
 """
 import argparse
 import math
@@ -31,13 +35,16 @@ def main(argv=None):
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--quick", action="store_true",
                         help="the extreme batch sizes and stages only")
+    parser.add_argument("--estimate", choices=("median", "min"), default="median")
+    parser.add_argument("--sample-ms", type=float, default=0.5,
+                        help="calls are repeated within a sample up to this long")
     args = parser.parse_args(argv)
     threads = args.threads or fastbn.get_num_threads()
     fastbn.set_num_threads(threads)
     torch.set_num_threads(threads)
     grid = norm_act.QUICK_GRID if args.quick else norm_act.GRID
     layout = "channels-last" if args.channels_last else "contiguous"
-    print(f"{threads} threads, float32, {layout}, median of {args.rounds} rounds\n")
+    print(f"{threads} threads, float32, {layout}, {args.estimate} of {args.rounds} rounds\n")
     print("| op | shape | torch ms | " + " | ".join(f"{b} ms | x" for b in args.backends) + " |")
     print("|---|---|---:|" + "---:|---:|" * len(args.backends))
     ratios = {(op, b): [] for op in args.ops for b in args.backends}
@@ -49,12 +56,14 @@ def main(argv=None):
             for backend in args.backends:
                 steps[backend] = case.fastbn_step(backend, "training")
                 case.check(steps[backend](), expected, "training", backend)
-            times = timing.alternate(steps, repeats=args.rounds)
-            row = f"| {op} | {shapes.format_shape(shape)} | {times['torch'].median_s * 1e3:.3f} |"
+            timings = timing.alternate(steps, repeats=args.rounds,
+                                       min_round_s=args.sample_ms * 1e-3)
+            times = {name: getattr(t, f"{args.estimate}_s") for name, t in timings.items()}
+            row = f"| {op} | {shapes.format_shape(shape)} | {times['torch'] * 1e3:.3f} |"
             for backend in args.backends:
-                ratio = times["torch"].median_s / times[backend].median_s
+                ratio = times["torch"] / times[backend]
                 ratios[op, backend].append((ratio, shape))
-                row += f" {times[backend].median_s * 1e3:.3f} | {ratio:.2f} |"
+                row += f" {times[backend] * 1e3:.3f} | {ratio:.2f} |"
             print(row, flush=True)
     print()
     for (op, backend), values in ratios.items():
