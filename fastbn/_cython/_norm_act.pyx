@@ -14,10 +14,11 @@ then apply a per-channel elementwise function (see _norm_act_loops.h):
 
 So one set of kernels does both: `centred` says whether the statistic is the
 variance (around the mean) or the mean square (around 0), and the element's mode
-(NA_PLAIN, NA_TLU, NA_ACT) what follows. The statistics are GroupNorm's, computed
-as fastbn's GroupNorm kernels do (float64 sums of x - pivot, the pivot being the
-group's first value); fused here with the elementwise pass, which GroupNorm's
-forward cannot be given (docs/frn_evonorm.md has the measurement).
+(NA_PLAIN, NA_TLU, NA_ACT) what follows. The statistics are GroupNorm's, sums of
+x - pivot around the group's first value as fastbn's GroupNorm kernels take them
+(here every value is widened to float64 before it is added); fused with the
+elementwise pass, which GroupNorm's forward cannot be given (docs/frn_evonorm.md
+has the measurement).
 
 Work items, fixed by the shape alone, so the result is the same to the bit for any
 thread count (each item computes its groups whole, in a fixed order):
