@@ -6,6 +6,7 @@ FASTBN_NO_OPENMP=1     build without OpenMP (the kernels then run on one thread)
 FASTBN_MARCH_NATIVE=1  add -march=native (faster on the build machine, not portable)
 FASTBN_CYTHON_DEBUG=1  turn Cython's bounds and wraparound checks back on
 """
+import glob
 import os
 import shutil
 import subprocess
@@ -136,13 +137,16 @@ def extensions():
         "initializedcheck": env_flag("FASTBN_CYTHON_DEBUG"),
         "cdivision": True,
     }
-    modules = ["_openmp_helpers", "_memory", "_batch_norm", "_group_norm", "_layer_norm"]
+    modules = ["_openmp_helpers", "_memory", "_batch_norm", "_group_norm", "_layer_norm",
+               "_norm_act"]
     exts = [
         Extension(
             f"fastbn._cython.{name}",
             [os.path.join("fastbn", "_cython", f"{name}.pyx")],
             include_dirs=[numpy.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            # The module's C loops (<name>_*.h): an edit must recompile the module.
+            depends=glob.glob(os.path.join("fastbn", "_cython", f"{name}_*.h")),
         )
         for name in modules
     ]

@@ -13,6 +13,8 @@ from fastbn._backends import (
 )
 from fastbn._threads import get_num_threads, set_num_threads
 from fastbn.batch_norm import batch_norm_backward, batch_norm_forward
+from fastbn.evonorm import evonorm_s0_backward, evonorm_s0_forward
+from fastbn.frn import filter_response_norm_backward, filter_response_norm_forward
 from fastbn.group_norm import group_norm_backward, group_norm_forward
 from fastbn.instance_norm import instance_norm_backward, instance_norm_forward
 from fastbn.layer_norm import layer_norm_backward, layer_norm_forward
@@ -25,6 +27,10 @@ __all__ = [
     "available_backends",
     "batch_norm_backward",
     "batch_norm_forward",
+    "evonorm_s0_backward",
+    "evonorm_s0_forward",
+    "filter_response_norm_backward",
+    "filter_response_norm_forward",
     "get_backend",
     "get_num_threads",
     "group_norm_backward",

@@ -1,5 +1,6 @@
 """Argument checks shared by every op. Each raises before any state changes,
 with a message that names the argument, what was wrong and what was expected."""
+import math
 import operator
 import sys
 
@@ -115,6 +116,15 @@ def check_eps(eps):
         return float(eps)
     except (TypeError, ValueError):
         raise TypeError(f"eps must be a real number, got {eps!r}") from None
+
+
+def check_nonnegative_eps(eps):
+    """eps as a finite float >= 0: for the ops torch has no kernel of (FRN, EvoNorm-S0),
+    where a negative or non-finite eps has no torch result to match."""
+    eps = check_eps(eps)
+    if not eps >= 0.0 or math.isinf(eps):  # also rejects nan
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    return eps
 
 
 def check_real(name, value):

@@ -7,6 +7,12 @@ from fastbn._cython._layer_norm import (
     rms_norm_backward,
     rms_norm_forward,
 )
+from fastbn._cython._norm_act import (
+    evonorm_s0_backward,
+    evonorm_s0_forward,
+    filter_response_norm_backward,
+    filter_response_norm_forward,
+)
 
 __all__ = [
     "batch_norm_forward",
@@ -17,4 +23,8 @@ __all__ = [
     "layer_norm_backward",
     "rms_norm_forward",
     "rms_norm_backward",
+    "filter_response_norm_forward",
+    "filter_response_norm_backward",
+    "evonorm_s0_forward",
+    "evonorm_s0_backward",
 ]

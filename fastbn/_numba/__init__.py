@@ -19,6 +19,10 @@ _KERNEL_MODULES = {
     "layer_norm_backward": "layer_norm",
     "rms_norm_forward": "layer_norm",
     "rms_norm_backward": "layer_norm",
+    "filter_response_norm_forward": "norm_act",
+    "filter_response_norm_backward": "norm_act",
+    "evonorm_s0_forward": "norm_act",
+    "evonorm_s0_backward": "norm_act",
 }
 
 __all__ = list(_KERNEL_MODULES)

@@ -5,8 +5,8 @@ kernel functions with the same calling convention:
 
 - arguments have been validated by the public function (fastbn/batch_norm.py,
   fastbn/group_norm.py, fastbn/instance_norm.py, fastbn/layer_norm.py,
-  fastbn/rms_norm.py);
-- BatchNorm and GroupNorm tensors arrive as 3-D C-contiguous views, (N, C, S),
+  fastbn/rms_norm.py, fastbn/frn.py, fastbn/evonorm.py);
+- BatchNorm, GroupNorm, FRN and EvoNorm tensors arrive as 3-D C-contiguous views, (N, C, S),
   or (N, S, C) when `channels_last` (see fastbn/_layout.py); LayerNorm and
   RMSNorm tensors as 2-D C-contiguous (rows, D) views with per-row statistics
   of shape (rows,) and parameters of shape (D,) (see fastbn/_rowwise.py);
@@ -24,6 +24,12 @@ from fastbn._numpy.layer_norm import (
     rms_norm_backward,
     rms_norm_forward,
 )
+from fastbn._numpy.norm_act import (
+    evonorm_s0_backward,
+    evonorm_s0_forward,
+    filter_response_norm_backward,
+    filter_response_norm_forward,
+)
 
 __all__ = [
     "batch_norm_forward",
@@ -34,4 +40,8 @@ __all__ = [
     "layer_norm_backward",
     "rms_norm_forward",
     "rms_norm_backward",
+    "filter_response_norm_forward",
+    "filter_response_norm_backward",
+    "evonorm_s0_forward",
+    "evonorm_s0_backward",
 ]

@@ -49,14 +49,15 @@ def _summarise(per_call_s, calls_per_round):
                   calls_per_round)
 
 
-def _time_calls(fn, calls):
-    start = time.perf_counter()
+def _time_calls(fn, calls, clock=time.perf_counter):
+    start = clock()
     for _ in range(calls):
         fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
-def alternate(callables, repeats=30, warmup=3, min_round_s=5e-4, seed=0):
+def alternate(callables, repeats=30, warmup=3, min_round_s=5e-4, seed=0,
+              clock=time.perf_counter):
     """Time implementations interleaved: rounds of A B C, C A B, B A C, ... (shuffled).
 
     Parameters
@@ -76,6 +77,11 @@ def alternate(callables, repeats=30, warmup=3, min_round_s=5e-4, seed=0):
         resolution and the loop overhead do not matter.
     seed : int
         Of the shuffles: the same seed gives the same orders.
+    clock : callable
+        The clock, in seconds. ``time.thread_time`` counts only the calling thread's
+        CPU time, which time spent descheduled by other processes does not add to:
+        steadier on a busy machine, and right only for work done on the calling thread
+        (one thread).
 
     Returns
     -------
@@ -88,7 +94,8 @@ def alternate(callables, repeats=30, warmup=3, min_round_s=5e-4, seed=0):
     fastest_call_s = {name: math.inf for name in names}
     for _ in range(warmup):
         for name in names:
-            fastest_call_s[name] = min(fastest_call_s[name], _time_calls(callables[name], 1))
+            fastest_call_s[name] = min(fastest_call_s[name],
+                                     _time_calls(callables[name], 1, clock))
     calls_per_round = {name: max(1, math.ceil(min_round_s / max(fastest_call_s[name], 1e-9)))
                        for name in names}
 
@@ -100,7 +107,7 @@ def alternate(callables, repeats=30, warmup=3, min_round_s=5e-4, seed=0):
         for _ in range(repeats):
             for name in order.sample(names, len(names)):
                 calls = calls_per_round[name]
-                per_call_s[name].append(_time_calls(callables[name], calls) / calls)
+                per_call_s[name].append(_time_calls(callables[name], calls, clock) / calls)
     finally:
         if gc_was_enabled:
             gc.enable()

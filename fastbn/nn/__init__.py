@@ -8,6 +8,9 @@ Needs torch (``import fastbn`` itself does not). See docs/nn.md.
 - `functional.batch_norm`, `group_norm`, `layer_norm`, `rms_norm`, `instance_norm`:
   torch.nn.functional's on fastbn's kernels;
 - `BatchNormAct2d`: BatchNorm2d and an activation in the same kernel passes;
+- `FilterResponseNorm2d`, `EvoNorm2dS0`: batch-independent normalization-activation
+  layers (docs/frn_evonorm.md), with `functional.filter_response_norm` and
+  `functional.evonorm_s0`;
 - `convert(model)` / `revert(model)`: switch a model's norm layers in place (fusing a
   BatchNorm2d with the activation that follows it in an ``nn.Sequential``);
 - the small-batch layers (docs/small_batch.md): `GhostBatchNorm1d/2d/3d`,
@@ -17,7 +20,9 @@ Needs torch (``import fastbn`` itself does not). See docs/nn.md.
 """
 from fastbn.nn import functional
 from fastbn.nn.convert import convert, revert
+from fastbn.nn.evonorm import EvoNorm2dS0
 from fastbn.nn.factory import NORM_NAMES, create_norm, swap_norm
+from fastbn.nn.frn import FilterResponseNorm2d
 from fastbn.nn.frozen import FrozenBatchNorm2d, freeze
 from fastbn.nn.ghost import GhostBatchNorm1d, GhostBatchNorm2d, GhostBatchNorm3d, ghost_batch_norm
 from fastbn.nn.modules import (BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct2d, GroupNorm,
@@ -27,7 +32,8 @@ from fastbn.nn.renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, batch_
 from fastbn.nn.sync_batch_norm import SyncBatchNorm
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct2d", "BatchRenorm1d",
-           "BatchRenorm2d", "BatchRenorm3d", "FrozenBatchNorm2d", "GhostBatchNorm1d",
+           "BatchRenorm2d", "BatchRenorm3d", "EvoNorm2dS0", "FilterResponseNorm2d",
+           "FrozenBatchNorm2d", "GhostBatchNorm1d",
            "GhostBatchNorm2d", "GhostBatchNorm3d", "GroupNorm", "InstanceNorm1d",
            "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "NORM_NAMES", "RMSNorm",
            "SyncBatchNorm", "batch_renorm", "convert", "create_norm", "freeze", "functional",

@@ -21,6 +21,11 @@ from fastbn.nn import _function
 
 __all__ = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
 
+# Filter Response Normalization and EvoNorm-S0 live in a module of their own.
+from fastbn.nn._norm_act_functional import evonorm_s0, filter_response_norm  # noqa: E402
+
+__all__ += ["evonorm_s0", "filter_response_norm"]
+
 # With no backend named, fastbn's path runs only where it was measured to beat torch's
 # (the module-level tables of `python -m fastbn bench`, 2 threads on the project
 # machine; docs/nn.md). fastbn's path costs 40-80 us more per training step (forward +
