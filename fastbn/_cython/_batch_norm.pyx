@@ -190,7 +190,11 @@ cdef void reduce_pass(const floating* first, const floating* second, const doubl
             reduce_item(first, second, centre, C, S, channels_last, split, item, part_a, part_b,
                         act)
         return
-    for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
+    # Guided: items go to threads as they come free, so a thread the machine deschedules
+    # (a vCPU of a busy host) holds up only the item it is on, where a static split would
+    # hold up its whole share. Each item writes its own partials: the bits do not depend
+    # on which thread ran what.
+    for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="guided"):
         reduce_item(first, second, centre, C, S, channels_last, split, item, part_a, part_b, act)
 
 
@@ -256,8 +260,8 @@ cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
             elementwise_item(x, x2, y, shift, scale, offset, scale2, C, S, channels_last, split,
                              item, act)
         return
-    for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
-        elementwise_item(x, x2, y, shift, scale, offset, scale2, C, S, channels_last, split,
+    for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="guided"):
+        elementwise_item(  # (guided: see reduce_pass)x, x2, y, shift, scale, offset, scale2, C, S, channels_last, split,
                          item, act)
 
 
