@@ -255,13 +255,13 @@ cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
     """y = act((x - shift) * scale + offset), or with x2 given (backward):
     y = g * scale + (x2 - shift) * scale2 + offset, g = x * act'(z), all per channel."""
     cdef Py_ssize_t item
-    if n_threads == 1:  # no OpenMP region, as in reduce_pass
+    if n_threads == 1:  # no OpenMP region, as in reduce_pass (and guided, as there)
         for item in range(split.items):
             elementwise_item(x, x2, y, shift, scale, offset, scale2, C, S, channels_last, split,
                              item, act)
         return
     for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="guided"):
-        elementwise_item(  # (guided: see reduce_pass)x, x2, y, shift, scale, offset, scale2, C, S, channels_last, split,
+        elementwise_item(x, x2, y, shift, scale, offset, scale2, C, S, channels_last, split,
                          item, act)
 
 
