@@ -292,3 +292,17 @@ def test_threads_follow_torch_under_fastbn_nn():
     assert result.stdout.split() == ["1", str(min(2, CPUS)), "1"]
     result = run_python("-c", code, FASTBN_NUM_THREADS="1")
     assert result.stdout.split() == ["1", "1", "1"]
+
+
+def test_threads_are_chosen_by_the_work():
+    """The rule every Cython kernel applies (docs/design.md): never more threads than asked
+    for, never more than one per MIN_VALUES_PER_THREAD values or per work item, at least 1."""
+    helpers = pytest.importorskip("fastbn._cython._openmp_helpers")
+    per_thread = helpers.MIN_VALUES_PER_THREAD
+    assert helpers.threads_for_work(16, 100 * per_thread, 1000) == 16
+    assert helpers.threads_for_work(4, 100 * per_thread, 1000) == 4
+    assert helpers.threads_for_work(16, 3 * per_thread, 1000) == 3
+    assert helpers.threads_for_work(16, 3 * per_thread + per_thread - 1, 1000) == 3
+    assert helpers.threads_for_work(16, 100 * per_thread, 5) == 5
+    assert helpers.threads_for_work(16, per_thread - 1, 1000) == 1
+    assert helpers.threads_for_work(16, 0, 0) == 1
