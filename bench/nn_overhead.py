@@ -20,6 +20,8 @@ import torch  # noqa: E402
 
 import fastbn  # noqa: E402
 import fastbn.nn as fnn  # noqa: E402
+from fastbn import batch_norm  # noqa: E402
+from fastbn.nn import _function, functional  # noqa: E402
 
 
 class DoNothing(torch.autograd.Function):
@@ -42,23 +44,39 @@ def cases(shape):
     x = torch.randn(shape, requires_grad=True)
     grad_y = torch.randn(shape)
     reference = torch.nn.BatchNorm2d(channels)
+    reference_act = torch.nn.Sequential(torch.nn.BatchNorm2d(channels),
+                                        torch.nn.ReLU6(inplace=True))
     named = fnn.BatchNorm2d(channels, backend=fastbn.get_backend())
     default = fnn.BatchNorm2d(channels)
+    fused = fnn.BatchNormAct2d(channels, act="relu6", backend=fastbn.get_backend())
     weight, bias = reference.weight, reference.bias
     arrays = [t.detach().numpy() for t in (x, weight, bias, grad_y)]
     x_array, weight_array, bias_array, grad_array = arrays
     running = [reference.running_mean.numpy().copy(), reference.running_var.numpy().copy()]
+    running_tensors = [torch.from_numpy(a) for a in running]
     _, mean, invstd = fastbn.batch_norm_forward(x_array, weight_array, bias_array, *running,
                                                 training=True)
+    kernels = fastbn._backends.load_backend(fastbn.get_backend())
+    layout = fastbn._layout.kernel_view(x_array)
     return {
         "torch.nn.BatchNorm2d step": lambda: reference(x).backward(grad_y),
+        "torch.nn BatchNorm2d + ReLU6 step": lambda: reference_act(x).backward(grad_y),
         "fastbn.nn.BatchNorm2d step, backend named": lambda: named(x).backward(grad_y),
         "fastbn.nn.BatchNorm2d step, backend=None": lambda: default(x).backward(grad_y),
+        "fastbn.nn.BatchNormAct2d(relu6) step, backend named": lambda: fused(x).backward(grad_y),
         "empty autograd.Function step": lambda: DoNothing.apply(x, weight, bias).backward(grad_y),
-        "fastbn.batch_norm_forward (NumPy)": lambda: fastbn.batch_norm_forward(
+        "fastbn.batch_norm_forward (NumPy API, checks included)": lambda: fastbn.batch_norm_forward(
             x_array, weight_array, bias_array, *running, training=True),
-        "fastbn.batch_norm_backward (NumPy)": lambda: fastbn.batch_norm_backward(
+        "fastbn.batch_norm_backward (NumPy API, checks included)": lambda: fastbn.batch_norm_backward(
             grad_array, x_array, weight_array, mean, invstd, True),
+        "batch_norm.run_forward (fastbn.nn's call, no checks)": lambda: batch_norm.run_forward(
+            kernels, x_array, weight_array, bias_array, *running, True, 0.1, 1e-5, layout=layout),
+        "batch_norm.run_backward (fastbn.nn's call, no checks)": lambda: batch_norm.run_backward(
+            kernels, grad_array, x_array, weight_array, mean, invstd, True, (True, True, True),
+            layout=layout),
+        "routing: runs_on_fastbn + torch_is_faster": lambda: (
+            _function.runs_on_fastbn(x, weight, bias, *running_tensors)
+            and functional.torch_is_faster("batch_norm", x, False)),
         "tensor.numpy(force=True)": lambda: x.numpy(force=True),
         "torch.from_numpy": lambda: torch.from_numpy(x_array),
     }
