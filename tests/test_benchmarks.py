@@ -218,7 +218,7 @@ def test_report_writes_every_measurement_and_the_plots(tmp_path):
     results = report.run_report(threads=2, backends=["cython"], repeats=1, output=tmp_path,
                                 grids=TINY_GRIDS, ops=list(TINY_GRIDS),
                                 networks=[("resnet18", "training", 2)], network_image_size=32,
-                                small_networks=True, progress=False,
+                                small_networks=True, cost_batches=(2,), progress=False,
                                 print_fn=lambda line: None)
     with open(tmp_path / "results.json") as file:
         saved = json.load(file)
@@ -246,6 +246,13 @@ def test_report_writes_every_measurement_and_the_plots(tmp_path):
     assert sum(r["threads"] == 1 for r in records) == 2 * cases
     assert [(r["model"], r["batch"], r["small"], r["backend"]) for r in saved["networks"]] == [
         ("resnet18", 2, True, name) for name in end_to_end.IMPLEMENTATIONS]
+    assert set(saved["costs"]) == {"per_call", "mobilenet_v2 batch 2"}
+    assert saved["costs"]["per_call"]["fastbn.nn.BatchNorm2d step"] > 0
+    parts = saved["costs"]["mobilenet_v2 batch 2"]
+    assert parts["kernels forward (ms per step)"] <= parts["run_forward (ms per step)"] <= (
+        parts["NormFunction.forward (ms per step)"])
+    assert parts["step, convert (ms)"] > 0
+    assert saved["machine"]["threads"] == 2
     for name in ["speedup_batch_norm_2d", "speedup_group_norm", "speedup_layer_norm",
                  "time_vs_bytes"]:
         with open(tmp_path / f"{name}.png", "rb") as file:
@@ -256,7 +263,8 @@ def test_bench_command_runs_the_parts_asked_for(tmp_path, capsys):
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
     assert report.main(["--ops", "layer_norm", "--backends", "cython", "--repeats", "1",
-                        "--no-kernels", "--no-networks", "--output", str(tmp_path)]) == 0
+                        "--no-kernels", "--no-networks", "--no-costs", "--output",
+                        str(tmp_path)]) == 0
     with open(tmp_path / "results.json") as file:
         saved = json.load(file)
     assert {(r["level"], r["op"]) for r in saved["measurements"]} == {("module", "layer_norm")}

@@ -17,6 +17,7 @@ Kinds:
 - ``kernel`` / ``module``: geometric-mean speedups over torch per op, layout and mode
   (worst shape too) at that level;
 - ``networks``: the end-to-end table;
+- ``costs``: what each part of fastbn.nn's path costs (per call; inside a network);
 - ``sweep``: the thread-sweep table;
 - ``report``: every table of the run (docs/benchmarks/report.md).
 """
@@ -27,7 +28,7 @@ import os
 import re
 import sys
 
-from fastbn.benchmarks import end_to_end, machine, scaling
+from fastbn.benchmarks import costs, end_to_end, machine, scaling
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS_DIR = os.path.join("docs", "benchmarks")
@@ -82,13 +83,15 @@ def render(kind, source, root=REPOSITORY):
         return level_summary(results, kind)
     if kind == "networks":
         return end_to_end.table(results["networks"])[2:]  # the caller's page has a heading
+    if kind == "costs":
+        return costs.table(results["costs"])[2:]
     if kind == "sweep":
         return scaling.table(results["sweep"])[2:]
     if kind == "report":
         from fastbn.benchmarks.report import tables
 
         return (tables(results["measurements"], results["machine"]["threads"])
-                + end_to_end.table(results["networks"]))
+                + end_to_end.table(results["networks"]) + costs.table(results.get("costs", {})))
     raise ValueError(f"unknown block kind {kind!r}")
 
 

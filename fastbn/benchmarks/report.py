@@ -26,7 +26,8 @@ import statistics
 import sys
 
 import fastbn
-from fastbn.benchmarks import batch_norm, end_to_end, machine, modules, norms, scaling, shapes
+from fastbn.benchmarks import (batch_norm, costs, end_to_end, machine, modules, norms, scaling,
+                               shapes)
 from fastbn.benchmarks.compare import environment_lines
 from fastbn.benchmarks.timing import alternate, bandwidth_floor
 
@@ -37,6 +38,8 @@ SCALING_BACKEND = "cython"
 # fastbn.nn's modules with backend=None: torch's op where it was measured faster.
 DEFAULT_ROUTING = "default"
 DTYPE = "float32"
+# The batch sizes of the parts' costs inside a converted MobileNetV2 step (`costs`).
+COST_BATCHES = (2, 8)
 # The end-to-end cases: every (model, mode, batch).
 NETWORKS = tuple((model, mode, batch) for model in end_to_end.MODELS
                  for mode in end_to_end.MODES for batch in end_to_end.BATCH_SIZES)
@@ -446,8 +449,8 @@ def plot(records, output_dir, threads):
 
 def run_report(full=False, threads=None, backends=None, repeats=None, output="bench-results",
                grids=None, ops=OPS, levels=LEVELS, networks=NETWORKS,
-               network_image_size=end_to_end.IMAGE_SIZE, small_networks=False, progress=True,
-               print_fn=print):
+               network_image_size=end_to_end.IMAGE_SIZE, small_networks=False,
+               cost_batches=COST_BATCHES, progress=True, print_fn=print):
     """Run the benchmark, print the tables, write results.json and the plots into `output`.
 
     Parameters
@@ -474,6 +477,10 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     network_image_size : int
     small_networks : bool
         Narrow networks (a smoke run).
+    cost_batches : sequence of int
+        Batch sizes at which to measure what each part of fastbn.nn's path costs inside a
+        converted MobileNetV2 step (`costs.network_parts`), after the per-call parts on a
+        tiny input (`costs.per_call_parts`); empty: neither.
     progress : bool
         Show a progress bar (tqdm) over the cases.
     print_fn : callable
@@ -503,10 +510,18 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
         network_records = measure_networks(networks, threads, max(3, repeats // 2), warmup=1,
                                            image_size=network_image_size,
                                            small=small_networks, bar=bar)
-    for line in tables(records, threads) + end_to_end.table(network_records):
+    cost_records = {}
+    if cost_batches:
+        cost_records["per_call"] = costs.per_call_parts(threads)
+        for batch in cost_batches:
+            cost_records[f"mobilenet_v2 batch {batch}"] = costs.network_parts(
+                "mobilenet_v2", batch, network_image_size, threads, steps=max(3, repeats // 3),
+                small=small_networks)
+    for line in (tables(records, threads) + end_to_end.table(network_records)
+                 + costs.table(cost_records)):
         print_fn(line)
     results = {"machine": machine.describe(threads), "environment": environment,
-               "measurements": records, "networks": network_records}
+               "measurements": records, "networks": network_records, "costs": cost_records}
     if output is not None:
         os.makedirs(output, exist_ok=True)
         write_json(results, os.path.join(output, "results.json"))
@@ -609,6 +624,9 @@ def main(argv=None):
                         help="skip the module-level tables (fastbn.nn through autograd)")
     parser.add_argument("--no-networks", action="store_true",
                         help="skip the end-to-end networks (MobileNetV2, ResNet-18)")
+    parser.add_argument("--no-costs", action="store_true",
+                        help="skip what each part of fastbn.nn's path costs (a tiny input's "
+                        "step and its parts; a converted MobileNetV2 step's BatchNorm time)")
     parser.add_argument("--networks", nargs="+", default=None, metavar="MODEL:MODE:BATCH",
                         help="the end-to-end cases, e.g. mobilenet_v2:training:8 "
                         "resnet50:eval:2 (models: " + ", ".join(end_to_end.MODEL_TITLES)
@@ -632,5 +650,6 @@ def main(argv=None):
         return 0
     run_report(full=args.full, threads=args.threads and args.threads[0], backends=args.backends,
                repeats=args.repeats, output=args.output, ops=args.ops, levels=levels,
-               networks=networks, network_image_size=args.image_size)
+               networks=networks, network_image_size=args.image_size,
+               cost_batches=() if args.no_costs else COST_BATCHES)
     return 0
