@@ -254,7 +254,7 @@ def test_report_writes_every_measurement_and_the_plots(tmp_path):
     assert parts["step, convert (ms)"] > 0
     assert saved["machine"]["threads"] == 2
     for name in ["speedup_batch_norm_2d", "speedup_group_norm", "speedup_layer_norm",
-                 "time_vs_bytes"]:
+                 "time_vs_bytes", "bandwidth"]:
         with open(tmp_path / f"{name}.png", "rb") as file:
             assert file.read(8) == b"\x89PNG\r\n\x1a\n"
 

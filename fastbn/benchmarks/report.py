@@ -417,6 +417,7 @@ def plot(records, output_dir, threads):
     kernel_records = [r for r in at_threads if r["level"] == "kernel"]
     if not kernel_records:
         return paths
+    paths.append(_plot_bandwidth(kernel_records, output_dir, threads, plt))
     figure, axis = plt.subplots(figsize=(7, 5))
     by_backend = _group(kernel_records, ("backend",))
     for index, ((backend,), rows) in enumerate(by_backend.items()):
@@ -445,6 +446,37 @@ def plot(records, output_dir, threads):
     plt.close(figure)
     paths.append(path)
     return paths
+
+
+def _plot_bandwidth(records, output_dir, threads, plt):
+    """``bandwidth.png``: per kernel-level case, the GB/s each implementation achieves
+    (bytes an ideal kernel moves / time) against the copy floor's, shape by shape."""
+    panels = _group(records, ("op", "layout", "mode"))
+    columns = min(4, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.6 * rows),
+                                squeeze=False)
+    for axis, ((op, layout, mode), panel) in zip(axes.flat, panels.items()):
+        shape_names = list(dict.fromkeys(shapes.format_shape(r["shape"]) for r in panel))
+        for index, ((backend,), rows_) in enumerate(_group(panel, ("backend",)).items()):
+            by_shape = {shapes.format_shape(r["shape"]): r["bytes_moved"] / r["median_s"] / 1e9
+                        for r in rows_}
+            axis.plot(range(len(shape_names)), [by_shape.get(name) for name in shape_names],
+                      marker="o", markersize=3, color="black" if backend == "floor" else f"C{index}",
+                      linestyle="--" if backend == "floor" else "-", label=backend)
+        axis.set_xticks(range(len(shape_names)))
+        axis.set_xticklabels(shape_names, rotation=90, fontsize=6)
+        axis.set_ylabel("GB/s")
+        axis.set_title(f"{op} {layout} {mode}", fontsize=8)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize=6)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.axis("off")
+    figure.suptitle(f"achieved GB/s against the copy floor's, kernel level, {threads} threads")
+    path = os.path.join(output_dir, "bandwidth.png")
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
 
 
 def run_report(full=False, threads=None, backends=None, repeats=None, output="bench-results",
