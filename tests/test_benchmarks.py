@@ -358,3 +358,15 @@ def test_thread_sweep_summarises_every_count(tmp_path):
     assert "| kernel | batch_norm_2d | training | cython | " in "\n".join(lines)
     with open(tmp_path / "scaling.png", "rb") as file:
         assert file.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_network_layers_are_the_networks_batch_norm_inputs():
+    pytest.importorskip("torch")
+    samples = end_to_end.batch_norm_sample_shapes(image_size=112)
+    assert (96, 56, 56) in samples and (512, 4, 4) in samples and (1280, 4, 4) in samples
+    assert len(samples) == len(set(samples))
+    records = report.measure_network_layers(2, repeats=1, warmup=1, image_size=32,
+                                            batch_sizes=(2,))
+    assert {r["backend"] for r in records} == {"torch", report.DEFAULT_ROUTING}
+    lines = report.network_layers_table(records)
+    assert "geometric mean" in lines[-1]

@@ -176,3 +176,26 @@ def table(records):
             f"{bound * 1e3:.1f} | {torch_s / bound:.2f}x | {captured:.0%} | "
             f"{_spread(rows):.0%} |")
     return lines
+
+
+# Batch sizes of the module-level measurement on the networks' own BatchNorm shapes.
+LAYER_BATCH_SIZES = (1, 2, 4, 8)
+
+
+def batch_norm_sample_shapes(models=("mobilenet_v2", "resnet18"), image_size=IMAGE_SIZE):
+    """The per-sample shapes (C, H, W) of every BatchNorm2d input in `models` at
+    `image_size`, each once, largest first."""
+    import torch
+    from torch import nn
+
+    found = set()
+    for name in models:
+        model = build_model(name)
+        hooks = [module.register_forward_hook(
+                     lambda module, inputs, output: found.add(tuple(inputs[0].shape[1:])))
+                 for module in model.modules() if isinstance(module, nn.BatchNorm2d)]
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, image_size, image_size))
+        for hook in hooks:
+            hook.remove()
+    return sorted(found, key=lambda shape: (-shape[0] * shape[1] * shape[2], shape))

@@ -211,6 +211,61 @@ def measure_networks(networks, threads, repeats, warmup, image_size=end_to_end.I
     return records
 
 
+def measure_network_layers(threads, repeats, warmup, image_size=end_to_end.IMAGE_SIZE,
+                           batch_sizes=end_to_end.LAYER_BATCH_SIZES, bar=None):
+    """Module level on the reference networks' own BatchNorm2d shapes (issue 11's layer
+    target): a fastbn.nn.BatchNorm2d training step (default routing) against a
+    torch.nn.BatchNorm2d one, each checked, then alternated.
+
+    Returns
+    -------
+    list of dict
+        Keys: shape, image_size, backend ("torch" or "default"), threads, median_s, ...
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    fastbn.set_num_threads(threads)
+    records = []
+    for sample in end_to_end.batch_norm_sample_shapes(image_size=image_size):
+        for batch in batch_sizes:
+            shape = (batch,) + sample
+            if bar is not None:
+                bar.set_postfix_str(f"network layer {shapes.format_shape(shape)}")
+            case = modules.ModuleCase("batch_norm_2d", modules.kernel_case("batch_norm_2d",
+                                                                           shape, DTYPE))
+            expected = case.expected("training")
+            steps = {"torch": _torch_on_threads(case.torch_step("training"), threads),
+                     DEFAULT_ROUTING: _torch_on_threads(case.fastbn_step(None, "training"),
+                                                        threads)}
+            case.check(steps[DEFAULT_ROUTING](), expected, "training", DEFAULT_ROUTING)
+            for name, timing in alternate(steps, repeats=repeats, warmup=warmup).items():
+                records.append(_timing_record(timing, shape=list(shape), image_size=image_size,
+                                              dtype=DTYPE, backend=name, threads=threads))
+            if bar is not None:
+                bar.update()
+    return records
+
+
+def network_layers_table(records):
+    """Markdown lines: the geometric-mean and worst speedup of fastbn.nn.BatchNorm2d over
+    torch.nn.BatchNorm2d on the networks' BatchNorm shapes (records of
+    `measure_network_layers`)."""
+    if not records:
+        return []
+    ratios = []
+    for (shape,), rows in _group(records, ("shape",)).items():
+        at = {r["backend"]: r["median_s"] for r in rows}
+        ratios.append((at["torch"] / at[DEFAULT_ROUTING], shape))
+    worst, worst_shape = min(ratios)
+    return ["", "## Module level on the networks' own BatchNorm shapes", "",
+            f"fastbn.nn.BatchNorm2d (default routing) over torch.nn.BatchNorm2d, training step, "
+            f"the BatchNorm2d input shapes of MobileNetV2 and ResNet-18 at "
+            f"{records[0]['image_size']} px, N in {', '.join(map(str, end_to_end.LAYER_BATCH_SIZES))}"
+            f" ({len(ratios)} shapes): geometric mean {_geomean([r for r, _ in ratios]):.2f}x, "
+            f"worst {worst:.2f}x ({shapes.format_shape(worst_shape)})."]
+
+
 def _group(records, keys):
     groups = {}
     for record in records:
@@ -482,7 +537,8 @@ def _plot_bandwidth(records, output_dir, threads, plt):
 def run_report(full=False, threads=None, backends=None, repeats=None, output="bench-results",
                grids=None, ops=OPS, levels=LEVELS, networks=NETWORKS,
                network_image_size=end_to_end.IMAGE_SIZE, small_networks=False,
-               cost_batches=COST_BATCHES, progress=True, print_fn=print):
+               cost_batches=COST_BATCHES, network_layers=False, progress=True,
+               print_fn=print):
     """Run the benchmark, print the tables, write results.json and the plots into `output`.
 
     Parameters
@@ -509,6 +565,9 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
     network_image_size : int
     small_networks : bool
         Narrow networks (a smoke run).
+    network_layers : bool
+        Also the module level on the networks' own BatchNorm shapes
+        (`measure_network_layers`; --full turns it on).
     cost_batches : sequence of int
         Batch sizes at which to measure what each part of fastbn.nn's path costs inside a
         converted MobileNetV2 step (`costs.network_parts`), after the per-call parts on a
@@ -542,6 +601,8 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
         network_records = measure_networks(networks, threads, max(3, repeats // 2), warmup=1,
                                            image_size=network_image_size,
                                            small=small_networks, bar=bar)
+    layer_records = (measure_network_layers(threads, max(5, repeats // 2), warmup)
+                     if network_layers else [])
     cost_records = {}
     if cost_batches:
         cost_records["per_call"] = costs.per_call_parts(threads)
@@ -550,10 +611,11 @@ def run_report(full=False, threads=None, backends=None, repeats=None, output="be
                 "mobilenet_v2", batch, network_image_size, threads, steps=max(3, repeats // 3),
                 small=small_networks)
     for line in (tables(records, threads) + end_to_end.table(network_records)
-                 + costs.table(cost_records)):
+                 + network_layers_table(layer_records) + costs.table(cost_records)):
         print_fn(line)
     results = {"machine": machine.describe(threads), "environment": environment,
-               "measurements": records, "networks": network_records, "costs": cost_records}
+               "measurements": records, "networks": network_records,
+               "network_layers": layer_records, "costs": cost_records}
     if output is not None:
         os.makedirs(output, exist_ok=True)
         write_json(results, os.path.join(output, "results.json"))
@@ -683,5 +745,6 @@ def main(argv=None):
     run_report(full=args.full, threads=args.threads and args.threads[0], backends=args.backends,
                repeats=args.repeats, output=args.output, ops=args.ops, levels=levels,
                networks=networks, network_image_size=args.image_size,
-               cost_batches=() if args.no_costs else COST_BATCHES)
+               cost_batches=() if args.no_costs else COST_BATCHES,
+               network_layers=args.full and not args.no_modules)
     return 0
