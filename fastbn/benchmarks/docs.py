@@ -18,6 +18,7 @@ Kinds:
   (worst shape too) at that level;
 - ``networks``: the end-to-end table;
 - ``costs``: what each part of fastbn.nn's path costs (per call; inside a network);
+- ``targets``: the issues' speed targets this run can check, measured and met or not;
 - ``sweep``: the thread-sweep table;
 - ``report``: every table of the run (docs/benchmarks/report.md).
 """
@@ -28,7 +29,7 @@ import os
 import re
 import sys
 
-from fastbn.benchmarks import costs, end_to_end, machine, scaling
+from fastbn.benchmarks import costs, end_to_end, machine, scaling, targets
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS_DIR = os.path.join("docs", "benchmarks")
@@ -83,6 +84,12 @@ def render(kind, source, root=REPOSITORY):
         return level_summary(results, kind)
     if kind == "networks":
         return end_to_end.table(results["networks"])[2:]  # the caller's page has a heading
+    if kind == "layers":
+        from fastbn.benchmarks.report import network_layers_table
+
+        return network_layers_table(results.get("network_layers", []))[2:]
+    if kind == "targets":
+        return targets.table(results)
     if kind == "costs":
         return costs.table(results["costs"])[2:]
     if kind == "sweep":
