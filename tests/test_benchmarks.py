@@ -367,6 +367,6 @@ def test_network_layers_are_the_networks_batch_norm_inputs():
     assert len(samples) == len(set(samples))
     records = report.measure_network_layers(2, repeats=1, warmup=1, image_size=32,
                                             batch_sizes=(2,))
-    assert {r["backend"] for r in records} == {"torch", report.DEFAULT_ROUTING}
+    assert {r["backend"] for r in records} == {"torch", report.DEFAULT_ROUTING, "cython"}
     lines = report.network_layers_table(records)
     assert "geometric mean" in lines[-1]

@@ -214,13 +214,15 @@ def measure_networks(networks, threads, repeats, warmup, image_size=end_to_end.I
 def measure_network_layers(threads, repeats, warmup, image_size=end_to_end.IMAGE_SIZE,
                            batch_sizes=end_to_end.LAYER_BATCH_SIZES, bar=None):
     """Module level on the reference networks' own BatchNorm2d shapes (issue 11's layer
-    target): a fastbn.nn.BatchNorm2d training step (default routing) against a
-    torch.nn.BatchNorm2d one, each checked, then alternated.
+    target): a fastbn.nn.BatchNorm2d training step (default routing, and the cython
+    backend named: where the routing's sizes come from) against a torch.nn.BatchNorm2d
+    one, each checked, then alternated.
 
     Returns
     -------
     list of dict
-        Keys: shape, image_size, backend ("torch" or "default"), threads, median_s, ...
+        Keys: shape, image_size, backend ("torch", "default" or "cython"), threads,
+        median_s, ...
     """
     import torch
 
@@ -237,8 +239,11 @@ def measure_network_layers(threads, repeats, warmup, image_size=end_to_end.IMAGE
             expected = case.expected("training")
             steps = {"torch": _torch_on_threads(case.torch_step("training"), threads),
                      DEFAULT_ROUTING: _torch_on_threads(case.fastbn_step(None, "training"),
-                                                        threads)}
-            case.check(steps[DEFAULT_ROUTING](), expected, "training", DEFAULT_ROUTING)
+                                                        threads),
+                     SCALING_BACKEND: _torch_on_threads(
+                         case.fastbn_step(SCALING_BACKEND, "training"), threads)}
+            for name in (DEFAULT_ROUTING, SCALING_BACKEND):
+                case.check(steps[name](), expected, "training", name)
             for name, timing in alternate(steps, repeats=repeats, warmup=warmup).items():
                 records.append(_timing_record(timing, shape=list(shape), image_size=image_size,
                                               dtype=DTYPE, backend=name, threads=threads))
