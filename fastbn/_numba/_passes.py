@@ -28,12 +28,11 @@ So both passes run through one function (`pass_items`, the kind is an argument),
 `prange` (`_parallel_pass`), and each op has a single entry point per direction.
 """
 import numpy as np
-from numba import njit, types
-from numba.extending import overload
+from numba import njit
 
 from fastbn._numba import _activations
 from fastbn._numba._runtime import HELPER_OPTIONS, INLINE_OPTIONS
-from fastbn._numba._sums import grad_sums, shifted_sums
+from fastbn._numba._sums import element, grad_sums, shifted_sums
 
 # Values in one work item: big enough to amortise the per-item overhead, small
 # enough that N = 1 with few channels still gives every thread work.
@@ -139,19 +138,7 @@ def _next_row(c, period):
 # only at run time costs numba more than a 49-value row does) or 1-D slices of rows,
 # so that every loop counts from 0 over a contiguous array and LLVM drops numba's
 # negative-index handling and vectorises. Coefficients are scalars (channels-first:
-# one per run) or arrays (channels-last: one per column), see _coef.
-
-def _coef(a, i):
-    """a[i] for a per-column array, a itself for a scalar: one loop serves both layouts."""
-    return a[i] if isinstance(a, np.ndarray) else a
-
-
-@overload(_coef, jit_options=HELPER_OPTIONS, inline="always")
-def _coef_jit(a, i):
-    if isinstance(a, types.Array):
-        return lambda a, i: a[i]
-    return lambda a, i: a
-
+# one per run) or arrays (channels-last: one per column), see _sums.element.
 
 @njit(**HELPER_OPTIONS)
 def _run_matrix(x, channels_last):
@@ -175,14 +162,14 @@ def _source_run(matrix, row_offset, column_offset, row, c0, c1):
 def _affine_run(x, y, shift, scale, offset):
     """y = (x - shift) * scale + offset."""
     for j in range(x.size):
-        y[j] = (x[j] - _coef(shift, j)) * _coef(scale, j) + _coef(offset, j)
+        y[j] = (x[j] - element(shift, j)) * element(scale, j) + element(offset, j)
 
 
 @njit(**INLINE_OPTIONS)
 def _grad_input_run(g, x, dx, mean, a, b, d):
     """dx = g * a + (x - mean) * b + d."""
     for j in range(g.size):
-        dx[j] = g[j] * _coef(a, j) + (x[j] - _coef(mean, j)) * _coef(b, j) + _coef(d, j)
+        dx[j] = g[j] * element(a, j) + (x[j] - element(mean, j)) * element(b, j) + element(d, j)
 
 
 @njit(**HELPER_OPTIONS)
@@ -273,7 +260,7 @@ def _reduce_runs(args, values, row_offset, column_offset, first_item, end_item):
             for row in range(r0, r1):
                 part_a[row * chunks + slot], part_b[row * chunks + slot] = grad_sums(
                     _source_run(values, row_offset, column_offset, row, c0, c1),
-                    _source_run(x_runs, 0, 0, row, c0, c1), centre[k])
+                    _source_run(x_runs, 0, 0, row, c0, c1), centre[k], 1.0)
                 k = _next_row(k, period)
         else:
             k = r0 % period

@@ -20,7 +20,8 @@ values near it, which keeps the sum of squares accurate on data with a large mea
 Both run helpers are inlined into their callers (INLINE_OPTIONS).
 """
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from fastbn._numba._runtime import HELPER_OPTIONS, INLINE_OPTIONS
 
@@ -32,6 +33,31 @@ BLOCK = 1024
 SMALL = 2.0 ** -100
 
 
+def element(a, i):
+    """a[i] for an array, a itself for a scalar: one loop serves a per-value factor (an
+    array) and a constant one (a scalar)."""
+    return a[i] if isinstance(a, np.ndarray) else a
+
+
+@overload(element, jit_options=HELPER_OPTIONS, inline="always")
+def _element_jit(a, i):
+    if isinstance(a, types.Array):
+        return lambda a, i: a[i]
+    return lambda a, i: a
+
+
+def part(a, start, stop):
+    """a[start:stop] for an array, a itself for a scalar (see element)."""
+    return a[start:stop] if isinstance(a, np.ndarray) else a
+
+
+@overload(part, jit_options=HELPER_OPTIONS, inline="always")
+def _part_jit(a, start, stop):
+    if isinstance(a, types.Array):
+        return lambda a, start, stop: a[start:stop]
+    return lambda a, start, stop: a
+
+
 @njit(**INLINE_OPTIONS)
 def float32_sum_is_exact_enough(products, total):
     """Whether a block's sum of products (squares) kept float32 precision: finite and
@@ -41,18 +67,18 @@ def float32_sum_is_exact_enough(products, total):
 
 
 @njit(**HELPER_OPTIONS)
-def exact_block_sums(first, second, start, stop, centre, gradient):
+def exact_block_sums(first, second, start, stop, centre, gradient, weight):
     """The float64 sums of the block [start, stop) of the runs: sum(first - centre) and
-    sum((first - centre)**2), or when `gradient` sum(first) and
-    sum((second - centre) * first). (The runs and a range rather than the block's
-    slices: passing a slice made in the caller's loop to a call made numba count its
-    references in every block, 3x slower on runs of 49 values.)"""
+    sum((first - centre)**2), or when `gradient` sum(g) and sum((second - centre) * g),
+    g = first * weight (weight: a run, or 1.0). (The runs and a range rather than the
+    block's slices: passing a slice made in the caller's loop to a call made numba count
+    its references in every block, 3x slower on runs of 49 values.)"""
     total = 0.0
     products = 0.0
     centre = np.float64(centre)
     for i in range(start, stop):
         if gradient:
-            g = np.float64(first[i])
+            g = np.float64(first[i]) * np.float64(element(weight, i))
             total += g
             products += (np.float64(second[i]) - centre) * g
         else:
@@ -80,30 +106,36 @@ def shifted_sums(x, centre):
             total += block_sum
             total_sq += block_sq
         else:
-            redo_sum, redo_sq = exact_block_sums(x, x, start, start + block.size, centre, False)
+            redo_sum, redo_sq = exact_block_sums(x, x, start, start + block.size, centre, False,
+                                                 1.0)
             total += redo_sum
             total_sq += redo_sq
     return total, total_sq
 
 
 @njit(**INLINE_OPTIONS)
-def grad_sums(dy, x, mean):
-    """sum(dy) and sum((x - mean) * dy) over the 1-D runs dy and x, in float64."""
+def grad_sums(dy, x, mean, weight):
+    """sum(g) and sum((x - mean) * g) over the 1-D runs dy and x, g = dy * weight (a run
+    of weights, or the constant 1.0, which LLVM folds away), in float64."""
     total = 0.0
     total_dot = 0.0
     for start in range(0, x.size, BLOCK):
         dy_block = dy[start:start + BLOCK]
         x_block = x[start:start + BLOCK]
+        w_block = part(weight, start, start + BLOCK)
         block_sum = x.dtype.type(0)
         block_dot = x.dtype.type(0)
         for i in range(x_block.size):
-            block_sum += dy_block[i]
-            block_dot += (x_block[i] - mean) * dy_block[i]
+            g = dy_block[i] * element(w_block, i)
+            block_sum += g
+            block_dot += (x_block[i] - mean) * g
+        # A zero dot (dy zero, or x at the mean) needs no second look.
         if float32_sum_is_exact_enough(block_dot, 0.0) and abs(block_sum) < np.inf:
             total += block_sum
             total_dot += block_dot
         else:
-            redo_sum, redo_dot = exact_block_sums(dy, x, start, start + x_block.size, mean, True)
+            redo_sum, redo_dot = exact_block_sums(dy, x, start, start + x_block.size, mean, True,
+                                                  weight)
             total += redo_sum
             total_dot += redo_dot
     return total, total_dot
