@@ -47,6 +47,15 @@ MIN_ELEMENTS_PER_THREAD = 16384
 # The kinds of pass (the first of a pass's arguments).
 REDUCE, ELEMENTWISE, NO_PASS = 0, 1, 2
 
+# Where each of a pass's arguments is in their tuple (pass_arguments): the kind; the
+# tensors (first: x or dy, second: x, out: y or dx); per-coefficient vectors; BatchNorm's
+# activation (code, slope, and z's scale and offset); FLAG: gradient sums (REDUCE) or
+# the backward formula (ELEMENTWISE); the float64 partials; the layout and the work
+# split. A function takes only the items it uses: each array taken from the tuple costs
+# two atomic reference-count updates, which showed on small inputs.
+(KIND, FIRST, SECOND, OUT, CENTRE, SCALE, OFFSET, SCALE2, ZA, ZB, ACT, SLOPE, FLAG, PART_A,
+ PART_B, CHANNELS_LAST, PER_SAMPLE, CHUNKS, ROWS_PER_ITEM) = range(19)
+
 
 # ---------------------------------------------------------------------------
 # The work split.
@@ -224,8 +233,16 @@ def _reduce_runs(args, values, row_offset, column_offset, first_item, end_item):
     the arrays that a row's views belong to, and removes that counting (an atomic
     operation per view) only where the view is used in a straight line; a branch per
     row made the passes 3x slower on 7 x 7 maps."""
-    (_, first, second, _, centre, _, _, _, _, _, _, _, gradient, part_a, part_b, channels_last,
-     per_sample, chunks, rows_per_item) = args
+    first = args[FIRST]
+    second = args[SECOND]
+    centre = args[CENTRE]
+    gradient = args[FLAG]
+    part_a = args[PART_A]
+    part_b = args[PART_B]
+    channels_last = args[CHANNELS_LAST]
+    per_sample = args[PER_SAMPLE]
+    chunks = args[CHUNKS]
+    rows_per_item = args[ROWS_PER_ITEM]
     N = first.shape[0]
     C, S = channels_spatial(first, channels_last)
     period = N * C if per_sample else C
@@ -275,8 +292,18 @@ def _elementwise_runs(args, values, row_offset, column_offset, first_item, end_i
     """The output of the items [first_item, end_item): out = (v - shift) * scale + offset;
     or when `backward`, out = v * scale + (x - shift) * scale2 + offset, x = second (see
     _source_run; branch-free row loops: see _reduce_runs)."""
-    (_, first, second, out, shift, scale, offset, scale2, _, _, _, _, backward, _, _,
-     channels_last, per_sample, chunks, rows_per_item) = args
+    first = args[FIRST]
+    second = args[SECOND]
+    out = args[OUT]
+    shift = args[CENTRE]
+    scale = args[SCALE]
+    offset = args[OFFSET]
+    scale2 = args[SCALE2]
+    backward = args[FLAG]
+    channels_last = args[CHANNELS_LAST]
+    per_sample = args[PER_SAMPLE]
+    chunks = args[CHUNKS]
+    rows_per_item = args[ROWS_PER_ITEM]
     N = first.shape[0]
     C, S = channels_spatial(first, channels_last)
     period = N * C if per_sample else C
@@ -320,8 +347,14 @@ def _elementwise_runs(args, values, row_offset, column_offset, first_item, end_i
 @njit(**HELPER_OPTIONS)
 def _activated_output(args, first_item, end_item):
     """y = act(y) over the output of the items [first_item, end_item), in place."""
-    (_, first, _, out, _, _, _, _, _, _, act, slope, _, _, _, channels_last, per_sample,
-     chunks, rows_per_item) = args
+    first = args[FIRST]
+    out = args[OUT]
+    act = args[ACT]
+    slope = args[SLOPE]
+    channels_last = args[CHANNELS_LAST]
+    per_sample = args[PER_SAMPLE]
+    chunks = args[CHUNKS]
+    rows_per_item = args[ROWS_PER_ITEM]
     N = first.shape[0]
     C, S = channels_spatial(first, channels_last)
     n_columns = C if channels_last else S
@@ -341,8 +374,17 @@ def _activated_output(args, first_item, end_item):
 def _item_gradient(args, buffer, item):
     """g = dy * act'(z) of one item, z = (x - mean) * za + zb, in `buffer`:
     (g, its first row, its first column) (see _source_run)."""
-    (_, first, second, _, mean, _, _, _, za, zb, act, slope, _, _, _, channels_last,
-     per_sample, chunks, rows_per_item) = args
+    first = args[FIRST]
+    second = args[SECOND]
+    mean = args[CENTRE]
+    za = args[ZA]
+    zb = args[ZB]
+    act = args[ACT]
+    slope = args[SLOPE]
+    channels_last = args[CHANNELS_LAST]
+    per_sample = args[PER_SAMPLE]
+    chunks = args[CHUNKS]
+    rows_per_item = args[ROWS_PER_ITEM]
     N = first.shape[0]
     C, S = channels_spatial(first, channels_last)
     r0, r1, c0, c1, _, coef_base = _item_extent(item, N, C, S, channels_last, per_sample,
@@ -368,8 +410,13 @@ def _make_pass_items(fused):
         applies act to the item's output while it is in cache. Each run function has a
         single call site, so that numba compiles it once (the buffer is writeable, the
         tensors read-only: types that differ)."""
-        (kind, first, _, _, _, _, _, _, _, _, act, _, flag, _, _, channels_last, _, chunks,
-         rows_per_item) = args
+        kind = args[KIND]
+        first = args[FIRST]
+        act = args[ACT]
+        flag = args[FLAG]
+        channels_last = args[CHANNELS_LAST]
+        chunks = args[CHUNKS]
+        rows_per_item = args[ROWS_PER_ITEM]
         reduce = kind == REDUCE
         first_runs = _run_matrix(first, channels_last)
         if not fused:
