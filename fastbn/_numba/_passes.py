@@ -32,7 +32,7 @@ from numba import njit
 
 from fastbn._numba import _activations
 from fastbn._numba._runtime import HELPER_OPTIONS, INLINE_OPTIONS
-from fastbn._numba._sums import element, grad_sums, shifted_sums
+from fastbn._numba._sums import element, exact_sums, grad_sums, shifted_sums
 
 # Values in one work item: big enough to amortise the per-item overhead, small
 # enough that N = 1 with few channels still gives every thread work.
@@ -48,13 +48,14 @@ MIN_ELEMENTS_PER_THREAD = 16384
 REDUCE, ELEMENTWISE, NO_PASS = 0, 1, 2
 
 # Where each of a pass's arguments is in their tuple (pass_arguments): the kind; the
-# tensors (first: x or dy, second: x, out: y or dx); per-coefficient vectors; BatchNorm's
+# tensors' run matrices (first: x or dy, second: x, out: y or dx; made once per pass, as
+# a reshape costs a call); per-coefficient vectors; BatchNorm's
 # activation (code, slope, and z's scale and offset); FLAG: gradient sums (REDUCE) or
-# the backward formula (ELEMENTWISE); the float64 partials; the layout and the work
-# split. A function takes only the items it uses: each array taken from the tuple costs
+# the backward formula (ELEMENTWISE); the float64 partials; the layout, the work split
+# and the tensors' N, C, S (a tuple inside would not pass through a prange). A function takes only the items it uses: each array taken from the tuple costs
 # two atomic reference-count updates, which showed on small inputs.
 (KIND, FIRST, SECOND, OUT, CENTRE, SCALE, OFFSET, SCALE2, ZA, ZB, ACT, SLOPE, FLAG, PART_A,
- PART_B, CHANNELS_LAST, PER_SAMPLE, CHUNKS, ROWS_PER_ITEM) = range(19)
+ PART_B, CHANNELS_LAST, PER_SAMPLE, CHUNKS, ROWS_PER_ITEM, SAMPLES, CHANNELS, SPATIAL) = range(22)
 
 
 # ---------------------------------------------------------------------------
@@ -98,6 +99,15 @@ def partial_slots(N, C, S, channels_last, split):
     channels-last, slot row_block * C + c."""
     _, chunks, _, row_blocks = split
     return row_blocks * C if channels_last else N * C * chunks
+
+
+@njit(**HELPER_OPTIONS)
+def exact_run_sums(first, second, n, c, centre, gradient, channels_last):
+    """The sums of the REDUCE pass over the run of sample n, channel c, each value in
+    float64: for totals that failed _sums.kept_precision."""
+    if channels_last:
+        return exact_sums(first[n, :, c], second[n, :, c], centre, gradient, 1.0)
+    return exact_sums(first[n, c], second[n, c], centre, gradient, 1.0)
 
 
 @njit(**HELPER_OPTIONS)
@@ -151,7 +161,10 @@ def _next_row(c, period):
 
 @njit(**HELPER_OPTIONS)
 def _run_matrix(x, channels_last):
-    """The run matrix of a 3-D kernel view: (N * C, S), or (N * S, C) channels-last."""
+    """The run matrix of a 3-D kernel view: (N * C, S), or (N * S, C) channels-last; a
+    (0, 0) matrix for a length-0 stand-in (grad_x not wanted)."""
+    if x.size == 0:
+        return x.reshape((0, 0))
     N = x.shape[0]
     C, S = channels_spatial(x, channels_last)
     return x.reshape((N * S, C) if channels_last else (N * C, S))
@@ -218,9 +231,12 @@ def pass_arguments(kind, first, second, out, centre, scale, offset, scale2, za, 
     docstring). Flags and codes are cast: numba types a bare constant as a literal, a
     type of its own, and would compile the passes once per value."""
     _, chunks, rows_per_item, _ = split
-    return (np.int64(kind), first, second, out, centre, scale, offset, scale2, za, zb,
+    C, S = channels_spatial(first, channels_last)
+    return (np.int64(kind), _run_matrix(first, channels_last), _run_matrix(second, channels_last),
+            _run_matrix(out, channels_last), centre, scale, offset, scale2, za, zb,
             np.int64(act), np.float64(slope), np.bool_(flag), part_a, part_b,
-            np.bool_(channels_last), np.bool_(per_sample), chunks, rows_per_item)
+            np.bool_(channels_last), np.bool_(per_sample), chunks, rows_per_item,
+            first.shape[0], C, S)
 
 
 @njit(**HELPER_OPTIONS)
@@ -233,8 +249,7 @@ def _reduce_runs(args, values, row_offset, column_offset, first_item, end_item):
     the arrays that a row's views belong to, and removes that counting (an atomic
     operation per view) only where the view is used in a straight line; a branch per
     row made the passes 3x slower on 7 x 7 maps."""
-    first = args[FIRST]
-    second = args[SECOND]
+    x_runs = args[SECOND]
     centre = args[CENTRE]
     gradient = args[FLAG]
     part_a = args[PART_A]
@@ -243,10 +258,8 @@ def _reduce_runs(args, values, row_offset, column_offset, first_item, end_item):
     per_sample = args[PER_SAMPLE]
     chunks = args[CHUNKS]
     rows_per_item = args[ROWS_PER_ITEM]
-    N = first.shape[0]
-    C, S = channels_spatial(first, channels_last)
+    N, C, S = args[SAMPLES], args[CHANNELS], args[SPATIAL]
     period = N * C if per_sample else C
-    x_runs = _run_matrix(second, channels_last)
     for item in range(first_item, end_item):
         r0, r1, c0, c1, slot, coef_base = _item_extent(item, N, C, S, channels_last,
                                                        per_sample, chunks, rows_per_item)
@@ -274,10 +287,11 @@ def _reduce_runs(args, values, row_offset, column_offset, first_item, end_item):
                         acc_b[j] += d * d
         elif gradient:
             k = r0 % period
+            one = x_runs.dtype.type(1)  # no weight: in x's type, or the sums turn to float64
             for row in range(r0, r1):
                 part_a[row * chunks + slot], part_b[row * chunks + slot] = grad_sums(
                     _source_run(values, row_offset, column_offset, row, c0, c1),
-                    _source_run(x_runs, 0, 0, row, c0, c1), centre[k], 1.0)
+                    _source_run(x_runs, 0, 0, row, c0, c1), centre[k], one)
                 k = _next_row(k, period)
         else:
             k = r0 % period
@@ -292,9 +306,8 @@ def _elementwise_runs(args, values, row_offset, column_offset, first_item, end_i
     """The output of the items [first_item, end_item): out = (v - shift) * scale + offset;
     or when `backward`, out = v * scale + (x - shift) * scale2 + offset, x = second (see
     _source_run; branch-free row loops: see _reduce_runs)."""
-    first = args[FIRST]
-    second = args[SECOND]
-    out = args[OUT]
+    x_runs = args[SECOND]
+    out_runs = args[OUT]
     shift = args[CENTRE]
     scale = args[SCALE]
     offset = args[OFFSET]
@@ -304,11 +317,8 @@ def _elementwise_runs(args, values, row_offset, column_offset, first_item, end_i
     per_sample = args[PER_SAMPLE]
     chunks = args[CHUNKS]
     rows_per_item = args[ROWS_PER_ITEM]
-    N = first.shape[0]
-    C, S = channels_spatial(first, channels_last)
+    N, C, S = args[SAMPLES], args[CHANNELS], args[SPATIAL]
     period = N * C if per_sample else C
-    x_runs = _run_matrix(second, channels_last)
-    out_runs = _run_matrix(out, channels_last)
     for item in range(first_item, end_item):
         r0, r1, c0, c1, _, coef_base = _item_extent(item, N, C, S, channels_last, per_sample,
                                                     chunks, rows_per_item)
@@ -347,18 +357,16 @@ def _elementwise_runs(args, values, row_offset, column_offset, first_item, end_i
 @njit(**HELPER_OPTIONS)
 def _activated_output(args, first_item, end_item):
     """y = act(y) over the output of the items [first_item, end_item), in place."""
-    first = args[FIRST]
-    out = args[OUT]
+    out_runs = args[OUT]
     act = args[ACT]
     slope = args[SLOPE]
     channels_last = args[CHANNELS_LAST]
     per_sample = args[PER_SAMPLE]
     chunks = args[CHUNKS]
     rows_per_item = args[ROWS_PER_ITEM]
-    N = first.shape[0]
-    C, S = channels_spatial(first, channels_last)
-    n_columns = C if channels_last else S
-    out_flat = out.reshape(out.size)
+    N, C, S = args[SAMPLES], args[CHANNELS], args[SPATIAL]
+    n_columns = out_runs.shape[1]
+    out_flat = out_runs.reshape(out_runs.size)
     for item in range(first_item, end_item):
         r0, r1, c0, c1, _, _ = _item_extent(item, N, C, S, channels_last, per_sample, chunks,
                                             rows_per_item)
@@ -374,8 +382,8 @@ def _activated_output(args, first_item, end_item):
 def _item_gradient(args, buffer, item):
     """g = dy * act'(z) of one item, z = (x - mean) * za + zb, in `buffer`:
     (g, its first row, its first column) (see _source_run)."""
-    first = args[FIRST]
-    second = args[SECOND]
+    dy_runs = args[FIRST]
+    x_runs = args[SECOND]
     mean = args[CENTRE]
     za = args[ZA]
     zb = args[ZB]
@@ -385,13 +393,12 @@ def _item_gradient(args, buffer, item):
     per_sample = args[PER_SAMPLE]
     chunks = args[CHUNKS]
     rows_per_item = args[ROWS_PER_ITEM]
-    N = first.shape[0]
-    C, S = channels_spatial(first, channels_last)
+    N, C, S = args[SAMPLES], args[CHANNELS], args[SPATIAL]
     r0, r1, c0, c1, _, coef_base = _item_extent(item, N, C, S, channels_last, per_sample,
                                                 chunks, rows_per_item)
-    g = _activation_gradient(_run_matrix(first, channels_last), _run_matrix(second, channels_last),
-                             buffer, r0, r1, c0, c1, coef_base, N * C if per_sample else C,
-                             mean, za, zb, act, slope, channels_last)
+    g = _activation_gradient(dy_runs, x_runs, buffer, r0, r1, c0, c1, coef_base,
+                             N * C if per_sample else C, mean, za, zb, act, slope,
+                             channels_last)
     return g, r0, c0
 
 
@@ -411,14 +418,13 @@ def _make_pass_items(fused):
         single call site, so that numba compiles it once (the buffer is writeable, the
         tensors read-only: types that differ)."""
         kind = args[KIND]
-        first = args[FIRST]
+        first_runs = args[FIRST]
         act = args[ACT]
         flag = args[FLAG]
         channels_last = args[CHANNELS_LAST]
         chunks = args[CHUNKS]
         rows_per_item = args[ROWS_PER_ITEM]
         reduce = kind == REDUCE
-        first_runs = _run_matrix(first, channels_last)
         if not fused:
             if reduce:
                 _reduce_runs(args, first_runs, 0, 0, first_item, end_item)
@@ -426,9 +432,9 @@ def _make_pass_items(fused):
                 _elementwise_runs(args, first_runs, 0, 0, first_item, end_item)
             return
         differentiate = act != 0 and flag  # a backward (a forward's statistics have act = 0)
-        C, S = channels_spatial(first, channels_last)
+        C, S = args[CHANNELS], args[SPATIAL]
         buffer = np.empty(_item_capacity(C, S, channels_last, chunks, rows_per_item)
-                          if differentiate else 0, first.dtype)
+                          if differentiate else 0, first_runs.dtype)
         item = first_item
         while item < end_item:
             stop = end_item if act == 0 else item + 1

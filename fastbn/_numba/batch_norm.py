@@ -34,15 +34,21 @@ import numpy as np
 from numba import njit, types
 
 from fastbn._numba._passes import (ELEMENTWISE, MIN_ELEMENTS_PER_THREAD, NO_PASS, REDUCE,
-                                   channels_spatial, fused_pass_items, partial_slots,
-                                   pass_arguments, pass_items, work_split)
+                                   channels_spatial, exact_run_sums, fused_pass_items,
+                                   partial_slots, pass_arguments, pass_items, work_split)
 from fastbn._numba._runtime import HELPER_OPTIONS, PerDtype, run_items, run_kernel
+from fastbn._numba._sums import kept_precision
 
 
 @njit(**HELPER_OPTIONS)
-def _channel_totals(part_a, part_b, N, C, channels_last, split):
-    """Per-channel totals of the partials (_passes.partial_slots), added in a fixed order."""
+def _channel_totals(part_a, part_b, first, second, centre, gradient, redo, channels_last, split):
+    """Per-channel totals of a REDUCE pass's partials (_passes.partial_slots), added in a
+    fixed order; with `redo`, a channel whose totals lost float32 precision
+    (_sums.kept_precision) is summed again in float64. (Not the sums of a fused
+    activation's g = dy * act'(z): for those the totals stand.)"""
     _, chunks, _, row_blocks = split
+    N = first.shape[0]
+    C, S = channels_spatial(first, channels_last)
     total_a = np.zeros(C)
     total_b = np.zeros(C)
     if channels_last:
@@ -56,6 +62,13 @@ def _channel_totals(part_a, part_b, N, C, channels_last, split):
                 for k in range((n * C + c) * chunks, (n * C + c + 1) * chunks):
                     total_a[c] += part_a[k]
                     total_b[c] += part_b[k]
+    for c in range(C):
+        if redo and not kept_precision(total_a[c], total_b[c], N * S):
+            total_a[c] = total_b[c] = 0.0
+            for n in range(N):
+                a, b = exact_run_sums(first, second, n, c, centre[c], gradient, channels_last)
+                total_a[c] += a
+                total_b[c] += b
     return total_a, total_b
 
 
@@ -87,7 +100,8 @@ def _forward_step(step, x, weight, bias, running_mean, running_var, training, mo
                               0, slope, False, part_a, part_b, channels_last, False, split)
     has_weight, has_bias = weight.size > 0, bias.size > 0
     if training:
-        sum_shifted, sum_sq = _channel_totals(part_a, part_b, N, C, channels_last, split)
+        sum_shifted, sum_sq = _channel_totals(part_a, part_b, x, x, shift, False, True,
+                                              channels_last, split)
         for c in range(C):
             mean = shift[c] + sum_shifted[c] / count
             var_sum = sum_sq[c] - sum_shifted[c] * sum_shifted[c] / count
@@ -145,7 +159,8 @@ def _backward_step(step, grad_out, x, weight, bias, save_mean, save_invstd, trai
         return pass_arguments(kind, grad_out, x, grad_x, mean, za, za, za, za, zb, activation,
                               slope, True, part_a, part_b, channels_last, False, split)
     if want_dw or want_db or (want_dx and training):
-        sum_dy, dot = _channel_totals(part_a, part_b, N, C, channels_last, split)
+        sum_dy, dot = _channel_totals(part_a, part_b, grad_out, x, mean, True, activation == 0,
+                                      channels_last, split)
     else:
         sum_dy, dot = np.zeros(C), np.zeros(C)
     for c in range(C):

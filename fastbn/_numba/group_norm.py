@@ -16,15 +16,21 @@ import numpy as np
 from numba import njit, types
 
 from fastbn._numba._passes import (ELEMENTWISE, MIN_ELEMENTS_PER_THREAD, NO_PASS, REDUCE,
-                                   channels_spatial, partial_slots, pass_arguments, pass_items,
-                                   work_split)
+                                   channels_spatial, exact_run_sums, partial_slots,
+                                   pass_arguments, pass_items, work_split)
 from fastbn._numba._runtime import HELPER_OPTIONS, per_dtype, run_items, run_kernel
+from fastbn._numba._sums import kept_precision
 
 
 @njit(**HELPER_OPTIONS)
-def _sample_channel_totals(part_a, part_b, N, C, channels_last, split):
-    """Per-(n, c) totals (N, C) of the partials (_passes.partial_slots), in a fixed order."""
+def _sample_channel_totals(part_a, part_b, first, second, centre, gradient, channels_last,
+                           split):
+    """Per-(n, c) totals (N, C) of a REDUCE pass's partials (_passes.partial_slots), in a
+    fixed order; an (n, c) whose totals lost float32 precision (_sums.kept_precision) is
+    summed again in float64."""
     _, chunks, _, row_blocks = split
+    N = first.shape[0]
+    C, S = channels_spatial(first, channels_last)
     total_a = np.zeros((N, C))
     total_b = np.zeros((N, C))
     blocks_per_sample = row_blocks // N
@@ -38,6 +44,10 @@ def _sample_channel_totals(part_a, part_b, N, C, channels_last, split):
                 for k in range((n * C + c) * chunks, (n * C + c + 1) * chunks):
                     total_a[n, c] += part_a[k]
                     total_b[n, c] += part_b[k]
+            if not kept_precision(total_a[n, c], total_b[n, c], S):
+                total_a[n, c], total_b[n, c] = exact_run_sums(first, second, n, c,
+                                                              centre[n * C + c], gradient,
+                                                              channels_last)
     return total_a, total_b
 
 
@@ -71,7 +81,8 @@ def _forward_step(step, x, weight, bias, eps, compute_stats, y, mean, rstd, vari
         return pass_arguments(REDUCE, x, x, y, shift, scale, offset, scale, no_vector, no_vector,
                               0, 0.0, False, part_a, part_b, channels_last, True, split)
     if compute_stats:
-        sum_shifted, sum_sq = _sample_channel_totals(part_a, part_b, N, C, channels_last, split)
+        sum_shifted, sum_sq = _sample_channel_totals(part_a, part_b, x, x, shift, False,
+                                                     channels_last, split)
     for n in range(N):
         for g in range(G):
             if compute_stats:
@@ -127,7 +138,8 @@ def _backward_step(step, grad_out, x, weight, mean, rstd, stats_from_input, grad
                               scale_dy, offset, scale_x, no_vector, no_vector, 0, 0.0, True,
                               part_a, part_b, channels_last, True, split)
     if need_sums:
-        sum_dy, dot = _sample_channel_totals(part_a, part_b, N, C, channels_last, split)
+        sum_dy, dot = _sample_channel_totals(part_a, part_b, grad_out, x, centre, True,
+                                             channels_last, split)
     else:
         sum_dy, dot = np.zeros((N, C)), np.zeros((N, C))
     # Parameter gradients: sums over the batch in a fixed order.

@@ -14,8 +14,7 @@ fixed order, so the result is the same to the bit for any thread count:
       by column chunk, each item owning its columns of the parameter gradients.
 
 Row sums are those of _sums.py (blocks in the input's precision, added in float64;
-a block whose float32 sum of squares leaves the normal range is summed again in
-float64). Unlike the Cython kernels, the backward adds each row's column terms on
+a row or chunk whose float32 sums lost precision is summed again in float64). Unlike the Cython kernels, the backward adds each row's column terms on
 its own (not 4 rows at a time), so the two backends' parameter gradients may differ
 in the last bits. The statistics are shifted by a pivot near the row mean, the mean
 of the row's first values, for accuracy on data with a large mean.
@@ -34,7 +33,7 @@ import numpy as np
 from numba import njit, types
 
 from fastbn._numba._runtime import HELPER_OPTIONS, INLINE_OPTIONS, per_dtype, run_items, run_kernel
-from fastbn._numba._sums import grad_sums, shifted_sums
+from fastbn._numba._sums import exact_sums, grad_sums, kept_precision, shifted_sums
 
 # The same constants as the Cython kernels.
 FEW_ROWS = 64
@@ -110,11 +109,32 @@ def _normalize_run(x, y, r, c0, c1, pivot, scale, offset, weight, bias):
 
 
 @njit(**HELPER_OPTIONS)
+def _moment_sums(x, r, c0, c1, pivot):
+    """sum(x - pivot) and sum((x - pivot)**2) over row r, columns [c0, c1); in float64
+    where the float32 blocks lost precision (_sums.kept_precision: a check per row of a
+    few hundred values or more costs little)."""
+    run = x[r, c0:c1]
+    total, products = shifted_sums(run, pivot)
+    if kept_precision(total, products, run.size):
+        return total, products
+    return exact_sums(run, run, pivot, False, 1.0)
+
+
+@njit(**HELPER_OPTIONS)
 def _gradient_sums(dy, x, r, c0, c1, centre, weight):
-    """sum(g) and sum(g * (x - centre)) over row r, columns [c0, c1), g = dy * w."""
+    """sum(g) and sum(g * (x - centre)) over row r, columns [c0, c1), g = dy * w (as
+    _moment_sums)."""
+    dy_run, x_run = dy[r, c0:c1], x[r, c0:c1]
     if weight.size > 0:
-        return grad_sums(dy[r, c0:c1], x[r, c0:c1], centre, weight[c0:c1])
-    return grad_sums(dy[r, c0:c1], x[r, c0:c1], centre, 1.0)
+        w = weight[c0:c1]
+        total, products = grad_sums(dy_run, x_run, centre, w)
+        if kept_precision(total, products, x_run.size):
+            return total, products
+        return exact_sums(dy_run, x_run, centre, True, w)
+    total, products = grad_sums(dy_run, x_run, centre, x.dtype.type(1))
+    if kept_precision(total, products, x_run.size):
+        return total, products
+    return exact_sums(dy_run, x_run, centre, True, 1.0)
 
 
 @njit(**HELPER_OPTIONS)
@@ -211,7 +231,7 @@ def _rows_items(args, first_item, end_item):
         else:
             for r in range(r0, r1):
                 pivot = _row_pivot(x[r], centred)
-                sum_shifted, sum_sq = shifted_sums(x[r], pivot)
+                sum_shifted, sum_sq = _moment_sums(x, r, first_column, D, pivot)
                 shifted_mean, row_rstd = _statistics(sum_shifted, sum_sq, D, eps, centred)
                 centre[r] = pivot + shifted_mean
                 rstd[r] = row_rstd
@@ -267,7 +287,7 @@ def _chunk_items(args, first_item, end_item):
             sums[2 * item], sums[2 * item + 1] = _gradient_sums(first, x, r, c0, c1, centre[r],
                                                                 weight)
         else:
-            sums[2 * item], sums[2 * item + 1] = shifted_sums(x[r, c0:c1], centre[r])
+            sums[2 * item], sums[2 * item + 1] = _moment_sums(x, r, c0, c1, centre[r])
 
 
 @njit(**HELPER_OPTIONS)
