@@ -47,15 +47,22 @@ MIN_ELEMENTS_PER_THREAD = 16384
 # The kinds of pass (the first of a pass's arguments).
 REDUCE, ELEMENTWISE, NO_PASS = 0, 1, 2
 
+# The rows of the coefficient matrix (one column per channel, or per (sample, channel)):
+# the shift (the sums' centre, the elementwise pass's x - SHIFT), SCALE, OFFSET, SCALE2
+# of the elementwise formulas, and the fused activation's z = (x - SHIFT) * ZA + ZB.
+SHIFT, SCALE, OFFSET, SCALE2, ZA, ZB = range(6)
+COEFFICIENT_ROWS = 6
+
 # Where each of a pass's arguments is in their tuple (pass_arguments): the kind; the
 # tensors' run matrices (first: x or dy, second: x, out: y or dx; made once per pass, as
-# a reshape costs a call); per-coefficient vectors; BatchNorm's
-# activation (code, slope, and z's scale and offset); FLAG: gradient sums (REDUCE) or
-# the backward formula (ELEMENTWISE); the float64 partials; the layout, the work split
-# and the tensors' N, C, S (a tuple inside would not pass through a prange). A function takes only the items it uses: each array taken from the tuple costs
-# two atomic reference-count updates, which showed on small inputs.
-(KIND, FIRST, SECOND, OUT, CENTRE, SCALE, OFFSET, SCALE2, ZA, ZB, ACT, SLOPE, FLAG, PART_A,
- PART_B, CHANNELS_LAST, PER_SAMPLE, CHUNKS, ROWS_PER_ITEM, SAMPLES, CHANNELS, SPATIAL) = range(22)
+# a reshape costs a call); the coefficient matrix; the float64 partials (2, slots);
+# BatchNorm's activation code and slope; FLAG: gradient sums (REDUCE) or the backward
+# formula (ELEMENTWISE); the layout, the work split and the tensors' N, C, S (a tuple
+# inside would not pass through a prange). Few arrays, and each function takes only
+# those it uses: every array taken from the tuple costs two atomic reference-count
+# updates, which showed in the time of a call on small inputs.
+(KIND, FIRST, SECOND, OUT, COEFFICIENTS, PARTIALS, ACT, SLOPE, FLAG, CHANNELS_LAST, PER_SAMPLE,
+ CHUNKS, ROWS_PER_ITEM, SAMPLES, CHANNELS, SPATIAL) = range(16)
 
 
 # ---------------------------------------------------------------------------
@@ -95,8 +102,8 @@ def work_split(N, C, S, channels_last, per_sample):
 
 @njit(**HELPER_OPTIONS)
 def partial_slots(N, C, S, channels_last, split):
-    """The length of the partials: channels-first, slot (n * C + c) * chunks + chunk;
-    channels-last, slot row_block * C + c."""
+    """The partials' slots (their matrix is (2, slots)): channels-first, slot
+    (n * C + c) * chunks + chunk; channels-last, slot row_block * C + c."""
     _, chunks, _, row_blocks = split
     return row_blocks * C if channels_last else N * C * chunks
 
@@ -144,7 +151,7 @@ def _item_capacity(C, S, channels_last, chunks, rows_per_item):
     return rows_per_item * -(-S // chunks)
 
 
-@njit(**HELPER_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def _next_row(c, period):
     """The coefficient of the next channels-first row: stepped, since a division per row
     of 49 values shows."""
@@ -170,7 +177,7 @@ def _run_matrix(x, channels_last):
     return x.reshape((N * S, C) if channels_last else (N * C, S))
 
 
-@njit(**HELPER_OPTIONS)
+@njit(**INLINE_OPTIONS)
 def _source_run(matrix, row_offset, column_offset, row, c0, c1):
     """Columns [c0, c1) of `row` of a run matrix, from `matrix`, which holds the rows from
     row_offset and the columns from column_offset (a work item's activation buffer; 0, 0
@@ -195,22 +202,23 @@ def _grad_input_run(g, x, dx, mean, a, b, d):
 
 
 @njit(**HELPER_OPTIONS)
-def _activation_gradient(dy, x, buffer, r0, r1, c0, c1, coef_base, period, mean, za, zb, act,
+def _activation_gradient(dy, x, buffer, r0, r1, c0, c1, coef_base, period, coefficients, act,
                          slope, channels_last):
-    """g = dy * act'(z), z = (x - mean) * za + zb, on the item's runs [r0, r1) x [c0, c1)
+    """g = dy * act'(z), z = (x - SHIFT) * ZA + ZB, on the item's runs [r0, r1) x [c0, c1)
     of the run matrices dy and x: into `buffer`, returned as a (r1 - r0, c1 - c0) matrix."""
     width = c1 - c0
     span = buffer[:(r1 - r0) * width]
     g = span.reshape((r1 - r0, width))
     if channels_last:
         k0, k1 = coef_base + c0, coef_base + c1
+        mean, za, zb = coefficients[SHIFT, k0:k1], coefficients[ZA, k0:k1], coefficients[ZB, k0:k1]
         for r in range(r0, r1):
-            _affine_run(_source_run(x, 0, 0, r, c0, c1), g[r - r0], mean[k0:k1], za[k0:k1],
-                        zb[k0:k1])
+            _affine_run(_source_run(x, 0, 0, r, c0, c1), g[r - r0], mean, za, zb)
     else:
         k = r0 % period
         for r in range(r0, r1):
-            _affine_run(_source_run(x, 0, 0, r, c0, c1), g[r - r0], mean[k], za[k], zb[k])
+            _affine_run(_source_run(x, 0, 0, r, c0, c1), g[r - r0], coefficients[SHIFT, k],
+                        coefficients[ZA, k], coefficients[ZB, k])
             k = _next_row(k, period)
     _activations.derivative(act, slope, span)
     for r in range(r0, r1):
@@ -225,35 +233,34 @@ def _activation_gradient(dy, x, buffer, r0, r1, c0, c1, coef_base, period, mean,
 # The passes, over a range of work items.
 
 @njit(**INLINE_OPTIONS)
-def pass_arguments(kind, first, second, out, centre, scale, offset, scale2, za, zb, act, slope,
-                   flag, part_a, part_b, channels_last, per_sample, split):
+def pass_arguments(kind, first, second, out, coefficients, partials, act, slope, flag,
+                   channels_last, per_sample, split):
     """The tuple of a pass's arguments, one type for every pass (see the module's
     docstring). Flags and codes are cast: numba types a bare constant as a literal, a
     type of its own, and would compile the passes once per value."""
     _, chunks, rows_per_item, _ = split
     C, S = channels_spatial(first, channels_last)
     return (np.int64(kind), _run_matrix(first, channels_last), _run_matrix(second, channels_last),
-            _run_matrix(out, channels_last), centre, scale, offset, scale2, za, zb,
-            np.int64(act), np.float64(slope), np.bool_(flag), part_a, part_b,
-            np.bool_(channels_last), np.bool_(per_sample), chunks, rows_per_item,
-            first.shape[0], C, S)
+            _run_matrix(out, channels_last), coefficients, partials, np.int64(act),
+            np.float64(slope), np.bool_(flag), np.bool_(channels_last), np.bool_(per_sample),
+            chunks, rows_per_item, first.shape[0], C, S)
 
 
 @njit(**HELPER_OPTIONS)
 def _reduce_runs(args, values, row_offset, column_offset, first_item, end_item):
-    """The sums of the items [first_item, end_item) into their partials part_a, part_b
-    (float64, see partial_slots): sum(v - centre) and sum((v - centre)**2) of the values;
-    or when `gradient`, sum(v) and sum((x - centre) * v), x = second (see _source_run).
+    """The sums of the items [first_item, end_item) into their partials (float64,
+    (2, slots), see partial_slots): sum(v - centre) and sum((v - centre)**2) of the
+    values, centre = SHIFT; or when `gradient`, sum(v) and sum((x - centre) * v),
+    x = second (see _source_run).
 
     Each loop over the rows has a body without branches: numba counts references to
     the arrays that a row's views belong to, and removes that counting (an atomic
     operation per view) only where the view is used in a straight line; a branch per
     row made the passes 3x slower on 7 x 7 maps."""
     x_runs = args[SECOND]
-    centre = args[CENTRE]
+    coefficients = args[COEFFICIENTS]
+    partials = args[PARTIALS]
     gradient = args[FLAG]
-    part_a = args[PART_A]
-    part_b = args[PART_B]
     channels_last = args[CHANNELS_LAST]
     per_sample = args[PER_SAMPLE]
     chunks = args[CHUNKS]
@@ -265,9 +272,9 @@ def _reduce_runs(args, values, row_offset, column_offset, first_item, end_item):
                                                        per_sample, chunks, rows_per_item)
         if channels_last:
             # Rows outer, channels inner: contiguous reads, and the channel loop vectorises.
-            acc_a = part_a[slot * C + c0:slot * C + c1]
-            acc_b = part_b[slot * C + c0:slot * C + c1]
-            tile_centre = centre[coef_base + c0:coef_base + c1]
+            acc_a = partials[0, slot * C + c0:slot * C + c1]
+            acc_b = partials[1, slot * C + c0:slot * C + c1]
+            tile_centre = coefficients[SHIFT, coef_base + c0:coef_base + c1]
             acc_a[:] = 0.0
             acc_b[:] = 0.0
             if gradient:
@@ -289,29 +296,27 @@ def _reduce_runs(args, values, row_offset, column_offset, first_item, end_item):
             k = r0 % period
             one = x_runs.dtype.type(1)  # no weight: in x's type, or the sums turn to float64
             for row in range(r0, r1):
-                part_a[row * chunks + slot], part_b[row * chunks + slot] = grad_sums(
+                partials[0, row * chunks + slot], partials[1, row * chunks + slot] = grad_sums(
                     _source_run(values, row_offset, column_offset, row, c0, c1),
-                    _source_run(x_runs, 0, 0, row, c0, c1), centre[k], one)
+                    _source_run(x_runs, 0, 0, row, c0, c1), coefficients[SHIFT, k], one)
                 k = _next_row(k, period)
         else:
             k = r0 % period
             for row in range(r0, r1):
-                part_a[row * chunks + slot], part_b[row * chunks + slot] = shifted_sums(
-                    _source_run(values, row_offset, column_offset, row, c0, c1), centre[k])
+                partials[0, row * chunks + slot], partials[1, row * chunks + slot] = shifted_sums(
+                    _source_run(values, row_offset, column_offset, row, c0, c1),
+                    coefficients[SHIFT, k])
                 k = _next_row(k, period)
 
 
 @njit(**HELPER_OPTIONS)
 def _elementwise_runs(args, values, row_offset, column_offset, first_item, end_item):
-    """The output of the items [first_item, end_item): out = (v - shift) * scale + offset;
-    or when `backward`, out = v * scale + (x - shift) * scale2 + offset, x = second (see
+    """The output of the items [first_item, end_item): out = (v - SHIFT) * SCALE + OFFSET;
+    or when `backward`, out = v * SCALE + (x - SHIFT) * SCALE2 + OFFSET, x = second (see
     _source_run; branch-free row loops: see _reduce_runs)."""
     x_runs = args[SECOND]
     out_runs = args[OUT]
-    shift = args[CENTRE]
-    scale = args[SCALE]
-    offset = args[OFFSET]
-    scale2 = args[SCALE2]
+    coefficients = args[COEFFICIENTS]
     backward = args[FLAG]
     channels_last = args[CHANNELS_LAST]
     per_sample = args[PER_SAMPLE]
@@ -324,33 +329,33 @@ def _elementwise_runs(args, values, row_offset, column_offset, first_item, end_i
                                                     chunks, rows_per_item)
         if channels_last:
             k0, k1 = coef_base + c0, coef_base + c1
-            tile_shift, tile_scale = shift[k0:k1], scale[k0:k1]
-            tile_offset, tile_scale2 = offset[k0:k1], scale2[k0:k1]
+            shift, scale = coefficients[SHIFT, k0:k1], coefficients[SCALE, k0:k1]
+            offset, scale2 = coefficients[OFFSET, k0:k1], coefficients[SCALE2, k0:k1]
             if backward:
                 for r in range(r0, r1):
                     _grad_input_run(_source_run(values, row_offset, column_offset, r, c0, c1),
                                     _source_run(x_runs, 0, 0, r, c0, c1),
                                     _source_run(out_runs, 0, 0, r, c0, c1),
-                                    tile_shift, tile_scale, tile_scale2, tile_offset)
+                                    shift, scale, scale2, offset)
             else:
                 for r in range(r0, r1):
                     _affine_run(_source_run(values, row_offset, column_offset, r, c0, c1),
-                                _source_run(out_runs, 0, 0, r, c0, c1),
-                                tile_shift, tile_scale, tile_offset)
+                                _source_run(out_runs, 0, 0, r, c0, c1), shift, scale, offset)
         elif backward:
             k = r0 % period
             for row in range(r0, r1):
                 _grad_input_run(_source_run(values, row_offset, column_offset, row, c0, c1),
                                 _source_run(x_runs, 0, 0, row, c0, c1),
                                 _source_run(out_runs, 0, 0, row, c0, c1),
-                                shift[k], scale[k], scale2[k], offset[k])
+                                coefficients[SHIFT, k], coefficients[SCALE, k],
+                                coefficients[SCALE2, k], coefficients[OFFSET, k])
                 k = _next_row(k, period)
         else:
             k = r0 % period
             for row in range(r0, r1):
                 _affine_run(_source_run(values, row_offset, column_offset, row, c0, c1),
-                            _source_run(out_runs, 0, 0, row, c0, c1), shift[k], scale[k],
-                            offset[k])
+                            _source_run(out_runs, 0, 0, row, c0, c1), coefficients[SHIFT, k],
+                            coefficients[SCALE, k], coefficients[OFFSET, k])
                 k = _next_row(k, period)
 
 
@@ -380,25 +385,16 @@ def _activated_output(args, first_item, end_item):
 
 @njit(**HELPER_OPTIONS)
 def _item_gradient(args, buffer, item):
-    """g = dy * act'(z) of one item, z = (x - mean) * za + zb, in `buffer`:
+    """g = dy * act'(z) of one item, z = (x - SHIFT) * ZA + ZB, in `buffer`:
     (g, its first row, its first column) (see _source_run)."""
-    dy_runs = args[FIRST]
-    x_runs = args[SECOND]
-    mean = args[CENTRE]
-    za = args[ZA]
-    zb = args[ZB]
-    act = args[ACT]
-    slope = args[SLOPE]
     channels_last = args[CHANNELS_LAST]
     per_sample = args[PER_SAMPLE]
-    chunks = args[CHUNKS]
-    rows_per_item = args[ROWS_PER_ITEM]
     N, C, S = args[SAMPLES], args[CHANNELS], args[SPATIAL]
     r0, r1, c0, c1, _, coef_base = _item_extent(item, N, C, S, channels_last, per_sample,
-                                                chunks, rows_per_item)
-    g = _activation_gradient(dy_runs, x_runs, buffer, r0, r1, c0, c1, coef_base,
-                             N * C if per_sample else C, mean, za, zb, act, slope,
-                             channels_last)
+                                                args[CHUNKS], args[ROWS_PER_ITEM])
+    g = _activation_gradient(args[FIRST], args[SECOND], buffer, r0, r1, c0, c1, coef_base,
+                             N * C if per_sample else C, args[COEFFICIENTS], args[ACT],
+                             args[SLOPE], channels_last)
     return g, r0, c0
 
 

@@ -33,7 +33,8 @@ numba's on-disk cache (see docs/numba.md).
 import numpy as np
 from numba import njit, types
 
-from fastbn._numba._passes import (ELEMENTWISE, MIN_ELEMENTS_PER_THREAD, NO_PASS, REDUCE,
+from fastbn._numba._passes import (COEFFICIENT_ROWS, ELEMENTWISE, MIN_ELEMENTS_PER_THREAD,
+                                   NO_PASS, OFFSET, REDUCE, SCALE, SCALE2, SHIFT, ZA, ZB,
                                    channels_spatial, exact_run_sums, fused_pass_items,
                                    partial_slots, pass_arguments, pass_items, work_split)
 from fastbn._numba._runtime import HELPER_OPTIONS, PerDtype, run_items, run_kernel
@@ -41,7 +42,7 @@ from fastbn._numba._sums import kept_precision
 
 
 @njit(**HELPER_OPTIONS)
-def _channel_totals(part_a, part_b, first, second, centre, gradient, redo, channels_last, split):
+def _channel_totals(partials, first, second, centre, gradient, redo, channels_last, split):
     """Per-channel totals of a REDUCE pass's partials (_passes.partial_slots), added in a
     fixed order; with `redo`, a channel whose totals lost float32 precision
     (_sums.kept_precision) is summed again in float64. (Not the sums of a fused
@@ -54,14 +55,14 @@ def _channel_totals(part_a, part_b, first, second, centre, gradient, redo, chann
     if channels_last:
         for block in range(row_blocks):
             for c in range(C):
-                total_a[c] += part_a[block * C + c]
-                total_b[c] += part_b[block * C + c]
+                total_a[c] += partials[0, block * C + c]
+                total_b[c] += partials[1, block * C + c]
     else:
         for n in range(N):
             for c in range(C):
                 for k in range((n * C + c) * chunks, (n * C + c + 1) * chunks):
-                    total_a[c] += part_a[k]
-                    total_b[c] += part_b[k]
+                    total_a[c] += partials[0, k]
+                    total_b[c] += partials[1, k]
     for c in range(C):
         if redo and not kept_precision(total_a[c], total_b[c], N * S):
             total_a[c] = total_b[c] = 0.0
@@ -77,31 +78,26 @@ def _channel_totals(part_a, part_b, first, second, centre, gradient, redo, chann
 
 @njit(**HELPER_OPTIONS)
 def _forward_step(step, x, weight, bias, running_mean, running_var, training, momentum, eps, y,
-                  save_mean, save_invstd, coefficients, part_a, part_b, channels_last,
-                  activation, slope, split):
+                  save_mean, save_invstd, coefficients, partials, channels_last, activation,
+                  slope, split):
     """The arguments of the forward's pass `step` (_passes.pass_arguments): 0, the
-    statistics' sums (training only); 1, y from them."""
+    statistics' sums around each channel's pivot (training only); 1, y from them."""
     N = x.shape[0]
     C, S = channels_spatial(x, channels_last)
     count = N * S
-    shift, scale, offset = coefficients[0], coefficients[1], coefficients[2]
-    no_vector = shift[:0]
+    shift, scale, offset = coefficients[SHIFT], coefficients[SCALE], coefficients[OFFSET]
     if step == 0:
-        if not training:
-            return pass_arguments(NO_PASS, x, x, y, shift, scale, offset, scale, no_vector,
-                                  no_vector, 0, slope, False, part_a, part_b, channels_last,
-                                  False, split)
         for c in range(C):
             # The pivot, a value of x's type: the run sums subtract it in that type (_sums.py).
             first = np.float64(x[0, 0, c] if channels_last else x[0, c, 0])
             # A non-finite pivot would turn an inf mean into nan; 0 keeps PyTorch's result.
             shift[c] = first if np.isfinite(first) else 0.0
-        return pass_arguments(REDUCE, x, x, y, shift, scale, offset, scale, no_vector, no_vector,
-                              0, slope, False, part_a, part_b, channels_last, False, split)
+        return pass_arguments(REDUCE if training else NO_PASS, x, x, y, coefficients, partials,
+                              0, slope, False, channels_last, False, split)
     has_weight, has_bias = weight.size > 0, bias.size > 0
     if training:
-        sum_shifted, sum_sq = _channel_totals(part_a, part_b, x, x, shift, False, True,
-                                              channels_last, split)
+        sum_shifted, sum_sq = _channel_totals(partials, x, x, shift, False, True, channels_last,
+                                              split)
         for c in range(C):
             mean = shift[c] + sum_shifted[c] / count
             var_sum = sum_sq[c] - sum_shifted[c] * sum_shifted[c] / count
@@ -131,14 +127,14 @@ def _forward_step(step, x, weight, bias, running_mean, running_var, training, mo
             scale[c] = alpha
             save_mean[c] = running_mean[c]
             save_invstd[c] = invstd
-    return pass_arguments(ELEMENTWISE, x, x, y, shift, scale, offset, scale, no_vector, no_vector,
-                          activation, slope, False, part_a, part_b, channels_last, False, split)
+    return pass_arguments(ELEMENTWISE, x, x, y, coefficients, partials, activation, slope, False,
+                          channels_last, False, split)
 
 
 @njit(**HELPER_OPTIONS)
 def _backward_step(step, grad_out, x, weight, bias, save_mean, save_invstd, training, grad_x,
-                   grad_weight, grad_bias, coefficients, part_a, part_b, channels_last,
-                   activation, slope, split):
+                   grad_weight, grad_bias, coefficients, partials, channels_last, activation,
+                   slope, split):
     """The arguments of the backward's pass `step`: 0, the sums of dy and (x - mean) * dy
     (of g = dy * act'(z) with an activation); 1, grad_x. The parameter gradients are
     written from the sums."""
@@ -147,22 +143,24 @@ def _backward_step(step, grad_out, x, weight, bias, save_mean, save_invstd, trai
     count = N * S
     has_weight = weight.size > 0
     want_dx, want_dw, want_db = grad_x.size > 0, grad_weight.size > 0, grad_bias.size > 0
-    mean, za, zb = coefficients[0], coefficients[1], coefficients[2]
-    scale_dy, scale_x, offset = coefficients[3], coefficients[4], coefficients[5]
+    need_sums = want_dw or want_db or (want_dx and training)
+    mean, za, zb = coefficients[SHIFT], coefficients[ZA], coefficients[ZB]
     if step == 0:
         for c in range(C):
             mean[c] = save_mean[c]
             # z = (x - mean) * za + zb, the forward's output before its activation.
             za[c] = np.float64(save_invstd[c]) * (np.float64(weight[c]) if has_weight else 1.0)
             zb[c] = bias[c] if bias.size > 0 else 0.0
-        kind = REDUCE if want_dw or want_db or (want_dx and training) else NO_PASS
-        return pass_arguments(kind, grad_out, x, grad_x, mean, za, za, za, za, zb, activation,
-                              slope, True, part_a, part_b, channels_last, False, split)
-    if want_dw or want_db or (want_dx and training):
-        sum_dy, dot = _channel_totals(part_a, part_b, grad_out, x, mean, True, activation == 0,
+        return pass_arguments(REDUCE if need_sums else NO_PASS, grad_out, x, grad_x,
+                              coefficients, partials, activation, slope, True, channels_last,
+                              False, split)
+    if need_sums:
+        sum_dy, dot = _channel_totals(partials, grad_out, x, mean, True, activation == 0,
                                       channels_last, split)
     else:
         sum_dy, dot = np.zeros(C), np.zeros(C)
+    scale_dy, scale_x = coefficients[SCALE], coefficients[SCALE2]
+    offset = coefficients[OFFSET]
     for c in range(C):
         invstd = np.float64(save_invstd[c])
         w_c = np.float64(weight[c]) if has_weight else 1.0
@@ -180,16 +178,16 @@ def _backward_step(step, grad_out, x, weight, bias, save_mean, save_invstd, trai
         else:
             scale_x[c] = offset[c] = 0.0
     if not want_dx:
-        kind = NO_PASS
-    elif training or activation:
-        kind = ELEMENTWISE  # in eval mode scale_x and offset are zero: x is read for z only
-    else:
-        # dx = (dy - 0) * scale_dy + 0: the forward's formula, and x is not read.
-        return pass_arguments(ELEMENTWISE, grad_out, grad_out, grad_x, scale_x, scale_dy,
-                              offset, scale_x, za, zb, 0, slope, False, part_a, part_b,
-                              channels_last, False, split)
-    return pass_arguments(kind, grad_out, x, grad_x, mean, scale_dy, offset, scale_x, za, zb,
-                          activation, slope, True, part_a, part_b, channels_last, False, split)
+        return pass_arguments(NO_PASS, grad_out, x, grad_x, coefficients, partials, activation,
+                              slope, True, channels_last, False, split)
+    if training or activation:
+        # In eval mode scale_x and offset are zero: x is read for z only.
+        return pass_arguments(ELEMENTWISE, grad_out, x, grad_x, coefficients, partials,
+                              activation, slope, True, channels_last, False, split)
+    # dx = (dy - 0) * scale_dy + 0: the forward's formula, and x is not read.
+    mean[:] = 0.0
+    return pass_arguments(ELEMENTWISE, grad_out, grad_out, grad_x, coefficients, partials, 0,
+                          slope, False, channels_last, False, split)
 
 
 # ---------------------------------------------------------------------------
@@ -225,19 +223,18 @@ def _make_kernel(fused):
         N = x.shape[0]
         C, S = channels_spatial(x, channels_last)
         split = work_split(N, C, S, channels_last, False)
-        part_a = np.empty(partial_slots(N, C, S, channels_last, split))
-        part_b = np.empty_like(part_a)
-        coefficients = np.empty((6, C), x.dtype)
+        partials = np.empty((2, partial_slots(N, C, S, channels_last, split)))
+        coefficients = np.empty((COEFFICIENT_ROWS, C), x.dtype)
         # Both passes through one `prange` (run_items), in a loop: see _passes.py.
         for step in range(2):
             if backward:
                 args = _backward_step(step, first, x, weight, bias, save_mean, save_invstd,
                                       training, out, grad_weight, grad_bias, coefficients,
-                                      part_a, part_b, channels_last, activation, slope, split)
+                                      partials, channels_last, activation, slope, split)
             else:
                 args = _forward_step(step, x, weight, bias, running_mean, running_var, training,
                                      momentum, eps, out, save_mean, save_invstd, coefficients,
-                                     part_a, part_b, channels_last, activation, slope, split)
+                                     partials, channels_last, activation, slope, split)
             if args[0] != NO_PASS:
                 if fused:
                     run_items(fused_pass_items, args, split[0], tasks)

@@ -15,16 +15,15 @@ _passes.py on compile time).
 import numpy as np
 from numba import njit, types
 
-from fastbn._numba._passes import (ELEMENTWISE, MIN_ELEMENTS_PER_THREAD, NO_PASS, REDUCE,
-                                   channels_spatial, exact_run_sums, partial_slots,
-                                   pass_arguments, pass_items, work_split)
+from fastbn._numba._passes import (ELEMENTWISE, MIN_ELEMENTS_PER_THREAD, NO_PASS, OFFSET, REDUCE,
+                                   SCALE, SCALE2, SHIFT, channels_spatial, exact_run_sums,
+                                   partial_slots, pass_arguments, pass_items, work_split)
 from fastbn._numba._runtime import HELPER_OPTIONS, per_dtype, run_items, run_kernel
 from fastbn._numba._sums import kept_precision
 
 
 @njit(**HELPER_OPTIONS)
-def _sample_channel_totals(part_a, part_b, first, second, centre, gradient, channels_last,
-                           split):
+def _sample_channel_totals(partials, first, second, centre, gradient, channels_last, split):
     """Per-(n, c) totals (N, C) of a REDUCE pass's partials (_passes.partial_slots), in a
     fixed order; an (n, c) whose totals lost float32 precision (_sums.kept_precision) is
     summed again in float64."""
@@ -38,12 +37,12 @@ def _sample_channel_totals(part_a, part_b, first, second, centre, gradient, chan
         for c in range(C):
             if channels_last:
                 for block in range(n * blocks_per_sample, (n + 1) * blocks_per_sample):
-                    total_a[n, c] += part_a[block * C + c]
-                    total_b[n, c] += part_b[block * C + c]
+                    total_a[n, c] += partials[0, block * C + c]
+                    total_b[n, c] += partials[1, block * C + c]
             else:
                 for k in range((n * C + c) * chunks, (n * C + c + 1) * chunks):
-                    total_a[n, c] += part_a[k]
-                    total_b[n, c] += part_b[k]
+                    total_a[n, c] += partials[0, k]
+                    total_b[n, c] += partials[1, k]
             if not kept_precision(total_a[n, c], total_b[n, c], S):
                 total_a[n, c], total_b[n, c] = exact_run_sums(first, second, n, c,
                                                               centre[n * C + c], gradient,
@@ -58,30 +57,25 @@ def _param(vector, c, default):
 
 @njit(**HELPER_OPTIONS)
 def _forward_step(step, x, weight, bias, eps, compute_stats, y, mean, rstd, variance,
-                  coefficients, part_a, part_b, channels_last, split):
+                  coefficients, partials, channels_last, split):
     """The arguments of the forward's pass `step` (_passes.pass_arguments): 0, the sums
-    per (n, c) around the group's pivot (compute_stats only); 1, y. coefficients: rows
-    shift, scale, offset of N * C values."""
+    per (n, c) around the group's pivot (compute_stats only); 1, y. The coefficients
+    have a column per (n, c)."""
     N, G = mean.shape
     C, S = channels_spatial(x, channels_last)
     D = C // G
-    shift, scale, offset = coefficients[0], coefficients[1], coefficients[2]
-    no_vector = shift[:0]
+    shift, scale, offset = coefficients[SHIFT], coefficients[SCALE], coefficients[OFFSET]
     if step == 0:
-        if not compute_stats:
-            return pass_arguments(NO_PASS, x, x, y, shift, scale, offset, scale, no_vector,
-                                  no_vector, 0, 0.0, False, part_a, part_b, channels_last, True,
-                                  split)
         for n in range(N):
             for g in range(G):
                 # The group's pivot, a value of x's type; a non-finite pivot would turn
                 # an inf mean into nan, 0 keeps PyTorch's result.
                 first = np.float64(x[n, 0, g * D] if channels_last else x[n, g * D, 0])
                 shift[n * C + g * D:n * C + (g + 1) * D] = first if np.isfinite(first) else 0.0
-        return pass_arguments(REDUCE, x, x, y, shift, scale, offset, scale, no_vector, no_vector,
-                              0, 0.0, False, part_a, part_b, channels_last, True, split)
+        return pass_arguments(REDUCE if compute_stats else NO_PASS, x, x, y, coefficients,
+                              partials, 0, 0.0, False, channels_last, True, split)
     if compute_stats:
-        sum_shifted, sum_sq = _sample_channel_totals(part_a, part_b, x, x, shift, False,
+        sum_shifted, sum_sq = _sample_channel_totals(partials, x, x, shift, False,
                                                      channels_last, split)
     for n in range(N):
         for g in range(G):
@@ -112,34 +106,31 @@ def _forward_step(step, x, weight, bias, eps, compute_stats, y, mean, rstd, vari
                 shift[n * C + c] = pivot
                 scale[n * C + c] = alpha
                 offset[n * C + c] = _param(bias, c, 0.0) - centre_offset * alpha
-    return pass_arguments(ELEMENTWISE, x, x, y, shift, scale, offset, scale, no_vector, no_vector,
-                          0, 0.0, False, part_a, part_b, channels_last, True, split)
+    return pass_arguments(ELEMENTWISE, x, x, y, coefficients, partials, 0, 0.0, False,
+                          channels_last, True, split)
 
 
 @njit(**HELPER_OPTIONS)
 def _backward_step(step, grad_out, x, weight, mean, rstd, stats_from_input, grad_x,
-                   grad_weight, grad_bias, coefficients, part_a, part_b, channels_last, split):
+                   grad_weight, grad_bias, coefficients, partials, channels_last, split):
     """The arguments of the backward's pass `step`: 0, the sums of dy and (x - mean) * dy
-    per (n, c); 1, grad_x. The parameter gradients are written from the sums.
-    coefficients: rows centre (the mean), scale_dy, scale_x, offset of N * C values."""
+    per (n, c); 1, grad_x. The parameter gradients are written from the sums."""
     N, G = mean.shape
     C, S = channels_spatial(x, channels_last)
     D = C // G
     want_dx = grad_x.size > 0
     need_sums = grad_weight.size > 0 or grad_bias.size > 0 or (want_dx and stats_from_input)
-    centre, scale_dy = coefficients[0], coefficients[1]
-    scale_x, offset = coefficients[2], coefficients[3]
-    no_vector = centre[:0]
+    centre, scale_dy = coefficients[SHIFT], coefficients[SCALE]
+    scale_x, offset = coefficients[SCALE2], coefficients[OFFSET]
     if step == 0:
         for n in range(N):
             for c in range(C):
                 centre[n * C + c] = mean[n, c // D]
-        return pass_arguments(REDUCE if need_sums else NO_PASS, grad_out, x, grad_x, centre,
-                              scale_dy, offset, scale_x, no_vector, no_vector, 0, 0.0, True,
-                              part_a, part_b, channels_last, True, split)
+        return pass_arguments(REDUCE if need_sums else NO_PASS, grad_out, x, grad_x,
+                              coefficients, partials, 0, 0.0, True, channels_last, True, split)
     if need_sums:
-        sum_dy, dot = _sample_channel_totals(part_a, part_b, grad_out, x, centre, True,
-                                             channels_last, split)
+        sum_dy, dot = _sample_channel_totals(partials, grad_out, x, centre, True, channels_last,
+                                             split)
     else:
         sum_dy, dot = np.zeros((N, C)), np.zeros((N, C))
     # Parameter gradients: sums over the batch in a fixed order.
@@ -169,13 +160,12 @@ def _backward_step(step, grad_out, x, weight, mean, rstd, stats_from_input, grad
                 else:
                     scale_x[n * C + c] = offset[n * C + c] = 0.0
     if stats_from_input or not want_dx:
-        return pass_arguments(ELEMENTWISE if want_dx else NO_PASS, grad_out, x, grad_x, centre,
-                              scale_dy, offset, scale_x, no_vector, no_vector, 0, 0.0, True,
-                              part_a, part_b, channels_last, True, split)
+        return pass_arguments(ELEMENTWISE if want_dx else NO_PASS, grad_out, x, grad_x,
+                              coefficients, partials, 0, 0.0, True, channels_last, True, split)
     # Given statistics: dx = (dy - 0) * scale_dy + 0, and x is not read.
-    return pass_arguments(ELEMENTWISE, grad_out, grad_out, grad_x, scale_x, scale_dy, offset,
-                          scale_x, no_vector, no_vector, 0, 0.0, False, part_a, part_b,
-                          channels_last, True, split)
+    centre[:] = 0.0
+    return pass_arguments(ELEMENTWISE, grad_out, grad_out, grad_x, coefficients, partials, 0,
+                          0.0, False, channels_last, True, split)
 
 
 # ---------------------------------------------------------------------------
@@ -203,18 +193,18 @@ def _kernel(backward, first, x, weight, bias, eps, stats_from_input, out, mean, 
     N = x.shape[0]
     C, S = channels_spatial(x, channels_last)
     split = work_split(N, C, S, channels_last, True)
-    part_a = np.empty(partial_slots(N, C, S, channels_last, split))
-    part_b = np.empty_like(part_a)
-    coefficients = np.empty((4, N * C), x.dtype)
+    partials = np.empty((2, partial_slots(N, C, S, channels_last, split)))
+    # The rows SHIFT, SCALE, OFFSET, SCALE2 (no activation: ZA, ZB are not read).
+    coefficients = np.empty((SCALE2 + 1, N * C), x.dtype)
     # Both passes through one `prange` (run_items), in a loop: see _passes.py.
     for step in range(2):
         if backward:
             args = _backward_step(step, first, x, weight, mean, rstd, stats_from_input, out,
-                                  grad_weight, grad_bias, coefficients, part_a, part_b,
-                                  channels_last, split)
+                                  grad_weight, grad_bias, coefficients, partials, channels_last,
+                                  split)
         else:
             args = _forward_step(step, x, weight, bias, eps, stats_from_input, out, mean, rstd,
-                                 variance, coefficients, part_a, part_b, channels_last, split)
+                                 variance, coefficients, partials, channels_last, split)
         if args[0] != NO_PASS:
             run_items(pass_items, args, split[0], tasks)
 
