@@ -1,13 +1,15 @@
 """Numba backend: what the first call of each op costs, cold (empty cache) and warm (cache filled).
 
-Usage: PYTHONPATH=. python bench/numba_compile_time.py [--ops batch_norm group_norm layer_norm]
-                                                       [--dtypes float32 float64] [--runs 1]
+Usage: PYTHONPATH=. python bench/numba_compile_time.py [--ops batch_norm ...] [--runs 1]
+                                                       [--dtypes float32 float64]
 
+Ops: batch_norm, batch_norm_activation (the fused-activation kernel, compiled on the first
+call with an activation), group_norm (also InstanceNorm's), layer_norm (also RMSNorm's).
 Each op runs in a fresh interpreter with NUMBA_CACHE_DIR set to a new empty directory:
-the first forward + backward call (training, then eval; contiguous and channels-last, with
-and without weights) compiles; a second interpreter on the same directory then loads the
-cache. Compiling is single-threaded, so the cost is given as process CPU time (steadier
-than wall time on a shared machine); wall time beside it.
+the first forward + backward calls (training and eval; contiguous and channels-last, with
+and without weights) compile, one dtype after the other; a second interpreter on the
+same directory then loads the cache. Compiling is single-threaded, so the cost is given
+as process CPU time (steadier than wall time on a shared machine); wall time beside it.
 """
 import argparse
 import json
@@ -41,13 +43,14 @@ def calls(dtype):
     w, b = np.ones(8, dtype), np.zeros(8, dtype)
     for data in (x, channels_last(x)):
         for weight, bias in ((w, b), (None, None)):
-            if op == "batch_norm":
+            if op.startswith("batch_norm"):
+                act = "relu" if op == "batch_norm_activation" else None
                 rm, rv = np.zeros(8, dtype), np.ones(8, dtype)
                 for training in (True, False):
                     y, m, i = fastbn.batch_norm_forward(data, weight, bias, rm, rv, training,
-                                                        backend="numba")
+                                                        activation=act, backend="numba")
                     fastbn.batch_norm_backward(data, data, weight, m, i, training,
-                                               backend="numba")
+                                               activation=act, bias=bias, backend="numba")
             elif op == "group_norm":
                 y, m, r = fastbn.group_norm_forward(data, 4, weight, bias, backend="numba")
                 fastbn.group_norm_backward(data, data, m, r, weight, 4, backend="numba")
@@ -87,7 +90,8 @@ def run_child(op, dtypes, cache_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", nargs="+", default=["batch_norm", "group_norm", "layer_norm"])
+    parser.add_argument("--ops", nargs="+", default=["batch_norm", "batch_norm_activation",
+                                                     "group_norm", "layer_norm"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
@@ -99,7 +103,7 @@ def main():
             for state, r in (("cold", cold), ("warm", warm)):
                 per_dtype = "  ".join(f"{d} {r[d]['cpu_s']:6.2f} s cpu ({r[d]['wall_s']:6.2f} wall)"
                                       for d in args.dtypes)
-                print(f"{op:11s} {state}: imports {r['import_cpu_s']:.2f} s cpu, first calls: "
+                print(f"{op:21s} {state}: imports {r['import_cpu_s']:.2f} s cpu, first calls: "
                       f"{per_dtype}; process {r['total_cpu_s']:.2f} s cpu", flush=True)
 
 

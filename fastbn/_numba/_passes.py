@@ -109,11 +109,9 @@ def partial_slots(N, C, S, channels_last, split):
 
 
 @njit(**HELPER_OPTIONS)
-def exact_run_sums(first, second, n, c, centre, gradient, channels_last):
-    """The sums of the REDUCE pass over the run of sample n, channel c, each value in
-    float64: for totals that failed _sums.kept_precision."""
-    if channels_last:
-        return exact_sums(first[n, :, c], second[n, :, c], centre, gradient, 1.0)
+def exact_run_sums(first, second, n, c, centre, gradient):
+    """The sums of the REDUCE pass over the channels-first run of sample n, channel c, each
+    value in float64: for totals that failed _sums.kept_precision."""
     return exact_sums(first[n, c], second[n, c], centre, gradient, 1.0)
 
 
@@ -151,7 +149,7 @@ def _item_capacity(C, S, channels_last, chunks, rows_per_item):
     return rows_per_item * -(-S // chunks)
 
 
-@njit(**INLINE_OPTIONS)
+@njit(**HELPER_OPTIONS)
 def _next_row(c, period):
     """The coefficient of the next channels-first row: stepped, since a division per row
     of 49 values shows."""
@@ -177,7 +175,7 @@ def _run_matrix(x, channels_last):
     return x.reshape((N * S, C) if channels_last else (N * C, S))
 
 
-@njit(**INLINE_OPTIONS)
+@njit(**HELPER_OPTIONS)
 def _source_run(matrix, row_offset, column_offset, row, c0, c1):
     """Columns [c0, c1) of `row` of a run matrix, from `matrix`, which holds the rows from
     row_offset and the columns from column_offset (a work item's activation buffer; 0, 0

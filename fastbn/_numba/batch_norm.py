@@ -45,8 +45,10 @@ from fastbn._numba._sums import kept_precision
 def _channel_totals(partials, first, second, centre, gradient, redo, channels_last, split):
     """Per-channel totals of a REDUCE pass's partials (_passes.partial_slots), added in a
     fixed order; with `redo`, a channel whose totals lost float32 precision
-    (_sums.kept_precision) is summed again in float64. (Not the sums of a fused
-    activation's g = dy * act'(z): for those the totals stand.)"""
+    (_sums.kept_precision) is summed again in float64 (channels-first: the channels-last
+    tiles sum in float64 already). (Not the sums of a fused
+    activation's g = dy * act'(z): for those the totals stand.) The flags come as
+    np.bool_ values: as constants, each would compile a copy (see pass_arguments)."""
     _, chunks, _, row_blocks = split
     N = first.shape[0]
     C, S = channels_spatial(first, channels_last)
@@ -64,10 +66,10 @@ def _channel_totals(partials, first, second, centre, gradient, redo, channels_la
                     total_a[c] += partials[0, k]
                     total_b[c] += partials[1, k]
     for c in range(C):
-        if redo and not kept_precision(total_a[c], total_b[c], N * S):
+        if redo and not channels_last and not kept_precision(total_a[c], total_b[c], N * S):
             total_a[c] = total_b[c] = 0.0
             for n in range(N):
-                a, b = exact_run_sums(first, second, n, c, centre[c], gradient, channels_last)
+                a, b = exact_run_sums(first, second, n, c, centre[c], gradient)
                 total_a[c] += a
                 total_b[c] += b
     return total_a, total_b
@@ -92,12 +94,14 @@ def _forward_step(step, x, weight, bias, running_mean, running_var, training, mo
             first = np.float64(x[0, 0, c] if channels_last else x[0, c, 0])
             # A non-finite pivot would turn an inf mean into nan; 0 keeps PyTorch's result.
             shift[c] = first if np.isfinite(first) else 0.0
-        return pass_arguments(REDUCE if training else NO_PASS, x, x, y, coefficients, partials,
-                              0, slope, False, channels_last, False, split)
+        # One pass_arguments call per function: each is inlined, and each copy compiles.
+        return _forward_arguments(np.int64(REDUCE if training else NO_PASS), x, y,
+                                  coefficients, partials, np.int64(0), slope, channels_last,
+                                  split)
     has_weight, has_bias = weight.size > 0, bias.size > 0
     if training:
-        sum_shifted, sum_sq = _channel_totals(partials, x, x, shift, False, True, channels_last,
-                                              split)
+        sum_shifted, sum_sq = _channel_totals(partials, x, x, shift, np.bool_(False),
+                                              np.bool_(True), channels_last, split)
         for c in range(C):
             mean = shift[c] + sum_shifted[c] / count
             var_sum = sum_sq[c] - sum_shifted[c] * sum_shifted[c] / count
@@ -127,7 +131,16 @@ def _forward_step(step, x, weight, bias, running_mean, running_var, training, mo
             scale[c] = alpha
             save_mean[c] = running_mean[c]
             save_invstd[c] = invstd
-    return pass_arguments(ELEMENTWISE, x, x, y, coefficients, partials, activation, slope, False,
+    return _forward_arguments(np.int64(ELEMENTWISE), x, y, coefficients, partials, activation,
+                              slope, channels_last, split)
+
+
+@njit(**HELPER_OPTIONS)
+def _forward_arguments(kind, x, y, coefficients, partials, activation, slope, channels_last,
+                       split):
+    """pass_arguments of the forward. The callers cast constants, as pass_arguments does
+    (one compiled copy per literal value otherwise)."""
+    return pass_arguments(kind, x, x, y, coefficients, partials, activation, slope, False,
                           channels_last, False, split)
 
 
@@ -151,12 +164,12 @@ def _backward_step(step, grad_out, x, weight, bias, save_mean, save_invstd, trai
             # z = (x - mean) * za + zb, the forward's output before its activation.
             za[c] = np.float64(save_invstd[c]) * (np.float64(weight[c]) if has_weight else 1.0)
             zb[c] = bias[c] if bias.size > 0 else 0.0
-        return pass_arguments(REDUCE if need_sums else NO_PASS, grad_out, x, grad_x,
-                              coefficients, partials, activation, slope, True, channels_last,
-                              False, split)
+        return _backward_arguments(np.int64(REDUCE if need_sums else NO_PASS), grad_out, x,
+                                   grad_x, coefficients, partials, activation, slope,
+                                   np.bool_(True), channels_last, split)
     if need_sums:
-        sum_dy, dot = _channel_totals(partials, grad_out, x, mean, True, activation == 0,
-                                      channels_last, split)
+        sum_dy, dot = _channel_totals(partials, grad_out, x, mean, np.bool_(True),
+                                      activation == 0, channels_last, split)
     else:
         sum_dy, dot = np.zeros(C), np.zeros(C)
     scale_dy, scale_x = coefficients[SCALE], coefficients[SCALE2]
@@ -177,17 +190,23 @@ def _backward_step(step, grad_out, x, weight, bias, save_mean, save_invstd, trai
             offset[c] = -sum_dy[c] / count * invstd * w_c
         else:
             scale_x[c] = offset[c] = 0.0
-    if not want_dx:
-        return pass_arguments(NO_PASS, grad_out, x, grad_x, coefficients, partials, activation,
-                              slope, True, channels_last, False, split)
-    if training or activation:
+    if training or activation or not want_dx:
         # In eval mode scale_x and offset are zero: x is read for z only.
-        return pass_arguments(ELEMENTWISE, grad_out, x, grad_x, coefficients, partials,
-                              activation, slope, True, channels_last, False, split)
+        return _backward_arguments(np.int64(ELEMENTWISE if want_dx else NO_PASS), grad_out, x,
+                                   grad_x, coefficients, partials, activation, slope,
+                                   np.bool_(True), channels_last, split)
     # dx = (dy - 0) * scale_dy + 0: the forward's formula, and x is not read.
     mean[:] = 0.0
-    return pass_arguments(ELEMENTWISE, grad_out, grad_out, grad_x, coefficients, partials, 0,
-                          slope, False, channels_last, False, split)
+    return _backward_arguments(np.int64(ELEMENTWISE), grad_out, grad_out, grad_x, coefficients,
+                               partials, np.int64(0), slope, np.bool_(False), channels_last,
+                               split)
+
+
+@njit(**HELPER_OPTIONS)
+def _backward_arguments(kind, grad_out, x, grad_x, coefficients, partials, activation, slope,
+                        backward, channels_last, split):
+    return pass_arguments(kind, grad_out, x, grad_x, coefficients, partials, activation, slope,
+                          backward, channels_last, False, split)
 
 
 # ---------------------------------------------------------------------------
@@ -222,7 +241,7 @@ def _make_kernel(fused):
         save_invstd)."""
         N = x.shape[0]
         C, S = channels_spatial(x, channels_last)
-        split = work_split(N, C, S, channels_last, False)
+        split = work_split(N, C, S, channels_last, np.bool_(False))
         partials = np.empty((2, partial_slots(N, C, S, channels_last, split)))
         coefficients = np.empty((COEFFICIENT_ROWS, C), x.dtype)
         # Both passes through one `prange` (run_items), in a loop: see _passes.py.

@@ -26,7 +26,7 @@ from fastbn._numba._sums import kept_precision
 def _sample_channel_totals(partials, first, second, centre, gradient, channels_last, split):
     """Per-(n, c) totals (N, C) of a REDUCE pass's partials (_passes.partial_slots), in a
     fixed order; an (n, c) whose totals lost float32 precision (_sums.kept_precision) is
-    summed again in float64."""
+    summed again in float64 (channels-first: channels-last tiles sum in float64 already)."""
     _, chunks, _, row_blocks = split
     N = first.shape[0]
     C, S = channels_spatial(first, channels_last)
@@ -43,10 +43,9 @@ def _sample_channel_totals(partials, first, second, centre, gradient, channels_l
                 for k in range((n * C + c) * chunks, (n * C + c + 1) * chunks):
                     total_a[n, c] += partials[0, k]
                     total_b[n, c] += partials[1, k]
-            if not kept_precision(total_a[n, c], total_b[n, c], S):
+            if not channels_last and not kept_precision(total_a[n, c], total_b[n, c], S):
                 total_a[n, c], total_b[n, c] = exact_run_sums(first, second, n, c,
-                                                              centre[n * C + c], gradient,
-                                                              channels_last)
+                                                              centre[n * C + c], gradient)
     return total_a, total_b
 
 
@@ -72,10 +71,10 @@ def _forward_step(step, x, weight, bias, eps, compute_stats, y, mean, rstd, vari
                 # an inf mean into nan, 0 keeps PyTorch's result.
                 first = np.float64(x[n, 0, g * D] if channels_last else x[n, g * D, 0])
                 shift[n * C + g * D:n * C + (g + 1) * D] = first if np.isfinite(first) else 0.0
-        return pass_arguments(REDUCE if compute_stats else NO_PASS, x, x, y, coefficients,
-                              partials, 0, 0.0, False, channels_last, True, split)
+        return _group_arguments(np.int64(REDUCE if compute_stats else NO_PASS), x, x, y,
+                                coefficients, partials, np.bool_(False), channels_last, split)
     if compute_stats:
-        sum_shifted, sum_sq = _sample_channel_totals(partials, x, x, shift, False,
+        sum_shifted, sum_sq = _sample_channel_totals(partials, x, x, shift, np.bool_(False),
                                                      channels_last, split)
     for n in range(N):
         for g in range(G):
@@ -106,7 +105,16 @@ def _forward_step(step, x, weight, bias, eps, compute_stats, y, mean, rstd, vari
                 shift[n * C + c] = pivot
                 scale[n * C + c] = alpha
                 offset[n * C + c] = _param(bias, c, 0.0) - centre_offset * alpha
-    return pass_arguments(ELEMENTWISE, x, x, y, coefficients, partials, 0, 0.0, False,
+    return _group_arguments(np.int64(ELEMENTWISE), x, x, y, coefficients, partials,
+                            np.bool_(False), channels_last, split)
+
+
+@njit(**HELPER_OPTIONS)
+def _group_arguments(kind, first, second, out, coefficients, partials, flag, channels_last,
+                     split):
+    """pass_arguments, per (n, c) and without activation. (One call site of the inlined
+    pass_arguments: each copy compiles; the callers cast constants, see pass_arguments.)"""
+    return pass_arguments(kind, first, second, out, coefficients, partials, 0, 0.0, flag,
                           channels_last, True, split)
 
 
@@ -126,11 +134,12 @@ def _backward_step(step, grad_out, x, weight, mean, rstd, stats_from_input, grad
         for n in range(N):
             for c in range(C):
                 centre[n * C + c] = mean[n, c // D]
-        return pass_arguments(REDUCE if need_sums else NO_PASS, grad_out, x, grad_x,
-                              coefficients, partials, 0, 0.0, True, channels_last, True, split)
+        return _group_arguments(np.int64(REDUCE if need_sums else NO_PASS), grad_out, x,
+                                grad_x, coefficients, partials, np.bool_(True), channels_last,
+                                split)
     if need_sums:
-        sum_dy, dot = _sample_channel_totals(partials, grad_out, x, centre, True, channels_last,
-                                             split)
+        sum_dy, dot = _sample_channel_totals(partials, grad_out, x, centre, np.bool_(True),
+                                             channels_last, split)
     else:
         sum_dy, dot = np.zeros((N, C)), np.zeros((N, C))
     # Parameter gradients: sums over the batch in a fixed order.
@@ -160,12 +169,13 @@ def _backward_step(step, grad_out, x, weight, mean, rstd, stats_from_input, grad
                 else:
                     scale_x[n * C + c] = offset[n * C + c] = 0.0
     if stats_from_input or not want_dx:
-        return pass_arguments(ELEMENTWISE if want_dx else NO_PASS, grad_out, x, grad_x,
-                              coefficients, partials, 0, 0.0, True, channels_last, True, split)
+        return _group_arguments(np.int64(ELEMENTWISE if want_dx else NO_PASS), grad_out, x,
+                                grad_x, coefficients, partials, np.bool_(True), channels_last,
+                                split)
     # Given statistics: dx = (dy - 0) * scale_dy + 0, and x is not read.
     centre[:] = 0.0
-    return pass_arguments(ELEMENTWISE, grad_out, grad_out, grad_x, coefficients, partials, 0,
-                          0.0, False, channels_last, True, split)
+    return _group_arguments(np.int64(ELEMENTWISE), grad_out, grad_out, grad_x, coefficients,
+                            partials, np.bool_(False), channels_last, split)
 
 
 # ---------------------------------------------------------------------------
@@ -192,7 +202,7 @@ def _kernel(backward, first, x, weight, bias, eps, stats_from_input, out, mean, 
     else normalizes with them) or backward (first = grad_out, out = grad_x)."""
     N = x.shape[0]
     C, S = channels_spatial(x, channels_last)
-    split = work_split(N, C, S, channels_last, True)
+    split = work_split(N, C, S, channels_last, np.bool_(True))
     partials = np.empty((2, partial_slots(N, C, S, channels_last, split)))
     # The rows SHIFT, SCALE, OFFSET, SCALE2 (no activation: ZA, ZB are not read).
     coefficients = np.empty((SCALE2 + 1, N * C), x.dtype)
@@ -220,7 +230,7 @@ _NO_VARIANCE = np.empty((0, 0))
 def _threads(n_threads, x, channels_last):
     N = x.shape[0]
     C, S = (x.shape[2], x.shape[1]) if channels_last else (x.shape[1], x.shape[2])
-    items = work_split(N, C, S, channels_last, True)[0]
+    items = work_split(N, C, S, channels_last, np.bool_(True))[0]
     return max(1, min(n_threads, x.size // MIN_ELEMENTS_PER_THREAD, items))
 
 
