@@ -112,7 +112,7 @@ def partial_slots(N, C, S, channels_last, split):
 def exact_run_sums(first, second, n, c, centre, gradient):
     """The sums of the REDUCE pass over the channels-first run of sample n, channel c, each
     value in float64: for totals that failed _sums.kept_precision."""
-    return exact_sums(first[n, c], second[n, c], centre, gradient, 1.0)
+    return exact_sums(first[n, c], second[n, c], centre, gradient, first.dtype.type(1))
 
 
 @njit(**HELPER_OPTIONS)
@@ -273,8 +273,8 @@ def _reduce_runs(args, values, row_offset, column_offset, first_item, end_item):
             acc_a = partials[0, slot * C + c0:slot * C + c1]
             acc_b = partials[1, slot * C + c0:slot * C + c1]
             tile_centre = coefficients[SHIFT, coef_base + c0:coef_base + c1]
-            acc_a[:] = 0.0
-            acc_b[:] = 0.0
+            acc_a.fill(0.0)
+            acc_b.fill(0.0)
             if gradient:
                 for r in range(r0, r1):
                     v_run = _source_run(values, row_offset, column_offset, r, c0, c1)

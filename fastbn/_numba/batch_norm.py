@@ -196,7 +196,7 @@ def _backward_step(step, grad_out, x, weight, bias, save_mean, save_invstd, trai
                                    grad_x, coefficients, partials, activation, slope,
                                    np.bool_(True), channels_last, split)
     # dx = (dy - 0) * scale_dy + 0: the forward's formula, and x is not read.
-    mean[:] = 0.0
+    mean.fill(0.0)
     return _backward_arguments(np.int64(ELEMENTWISE), grad_out, grad_out, grad_x, coefficients,
                                partials, np.int64(0), slope, np.bool_(False), channels_last,
                                split)

@@ -173,7 +173,7 @@ def _backward_step(step, grad_out, x, weight, mean, rstd, stats_from_input, grad
                                 grad_x, coefficients, partials, np.bool_(True), channels_last,
                                 split)
     # Given statistics: dx = (dy - 0) * scale_dy + 0, and x is not read.
-    centre[:] = 0.0
+    centre.fill(0.0)
     return _group_arguments(np.int64(ELEMENTWISE), grad_out, grad_out, grad_x, coefficients,
                             partials, np.bool_(False), channels_last, split)
 

@@ -117,7 +117,7 @@ def _moment_sums(x, r, c0, c1, pivot):
     total, products = shifted_sums(run, pivot)
     if kept_precision(total, products, run.size):
         return total, products
-    return exact_sums(run, run, pivot, False, 1.0)
+    return exact_sums(run, run, pivot, np.bool_(False), x.dtype.type(1))
 
 
 @njit(**HELPER_OPTIONS)
@@ -130,11 +130,11 @@ def _gradient_sums(dy, x, r, c0, c1, centre, weight):
         total, products = grad_sums(dy_run, x_run, centre, w)
         if kept_precision(total, products, x_run.size):
             return total, products
-        return exact_sums(dy_run, x_run, centre, True, w)
+        return exact_sums(dy_run, x_run, centre, np.bool_(True), w)
     total, products = grad_sums(dy_run, x_run, centre, x.dtype.type(1))
     if kept_precision(total, products, x_run.size):
         return total, products
-    return exact_sums(dy_run, x_run, centre, True, 1.0)
+    return exact_sums(dy_run, x_run, centre, np.bool_(True), x.dtype.type(1))
 
 
 @njit(**HELPER_OPTIONS)
@@ -216,8 +216,8 @@ def _rows_items(args, first_item, end_item):
         r1 = (item + 1) * rows // items
         if backward:
             dw_row, db_row = _partial_row(dw_part, item), _partial_row(db_part, item)
-            dw_row[:] = 0.0
-            db_row[:] = 0.0
+            dw_row.fill(0.0)
+            db_row.fill(0.0)
             for r in range(r0, r1):
                 row_centre = centre[r]
                 row_rstd = np.float64(rstd[r])
@@ -302,8 +302,8 @@ def _column_items(args, first_item, end_item):
         c1 = (k + 1) * D // chunks
         dw_columns = dw[c0:c1] if dw.size > 0 else dw
         db_columns = db[c0:c1] if db.size > 0 else db
-        dw_columns[:] = 0.0
-        db_columns[:] = 0.0
+        dw_columns.fill(0.0)
+        db_columns.fill(0.0)
         for r in range(rows):
             _gradient_run(first, x, out, r, c0, c1, centre[r], np.float64(rstd[r]),
                           np.float64(coef_a[r]), np.float64(coef_b[r]), np.float64(coef_c[r]),
