@@ -79,8 +79,8 @@ print(json.dumps(result))
 
 
 def run_child(op, dtypes, cache_dir):
-    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir,
-               PYTHONPATH=os.pathsep.join([str(REPO_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    path = [str(REPO_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, PYTHONPATH=os.pathsep.join(path))
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD), op, ",".join(dtypes)],
                          capture_output=True, text=True, env=env)
     if out.returncode:

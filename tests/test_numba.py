@@ -550,3 +550,19 @@ def test_row_kernels_take_missing_parameters_and_out_x_without_data_sized_tempor
         print(grown / x.nbytes)
     """)
     assert float(out) < 0.1
+
+
+@needs_numba
+def test_precompile_makes_every_entry_point_ready():
+    # With the JIT off the "compiled" kernels are the Python functions: this checks that
+    # precompile finds each op's entry points (BatchNorm's two, GroupNorm's, LayerNorm's).
+    out = run_python("""
+        import types
+        import numpy as np
+        from fastbn._numba import batch_norm, group_norm, layer_norm, precompile
+        print(precompile(("float32",)))
+        for kernel in (batch_norm._kernel, batch_norm._fused_kernel, group_norm._kernel,
+                       layer_norm._kernel):
+            assert isinstance(kernel._compiled[np.dtype(np.float32)], types.FunctionType)
+    """, NUMBA_DISABLE_JIT="1")
+    assert out.split() == ["4"]

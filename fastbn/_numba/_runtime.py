@@ -1,13 +1,13 @@
 """What every Numba kernel module shares: jit options, lazy compilation per dtype, the
-parallel drivers and the thread setting.
+parallel loop and the thread setting.
 
-An op's entry points are compiled for one float dtype when the op is first called with
+An op's entry point is compiled for one float dtype when the op is first called with
 it (or loaded from numba's on-disk cache, `cache=True`), so that a new process loads
-them instead of compiling again (see docs/numba.md). Every pass over the data is a
-plain `@njit` function over a range of fixed work items; a call on one thread runs it
-over all items directly (no parallel region: numba's OpenMP layer cannot start one in
-a forked child), a call on more threads through that pass's `parallel=True` driver,
-which only splits the items into one contiguous range per thread.
+it instead of compiling again (see docs/numba.md). Every pass over the data is a plain
+`@njit` function over a range of fixed work items (run_items): a call on one thread
+runs it over all items directly, with no parallel region (numba's OpenMP layer stops a
+forked child that starts one), a call on more threads through a `prange` that only
+splits the items into one contiguous range per thread.
 """
 import numba
 import numpy as np

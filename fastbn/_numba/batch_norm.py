@@ -1,33 +1,23 @@
 """BatchNorm forward and backward kernels (Numba), with the fused activation.
 
 The algorithm and the work split are those of the Cython kernels (see the
-docstring of fastbn/_cython/_batch_norm.pyx). A tensor is seen as a matrix of
-runs: (N * C, S), one row per (n, c) (channels-first), or (N * S, C), one row per
-position (channels-last). Work is cut into fixed items that do not depend on the
-thread count:
-  channels-first: a block of whole rows, or one chunk of a long row (S > CHUNK_ELEMENTS);
-  channels-last:  a block of rows x a block of CHANNEL_BLOCK channels.
-Each item writes its partial sums to its own slots of a partials array; the
-partials of a channel are then added in a fixed order, so the result is the same
-to the bit for any number of threads. Statistics accumulate in float64 over values
-shifted by a per-channel pivot (the channel's first value), and
-y = (x - pivot) * scale + offset keeps that accuracy in the output. Channels-first
-runs are summed by _sums.py (blocks in x's type, then float64).
+docstring of fastbn/_cython/_batch_norm.pyx); the passes over the data are in
+_passes.py (shared with GroupNorm): work items that depend on the shape only, and
+partial sums added in a fixed order, so the result is the same to the bit for any
+number of threads. Statistics accumulate in float64 over values shifted by a
+per-channel pivot (the channel's first value), and y = (x - pivot) * scale + offset
+keeps that accuracy in the output.
 
-Each direction makes two passes over the data, each a plain `@njit` function over a
-range of items (`_reduce_items`: the per-item sums; `_elementwise_items`: y or
-grad_x), run directly on one thread and through its `parallel_driver` on more (see
-_runtime.py). Fast-math "reassoc" lets LLVM split a sum over several vector
-accumulators, which the Cython kernel spells out by hand (LANES); the order of the
-additions is fixed when the code is compiled, so reassociation does not make results
-depend on the thread count.
+One entry point, `_kernel`, does both directions, each in two passes (the sums, then
+y or grad_x) through a single `prange` (see _passes.py on compile time); the
+per-channel work between the passes is `_forward_step` / `_backward_step`.
+`_fused_kernel` is the same with the fused activation (fastbn/_activations.py) compiled
+in: its code costs compile time, paid only on the first call that asks for an
+activation. The forward applies it to each item's output while the item is in cache;
+the backward recomputes z = (x - mean) * invstd * w + b per item and takes dy through
+act'(z) in both passes.
 
-The fused activation (fastbn/_activations.py) is a run-time code: the forward applies
-it to each item's output right after the affine loop, while the item is in cache; the
-backward recomputes z = (x - mean) * invstd * w + b for an item into a buffer, turns it
-into g = dy * act'(z), and both passes read g where they read dy without activation.
-
-The entry points are compiled for a dtype on the first call with it, or loaded from
+Each entry point is compiled for a dtype on the first call with it, or loaded from
 numba's on-disk cache (see docs/numba.md).
 """
 import numpy as np

@@ -14,9 +14,10 @@ fixed order, so the result is the same to the bit for any thread count:
       by column chunk, each item owning its columns of the parameter gradients.
 
 Row sums are those of _sums.py (blocks in the input's precision, added in float64;
-a row or chunk whose float32 sums lost precision is summed again in float64). Unlike the Cython kernels, the backward adds each row's column terms on
-its own (not 4 rows at a time), so the two backends' parameter gradients may differ
-in the last bits. The statistics are shifted by a pivot near the row mean, the mean
+a row or chunk whose float32 sums lost precision is summed again in float64). Unlike
+the Cython kernels, the backward adds each row's column terms on its own (not 4 rows
+at a time), so the two backends' parameter gradients may differ in the last bits.
+The statistics are shifted by a pivot near the row mean, the mean
 of the row's first values, for accuracy on data with a large mean.
 
 A missing weight or bias costs nothing: the kernels take length-0 arrays for them
