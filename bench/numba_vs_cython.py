@@ -1,10 +1,13 @@
-"""Numba vs Cython backend: BatchNorm2d training forward + backward, float32.
+"""Numba vs Cython backend (and torch's aten ops): BatchNorm2d training forward + backward, float32.
 
 Usage: PYTHONPATH=. python bench/numba_vs_cython.py [--threads 2] [--repeats 15] [--channels-last]
+                                                    [--torch]
 
-The two backends are timed alternately on the same arrays (median of
+The implementations are timed alternately on the same arrays (median of
 `repeats` rounds, each the best of a few calls) and the ratio numba / cython
-is printed per shape, with the geometric mean. Timings on a shared machine are
+is printed per shape, with the geometric mean; with --torch also torch's
+native_batch_norm + native_batch_norm_backward on the same memory, and torch's
+time over numba's (above 1: numba is faster). Timings on a shared machine are
 noisy: quote ratios, not absolute numbers.
 """
 import argparse
@@ -28,6 +31,16 @@ def train_step(x, grad_out, weight, bias, running_mean, running_var, y, grad_x, 
                                backend=backend)
 
 
+def torch_step(x, grad_out, weight, bias, running_mean, running_var):
+    import torch
+
+    _, save_mean, save_invstd = torch.native_batch_norm(x, weight, bias, running_mean,
+                                                        running_var, True, 0.1, 1e-5)
+    torch.ops.aten.native_batch_norm_backward(grad_out, x, weight, running_mean, running_var,
+                                              save_mean, save_invstd, True, 1e-5,
+                                              [True, True, True])
+
+
 def best_time_s(step, calls):
     best = math.inf
     for _ in range(calls):
@@ -43,12 +56,21 @@ def main():
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--calls", type=int, default=5, help="calls per round (best is kept)")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--torch", action="store_true", help="also time torch's aten ops")
     args = parser.parse_args()
     fastbn.set_num_threads(args.threads)
+    implementations = BACKENDS
+    if args.torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        implementations = BACKENDS + ("torch",)
     rng = np.random.default_rng(0)
     ratios = []
+    torch_ratios = []
     print(f"threads={args.threads} channels_last={args.channels_last}")
-    print(f"{'shape':>20s} {'cython ms':>10s} {'numba ms':>10s} {'numba/cython':>13s}")
+    print(f"{'shape':>20s} {'cython ms':>10s} {'numba ms':>10s} {'numba/cython':>13s}"
+          + (f" {'torch ms':>10s} {'torch/numba':>12s}" if args.torch else ""))
     for N in BATCHES:
         for C, H, W in CHW:
             x = rng.standard_normal((N, C, H, W), dtype=np.float32)
@@ -61,18 +83,31 @@ def main():
             outputs = [np.empty_like(x), np.empty_like(x)]
             steps = {b: (lambda b=b: train_step(x, grad_out, *params, *stats, *outputs, b))
                      for b in BACKENDS}
+            if args.torch:
+                tensors = [torch.from_numpy(a) for a in [x, grad_out, *params, *stats]]
+                if args.channels_last:
+                    tensors[:2] = [t.contiguous(memory_format=torch.channels_last)
+                                   for t in tensors[:2]]
+                steps["torch"] = lambda: torch_step(*tensors)
             for step in steps.values():  # warm-up: compile, page in, thread pools
                 step()
-            times = {b: [] for b in BACKENDS}
+            times = {b: [] for b in implementations}
             for _ in range(args.repeats):
-                for b in BACKENDS:
+                for b in implementations:
                     times[b].append(best_time_s(steps[b], args.calls))
-            median = {b: float(np.median(times[b])) for b in BACKENDS}
+            median = {b: float(np.median(times[b])) for b in implementations}
             ratio = median["numba"] / median["cython"]
             ratios.append(ratio)
-            print(f"{str((N, C, H, W)):>20s} {median['cython'] * 1e3:10.3f} "
-                  f"{median['numba'] * 1e3:10.3f} {ratio:13.2f}")
+            line = (f"{str((N, C, H, W)):>20s} {median['cython'] * 1e3:10.3f} "
+                    f"{median['numba'] * 1e3:10.3f} {ratio:13.2f}")
+            if args.torch:
+                torch_ratios.append(median["torch"] / median["numba"])
+                line += f" {median['torch'] * 1e3:10.3f} {torch_ratios[-1]:12.2f}"
+            print(line, flush=True)
     print(f"geometric mean numba/cython: {math.exp(np.mean(np.log(ratios))):.2f}")
+    if args.torch:
+        print(f"geometric mean torch/numba: {math.exp(np.mean(np.log(torch_ratios))):.2f}, "
+              f"lowest {min(torch_ratios):.2f}")
 
 
 if __name__ == "__main__":

@@ -55,7 +55,3 @@ def pytest_collection_modifyitems(config, items):
         if "slow" in item.keywords:
             item.add_marker(skip)
 
-
-# The reason of every xfail on a numba case that the numba backend's rewrite (another
-# branch) fixes: strict, so each flips to a failure, to be removed, when that lands.
-NUMBA_BRANCH = "numba backend: done on the numba branch"

@@ -31,16 +31,9 @@ KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "hardswish": (-3.0, 3.0), "leaky_r
 SLOPE = 0.2
 EPS = 1e-5
 
-# numba's kernels gain the activation on their own branch; until then they refuse it.
-NUMBA_PENDING = pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                                  reason="numba: fused activation on the numba branch")
-
-
 def backends_for(activations):
-    """(backend, activation) pairs, numba's with an activation marked as pending."""
-    return [pytest.param(backend, activation,
-                         marks=NUMBA_PENDING if backend == "numba" and activation != "identity"
-                         else ())
+    """Every (backend, activation) pair."""
+    return [pytest.param(backend, activation)
             for backend in BACKENDS for activation in activations]
 
 

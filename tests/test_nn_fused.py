@@ -215,8 +215,10 @@ def test_converted_resnet18_trains_as_torch(backend):
             optimizer.step()
             losses.append(loss.item())
         assert losses[1] == pytest.approx(losses[0], rel=1e-9)
+    # atol: weights are of order 0.1; after 5 steps the numba backend's last-bit
+    # differences had grown to 1.3e-9 on one of 294,912 values (a weight of 6e-5).
     torch.testing.assert_close(model.state_dict(), reference.state_dict(), rtol=1e-6,
-                               atol=1e-9)
+                               atol=1e-8)
 
 
 def test_converted_mobilenet_v2_gradients_as_torch(backend):

@@ -229,8 +229,10 @@ def test_kernels_python_with_jit_disabled():
         import types
         import numpy as np
         import fastbn
+        from fastbn import _activations
         from fastbn._numba import batch_norm
-        assert isinstance(batch_norm._forward_kernel, types.FunctionType)  # not compiled
+        assert isinstance(batch_norm._kernel[np.dtype(np.float64)],
+                          types.FunctionType)  # not compiled
         # Small inputs on two threads too, for the parallel branches (prange is range here).
         batch_norm.MIN_ELEMENTS_PER_THREAD = 1
 
@@ -271,6 +273,30 @@ def test_kernels_python_with_jit_disabled():
                     if a is not None:
                         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
                         checked += 1
+        # The fused activations (a kernel of their own), on every work split: short
+        # rows, long rows cut in chunks, channels-last with one and two channel blocks.
+        for shape, activations in [((2, 3, 4, 5), _activations.ACTIVATIONS),
+                                   ((2, 300, 3), ("relu", "silu")), ((1, 2, 4100), ("relu6",))]:
+            x = rng.standard_normal(shape) + 0.5
+            C = shape[1]
+            weight, bias = np.linspace(0.5, 2, C), np.linspace(-1, 1, C)
+            grad_y = rng.standard_normal(shape)
+            for act, threads, layout, training in itertools.product(
+                    activations, [1, 2], ["contiguous", "channels_last"], [True, False]):
+                fastbn.set_num_threads(threads)
+                data = channels_last(x) if layout == "channels_last" else x
+                results = []
+                for backend in ("numba", "numpy"):
+                    running_mean, running_var = np.zeros(C), np.ones(C)
+                    y, mean, invstd = fastbn.batch_norm_forward(
+                        data, weight, bias, running_mean, running_var, training,
+                        activation=act, negative_slope=0.2, backend=backend)
+                    results.append((y,) + fastbn.batch_norm_backward(
+                        grad_y, data, weight, mean, invstd, training, activation=act,
+                        bias=bias, negative_slope=0.2, backend=backend))
+                for a, b in zip(*results):
+                    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9)
+                    checked += 1
         print(checked)
     """, NUMBA_DISABLE_JIT="1")
     assert int(out) > 0
@@ -288,8 +314,8 @@ def test_norm_kernels_python_with_jit_disabled():
         import numpy as np
         import fastbn
         from fastbn._numba import group_norm, layer_norm
-        assert isinstance(group_norm._forward_kernel, types.FunctionType)  # not compiled
-        assert isinstance(layer_norm._moment_sums, types.FunctionType)
+        assert isinstance(group_norm._kernel[np.dtype(np.float64)], types.FunctionType)
+        assert isinstance(layer_norm._kernel[np.dtype(np.float64)], types.FunctionType)
         # Small inputs on two threads too, for the parallel branches (prange is range here).
         group_norm.MIN_ELEMENTS_PER_THREAD = layer_norm.MIN_ELEMENTS_PER_THREAD = 1
 
@@ -365,3 +391,178 @@ def test_norm_kernels_python_with_jit_disabled():
         print(checked)
     """, NUMBA_DISABLE_JIT="1")
     assert int(out) > 0
+
+
+def _forward_backward(op, x, grad_out, eps, backend):
+    """Every result of `op`'s forward, and of its backward unless grad_out is None
+    (parameters 1 and 0: None)."""
+    shape = x.shape[2:]
+    if op == "batch_norm":
+        y, mean, rstd = fastbn.batch_norm_forward(x, training=True, eps=eps, backend=backend)
+    elif op == "group_norm":
+        y, mean, rstd = fastbn.group_norm_forward(x, 2, eps=eps, backend=backend)
+    elif op == "layer_norm":
+        y, mean, rstd = fastbn.layer_norm_forward(x, shape, eps=eps, backend=backend)
+    else:
+        (y, rstd), mean = fastbn.rms_norm_forward(x, shape, eps=eps, backend=backend), None
+    if grad_out is None:
+        return y, mean, rstd
+    if op == "batch_norm":
+        grads = fastbn.batch_norm_backward(grad_out, x, None, mean, rstd, True, backend=backend)
+    elif op == "group_norm":
+        grads = fastbn.group_norm_backward(grad_out, x, mean, rstd, None, 2, backend=backend)
+    elif op == "layer_norm":
+        grads = fastbn.layer_norm_backward(grad_out, x, shape, mean, rstd, backend=backend)
+    else:
+        grads = fastbn.rms_norm_backward(grad_out, x, shape, rstd, backend=backend)
+    return (y, mean, rstd) + grads
+
+
+@needs_numba
+@pytest.mark.parametrize("magnitude, eps, backward", [
+    (1e19, 1e-5, True),  # squares overflow float32 (above 3.4e38)
+    (1e-20, 1e-5, True),
+    # Squares of 1e-44 are subnormal floats of a few bits. With eps = 0 the variance
+    # matters; the backward's coefficients (rstd**2 ~ 1e44) overflow float32 in every
+    # backend then, so only the forward is compared.
+    (1e-22, 0.0, False),
+])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("op", ["batch_norm", "group_norm", "layer_norm", "rms_norm"])
+def test_huge_and_tiny_float32_values(rng, op, layout, magnitude, eps, backward):
+    """float32 data of huge and tiny magnitude: the float64 reference's results, to float32
+    precision (the float32 block sums of squares are redone in float64 where they leave
+    float32's normal range). Runs of 49 values, and long rows (several sum blocks)."""
+    if layout == "channels_last" and op in ("layer_norm", "rms_norm"):
+        pytest.skip("LayerNorm and RMSNorm take the (rows, D) view of any layout")
+    for shape in [(2, 4, 7, 7), (1, 2, 40, 60)]:
+        x = ((rng.standard_normal(shape) + 0.5) * magnitude).astype(np.float32)
+        if layout == "channels_last":
+            x = channels_last(x)
+        grad_out = rng.standard_normal(shape).astype(np.float32) if backward else None
+        got = _forward_backward(op, x, grad_out, eps, "numba")
+        want = _forward_backward(op, x.astype(np.float64),
+                                 None if grad_out is None else grad_out.astype(np.float64), eps,
+                                 "numpy")
+        for a, b in zip(got, want):
+            if a is not None:
+                scale = float(np.max(np.abs(b)))
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+@needs_two_numba_threads
+def test_every_op_runs_in_a_forked_child_on_one_thread():
+    """After a two-thread call, numba's OpenMP layer stops a forked child that starts a
+    parallel region ("fork() called from a process already using GNU OpenMP"): on one
+    thread every numba op must run without one. Forward and backward of each op, both
+    layouts, in a child of a process that used two threads; a hang fails on the timeout."""
+    out = run_python("""
+        import os
+        import signal
+        import time
+        import numpy as np
+        import fastbn
+
+        rng = np.random.default_rng(0)
+
+        def channels_last(a):
+            return np.moveaxis(np.ascontiguousarray(np.moveaxis(a, 1, -1)), -1, 1)
+
+        def every_op(x):
+            C, D = x.shape[1], x.shape[-1]
+            g = np.ones_like(x)
+            w = np.ones(C, x.dtype)
+            y, m, i = fastbn.batch_norm_forward(x, w, w, training=True, backend="numba")
+            fastbn.batch_norm_backward(g, x, w, m, i, True, backend="numba")
+            y, m, i = fastbn.batch_norm_forward(x, w, w, training=True, activation="relu",
+                                                backend="numba")
+            fastbn.batch_norm_backward(g, x, w, m, i, True, activation="relu", bias=w,
+                                       backend="numba")
+            y, m, r = fastbn.group_norm_forward(x, 4, w, w, backend="numba")
+            fastbn.group_norm_backward(g, x, m, r, w, 4, backend="numba")
+            y, m, r = fastbn.instance_norm_forward(x, w, w, backend="numba")
+            fastbn.instance_norm_backward(g, x, m, r, w, True, backend="numba")
+            if x.flags.c_contiguous:
+                y, m, r = fastbn.layer_norm_forward(x, D, backend="numba")
+                fastbn.layer_norm_backward(g, x, D, m, r, backend="numba")
+                y, r = fastbn.rms_norm_forward(x, D, backend="numba")
+                fastbn.rms_norm_backward(g, x, D, r, backend="numba")
+
+        # Big enough for two threads (16384 values per thread at least).
+        inputs = [rng.standard_normal((4, 16, 32, 32)).astype(np.float32)]
+        inputs.append(channels_last(inputs[0]))
+        fastbn.set_num_threads(2)
+        for x in inputs:
+            every_op(x)
+        pid = os.fork()
+        if pid == 0:
+            fastbn.set_num_threads(1)
+            for x in inputs:
+                every_op(x)
+            os._exit(0)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                print(os.waitstatus_to_exitcode(status))
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            print("timeout")
+    """, NUMBA_NUM_THREADS="2")
+    assert out.split() == ["0"]
+
+
+@needs_numba
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_row_kernels_take_missing_parameters_and_out_x_without_data_sized_temporaries(op):
+    """LayerNorm / RMSNorm kernels with weight and bias None and y = x (in place) on one
+    long row: the peak memory grows by far less than the data (a weight of ones would
+    double it), and the result is the reference's. Nothing big is freed before the
+    kernel runs, so that the peak before it is the memory in use."""
+    out = run_python(f"""
+        import resource
+        import numpy as np
+        from fastbn import _numpy
+        from fastbn._numba import layer_norm
+
+        def peak_bytes():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+        def forward(kernels, x, dtype):
+            stats = [np.empty(1, dtype) for _ in range(2)]
+            if "{op}" == "layer_norm":
+                kernels.layer_norm_forward(x, None, None, 1e-5, x, stats[0], stats[1], 1)
+            else:
+                kernels.rms_norm_forward(x, None, 1e-5, x, stats[1], 1)
+
+        forward(layer_norm, np.ones((1, 64), np.float32), np.float32)  # compiles or loads
+        x = np.random.default_rng(0).standard_normal((1, 1 << 24), np.float32)  # 64 MB
+        x += 3
+        want = x.astype(np.float64)
+        before = peak_bytes()
+        forward(layer_norm, x, np.float32)
+        grown = peak_bytes() - before
+        forward(_numpy, want, np.float64)
+        assert np.allclose(x, want, rtol=1e-5, atol=1e-5)
+        print(grown / x.nbytes)
+    """)
+    assert float(out) < 0.1
+
+
+@needs_numba
+def test_precompile_makes_every_entry_point_ready():
+    # With the JIT off the "compiled" kernels are the Python functions: this checks that
+    # precompile finds each op's entry points (BatchNorm's two, GroupNorm's, LayerNorm's).
+    out = run_python("""
+        import types
+        import numpy as np
+        from fastbn._numba import batch_norm, group_norm, layer_norm, precompile
+        print(precompile(("float32",)))
+        for kernel in (batch_norm._kernel, batch_norm._fused_kernel, group_norm._kernel,
+                       layer_norm._kernel):
+            assert isinstance(kernel._compiled[np.dtype(np.float32)], types.FunctionType)
+    """, NUMBA_DISABLE_JIT="1")
+    assert out.split() == ["4"]

@@ -25,20 +25,14 @@ import torch
 
 import fastbn
 import fastbn.nn as fnn
-from conftest import BACKENDS, NUMBA_BRANCH
+from conftest import BACKENDS
 
 THREADED_BACKENDS = [b for b in BACKENDS if b != "numpy"]  # the compiled ones
 
 
-def xfail_numba(backend, reason=NUMBA_BRANCH):
-    """The marks of a case the numba backend does not pass yet (see conftest.NUMBA_BRANCH)."""
-    return [pytest.mark.xfail(strict=True, reason=reason)] if backend == "numba" else []
-
-
-def by_backend(values, numba_fails=lambda value: False):
-    """pytest params (backend, value) for every backend, numba's failing ones xfail."""
-    return [pytest.param(backend, value, id=f"{backend}-{value}",
-                         marks=xfail_numba(backend) if numba_fails(value) else [])
+def by_backend(values):
+    """pytest params (backend, value) for every backend."""
+    return [pytest.param(backend, value, id=f"{backend}-{value}")
             for backend in BACKENDS for value in values]
 
 
@@ -262,11 +256,14 @@ def in_place_params():
         for case, layout, name in EXACT:
             if layout == "rows":
                 continue  # 960 bytes: too small to tell from the call's own objects
-            copies = backend == "numba" and case in ("layer_norm_backward", "rms_norm_backward",
-                                                     "rms_norm_forward")
+            # The numba row kernels' backward writes dx before its parameter-gradient
+            # sums read dy and x, so an in-place backward goes through a temporary there.
+            copies = backend == "numba" and case in ("layer_norm_backward", "rms_norm_backward")
             params.append(pytest.param(backend, case, layout, name,
                                        id=f"{backend}-{case}-{layout}-{name}",
-                                       marks=xfail_numba(backend) if copies else []))
+                                       marks=[pytest.mark.xfail(strict=True, reason=(
+                                           "numba's row backward computes dx apart when it "
+                                           "overwrites an input"))] if copies else []))
     return params
 
 
@@ -369,16 +366,11 @@ def op_calls(backend, size="large", seed=7):
 
 
 OPS = ["batch_norm", "group_norm", "instance_norm", "layer_norm", "rms_norm"]
-NUMBA_LAYER_NORM_FORK = (
-    NUMBA_BRANCH + " (its LayerNorm / RMSNorm kernels enter numba's parallel pool on one "
-    "thread too, which numba's OpenMP layer aborts in a forked child)")
 
 
 def fork_params():
-    return [pytest.param(backend, op, id=f"{backend}-{op}", marks=(
-        [pytest.mark.xfail(strict=True, reason=NUMBA_LAYER_NORM_FORK)]
-        if backend == "numba" and op in ("layer_norm", "rms_norm") else []))
-        for backend in THREADED_BACKENDS for op in OPS]
+    return [pytest.param(backend, op, id=f"{backend}-{op}")
+            for backend in THREADED_BACKENDS for op in OPS]
 
 
 @pytest.fixture
@@ -618,7 +610,7 @@ def extra_memory():
     return measure
 
 
-@pytest.mark.parametrize("backend, op", by_backend(MEMORY_OPS, lambda op: True))
+@pytest.mark.parametrize("backend, op", by_backend(MEMORY_OPS))
 def test_a_long_row_in_place_without_weight_needs_little_memory(extra_memory, backend, op):
     """weight=None costs nothing (no arrays of ones or zeros) and out=x / out=grad_out run
     in place: the extra memory stays under a tenth of the input, where it was 3x (cython)."""
@@ -674,12 +666,9 @@ def huge_cases():
 
 
 HUGE_CASES = huge_cases()
-# What the numba backend gets wrong today: zeros (BatchNorm) or torch's degenerate output
-# (its channels-last GroupNorm tiles already sum in float64).
-NUMBA_HUGE_FAILS = set(HUGE_CASES) - {"group_norm-channels_last"}
 
 
-@pytest.mark.parametrize("backend, case", by_backend(HUGE_CASES, NUMBA_HUGE_FAILS.__contains__))
+@pytest.mark.parametrize("backend, case", by_backend(HUGE_CASES))
 def test_huge_float32_values_give_the_float64_answer(backend, case):
     """float32 input of magnitude 1e19 (squares overflow float32): every result within
     1e-5 of the float64 one, relative to the result's largest value."""

@@ -1,11 +1,17 @@
-"""What every Numba kernel module shares: jit options and the thread setting.
+"""What every Numba kernel module shares: jit options, lazy compilation per dtype, the
+parallel loop and the thread setting.
 
-Kernels are compiled when a kernel module is first imported (fastbn imports it
-on the first call that uses the numba backend), with explicit float32/float64
-signatures, and cached on disk (numba's `cache=True`) so that a new process
-loads them instead of compiling again (see docs/numba.md).
+An op's entry point is compiled for one float dtype when the op is first called with
+it (or loaded from numba's on-disk cache, `cache=True`), so that a new process loads
+it instead of compiling again (see docs/numba.md). Every pass over the data is a plain
+`@njit` function over a range of fixed work items (run_items): a call on one thread
+runs it over all items directly, with no parallel region (numba's OpenMP layer stops a
+forked child that starts one), a call on more threads through a `prange` that only
+splits the items into one contiguous range per thread.
 """
 import numba
+import numpy as np
+from numba import prange
 
 # The safe part of fast-math: reassociation lets loops vectorise; no
 # no-NaN / no-inf assumptions, so NaN and inf propagate as in PyTorch.
@@ -20,6 +26,55 @@ HELPER_OPTIONS = dict(JIT_OPTIONS, cache=False)
 # leaves a call to a function with a vectorised loop in place, and a call per run
 # costs as much as a run of 49 values (7 x 7 maps).
 INLINE_OPTIONS = dict(HELPER_OPTIONS, inline="always")
+# The entry points' `parallel`: only explicit `prange` loops become parallel regions. By
+# default numba also turns array expressions (np.zeros, a[:] = 0, ...) into parallel
+# loops, which would start a region on one thread too, and in a forked child.
+PARALLEL = dict(prange=True, comprehension=False, setitem=False, reduction=False,
+                numpy=False, stencil=False, fusion=False, inplace_binop=False)
+
+
+class PerDtype:
+    """An entry point compiled for one float dtype at a time, on its first call with it.
+
+    ``kernel[dtype]`` is a numba dispatcher with the single explicit signature
+    ``make_signature(numba dtype)``: only the dtypes used are compiled (float64 is
+    rare), and the signature's read-only input types accept writeable arrays too
+    (a dispatcher without signatures would compile a version per combination of
+    read-only flags). With NUMBA_DISABLE_JIT=1 it is the Python function itself.
+    """
+
+    def __init__(self, py_func, make_signature):
+        self.py_func = py_func
+        self._make_signature = make_signature
+        self._compiled = {}
+
+    def __getitem__(self, dtype):
+        function = self._compiled.get(dtype)
+        if function is None:
+            # Two threads may both get here: each compiles or loads, the last one is kept.
+            signature = self._make_signature(numba.from_dtype(dtype))
+            function = numba.njit([signature], parallel=PARALLEL, **JIT_OPTIONS)(self.py_func)
+            self._compiled[dtype] = function
+        return function
+
+
+def per_dtype(make_signature):
+    """Decorator: a PerDtype entry point."""
+    return lambda py_func: PerDtype(py_func, make_signature)
+
+
+@numba.njit(**INLINE_OPTIONS)
+def run_items(run, args, items, tasks):
+    """``run(args, first, end)`` over the work items [0, items): on one task directly, on
+    more split into `tasks` contiguous ranges by a `prange`, one per thread. Inlined into
+    an entry point (compiled with PARALLEL): a region starts only where tasks > 1. The
+    items, not the tasks, fix every sum's order: the result is the same for any count."""
+    if tasks > 1:
+        for task in prange(tasks):
+            t = np.int64(task)  # a prange index is unsigned: mixed arithmetic turns to float
+            run(args, t * items // tasks, (t + 1) * items // tasks)
+    else:
+        run(args, np.int64(0), items)
 
 
 def _thread_count_functions():
@@ -70,21 +125,12 @@ class numba_threads:
             _set_thread_count(self.previous)
 
 
-def serial(parallel_function):
-    """`parallel_function` (a ``parallel=True`` dispatcher) compiled without numba's
-    thread pool: its ``prange`` loops run as plain loops, in the same order, so the
-    results are the same to the bit. A call on one thread then skips the pool's
-    scheduler, which costs about 1 us per parallel loop (four per BatchNorm step).
-    (With NUMBA_DISABLE_JIT=1 the "dispatcher" is the Python function itself.)"""
-    return numba.njit(**HELPER_OPTIONS)(getattr(parallel_function, "py_func", parallel_function))
-
-
 def run_kernel(kernel, n_threads, *args):
-    """``kernel(*args, parallel)`` on `n_threads` threads (already capped for the input):
-    on one, with parallel=False (the serial passes) and numba's thread count untouched;
-    on more, with parallel=True inside `numba_threads`."""
+    """``kernel(*args, tasks)`` on `n_threads` threads (already capped for the input):
+    on one, with tasks = 1 (the passes run directly, no parallel region) and numba's
+    thread count untouched; on more, with numba's count set to the task count."""
     if n_threads <= 1:
-        return kernel(*args, False)
-    with numba_threads(n_threads):
-        return kernel(*args, True)
-
+        return kernel(*args, 1)
+    threads = numba_threads(n_threads)
+    with threads:
+        return kernel(*args, threads.n_threads)

@@ -1,87 +1,52 @@
-"""GroupNorm forward and backward kernels (Numba); instance norm uses them too.
+"""GroupNorm forward and backward kernels (Numba); InstanceNorm uses them too (G = C).
 
-The algorithm and the work split are those of the Cython kernels (see the
-docstring of fastbn/_cython/_group_norm.pyx). Two fixed splits, chosen from the
-shape alone:
-  whole groups (channels-first, enough groups, each small enough to stay in
-    cache): one item per (n, g) computes its statistics and then normalizes
-    its block (backward: per-channel sums, then grad_x);
-  chunks (the rest): per-(n, c) partial sums over whole rows of S values or
-    fixed chunks of long rows (channels-first), or over tiles of one sample's
-    rows x a block of channels (channels-last); the partials are added in a
-    fixed order, then an elementwise pass applies per-(n, c) coefficients.
-Inside `prange` each item writes only its own slots, so the result is the same
-to the bit for any number of threads. Sums are float64 (blocks of values first
-summed in x's type, see _sums.py) over values shifted by a per-group pivot (the
-group's first value).
+The passes over the data are BatchNorm's (_passes.py) with coefficients per (sample,
+channel) (`per_sample`): the statistics' sums per (n, c) run, added in a fixed order per
+(n, c) and then per group; an elementwise pass with per-(n, c) coefficients. Channels-last
+tiles stay within one sample. Sums are float64 (blocks of values first summed in x's
+type, see _sums.py) over values shifted by a per-group pivot (the group's first value),
+so the result is the same to the bit for any thread count.
 
-The `prange` drivers are `parallel=True` functions and the per-item loops plain
-`@njit` helpers, all called from two entry points compiled for float32 and
-float64 when this module is imported (or loaded from numba's on-disk cache).
+The Cython kernel also has a whole-group split (one item per (n, g) computes its
+statistics and normalizes its block in the same parallel region); here every shape
+takes the two passes, which numba compiles once for BatchNorm and GroupNorm alike (see
+_passes.py on compile time).
 """
 import numpy as np
-from numba import njit, prange, types
+from numba import njit, types
 
-from fastbn._numba._runtime import HELPER_OPTIONS, JIT_OPTIONS, run_kernel, serial
-from fastbn._numba._sums import grad_sums, shifted_sums
-
-# The work split's constants: the same as the Cython kernels'.
-CHUNK_ELEMENTS = 4096
-CHANNEL_BLOCK = 256
-MIN_ELEMENTS_PER_THREAD = 16384
-MIN_GROUP_ITEMS = 16
-MAX_GROUP_ELEMENTS = 32768
-
-
-def _split(N, C, S, G, channels_last):
-    """(whole_groups, items, rows_per_item, chunks, rows_per_block, row_blocks, channel_blocks),
-    all ints (whole_groups 0 or 1)."""
-    if not channels_last and N * G >= MIN_GROUP_ITEMS and (C // G) * S <= MAX_GROUP_ELEMENTS:
-        return 1, N * G, 0, 0, 0, 0, 0
-    if not channels_last:
-        if S >= CHUNK_ELEMENTS:
-            rows_per_item, chunks = 1, -(-S // CHUNK_ELEMENTS)
-        else:
-            rows_per_item, chunks = CHUNK_ELEMENTS // S, 1
-        return 0, -(-N * C // rows_per_item) * chunks, rows_per_item, chunks, 0, 0, 0
-    rows_per_block = max(1, CHUNK_ELEMENTS // min(C, CHANNEL_BLOCK))
-    row_blocks = -(-S // rows_per_block)
-    channel_blocks = -(-C // CHANNEL_BLOCK)
-    return 0, N * row_blocks * channel_blocks, 0, 0, rows_per_block, row_blocks, channel_blocks
-
-
-# ---------------------------------------------------------------------------
-# Loops over one run of values (the sums are shared with BatchNorm: _sums.py).
-
-@njit(**HELPER_OPTIONS)
-def _affine(x, y, shift, scale, offset):
-    """y = (x - shift) * scale + offset, in x's type (the coefficients are of it)."""
-    for i in range(x.size):
-        y[i] = (x[i] - shift) * scale + offset
+from fastbn._numba._passes import (ELEMENTWISE, MIN_ELEMENTS_PER_THREAD, NO_PASS, OFFSET, REDUCE,
+                                   SCALE, SCALE2, SHIFT, channels_spatial, exact_run_sums,
+                                   partial_slots, pass_arguments, pass_items, work_split)
+from fastbn._numba._runtime import HELPER_OPTIONS, per_dtype, run_items, run_kernel
+from fastbn._numba._sums import kept_precision
 
 
 @njit(**HELPER_OPTIONS)
-def _grad_input(dy, x, dx, mean, a, b, d):
-    """dx = dy * a + (x - mean) * b + d, in x's type."""
-    for i in range(dy.size):
-        dx[i] = dy[i] * a + (x[i] - mean) * b + d
-
-
-@njit(**HELPER_OPTIONS)
-def _pivot(value):
-    # A non-finite pivot would turn an inf mean into nan; 0 keeps PyTorch's result.
-    value = np.float64(value)
-    return value if np.isfinite(value) else 0.0
-
-
-@njit(**HELPER_OPTIONS)
-def _rstd(sum_shifted, sum_sq, count, eps):
-    """(1 / sqrt(var + eps), biased var) from shifted sums."""
-    var = (sum_sq - sum_shifted * sum_shifted / count) / count
-    if var < 0.0:  # rounding only; keeps nan as nan
-        var = 0.0
-    # As ATen's group norm: var 0 with eps 0 gives inf.
-    return 1.0 / np.sqrt(var + eps), var
+def _sample_channel_totals(partials, first, second, centre, gradient, channels_last, split):
+    """Per-(n, c) totals (N, C) of a REDUCE pass's partials (_passes.partial_slots), in a
+    fixed order; an (n, c) whose totals lost float32 precision (_sums.kept_precision) is
+    summed again in float64 (channels-first: channels-last tiles sum in float64 already)."""
+    _, chunks, _, row_blocks = split
+    N = first.shape[0]
+    C, S = channels_spatial(first, channels_last)
+    total_a = np.zeros((N, C))
+    total_b = np.zeros((N, C))
+    blocks_per_sample = row_blocks // N
+    for n in range(N):
+        for c in range(C):
+            if channels_last:
+                for block in range(n * blocks_per_sample, (n + 1) * blocks_per_sample):
+                    total_a[n, c] += partials[0, block * C + c]
+                    total_b[n, c] += partials[1, block * C + c]
+            else:
+                for k in range((n * C + c) * chunks, (n * C + c + 1) * chunks):
+                    total_a[n, c] += partials[0, k]
+                    total_b[n, c] += partials[1, k]
+            if not channels_last and not kept_precision(total_a[n, c], total_b[n, c], S):
+                total_a[n, c], total_b[n, c] = exact_run_sums(first, second, n, c,
+                                                              centre[n * C + c], gradient)
+    return total_a, total_b
 
 
 @njit(**HELPER_OPTIONS)
@@ -89,304 +54,28 @@ def _param(vector, c, default):
     return np.float64(vector[c]) if vector.size > 0 else default
 
 
-# ---------------------------------------------------------------------------
-# Whole-group items: x, y, dy, dx are (N * G, D, S), one (D, S) block per group,
-# so that a channel's run is indexed whole (a slice with bounds known only at
-# run time costs numba more than a 49-value run does).
-
-@njit(parallel=True, **HELPER_OPTIONS)
-def _forward_groups(x, y, G, weight, bias, eps, compute_stats, mean, rstd, variance,
-                    shift, scale, offset):
-    """Statistics, then y, per group; mean, rstd, variance, shift are (N * G,),
-    scale and offset (N * G, D) in x's type."""
-    items, D, S = x.shape
-    for item in prange(items):
-        g = item % G
-        if compute_stats:
-            block = x[item].reshape(D * S)
-            shift[item] = _pivot(block[0])
-            sum_shifted, sum_sq = shifted_sums(block, shift[item])
-            rstd_g, var = _rstd(sum_shifted, sum_sq, block.size, eps)
-            centre_offset = sum_shifted / block.size  # mean - pivot
-            mean[item] = np.float64(shift[item]) + centre_offset
-            rstd[item] = rstd_g
-            if variance.size > 0:
-                variance[item] = var
-        else:
-            rstd_g = np.float64(rstd[item])
-            centre_offset = 0.0
-            shift[item] = mean[item]
-        for c in range(D):
-            alpha = rstd_g * _param(weight, g * D + c, 1.0)
-            scale[item, c] = alpha
-            offset[item, c] = _param(bias, g * D + c, 0.0) - centre_offset * alpha
-            _affine(x[item, c], y[item, c], shift[item], scale[item, c], offset[item, c])
-
-
-@njit(parallel=True, **HELPER_OPTIONS)
-def _backward_groups(dy, x, dx, G, weight, mean, rstd, stats_from_input, need_sums,
-                     sum_dy, dot, shift, scale_dy, scale_x, offset):
-    """Per-channel sums into sum_dy, dot (N * G, D), then grad_x per group (unless dx is empty).
-    shift, scale_x, offset are (N * G,), scale_dy (N * G, D) in x's type."""
-    items, D, S = x.shape
-    for item in prange(items):
-        g = item % G
-        rstd_g = np.float64(rstd[item])
-        weighted_sum_dy = 0.0
-        weighted_dot = 0.0
-        if need_sums:
-            for c in range(D):
-                s, t = grad_sums(dy[item, c], x[item, c], mean[item])
-                sum_dy[item, c] = s
-                dot[item, c] = t
-                w_c = _param(weight, g * D + c, 1.0)
-                weighted_sum_dy += w_c * s
-                weighted_dot += w_c * t
-        if dx.size == 0:
-            continue
-        shift[item] = mean[item]
-        scale_x[item] = (-weighted_dot * rstd_g * rstd_g * rstd_g / (D * S)
-                         if stats_from_input else 0.0)
-        offset[item] = -weighted_sum_dy * rstd_g / (D * S) if stats_from_input else 0.0
-        for c in range(D):
-            scale_dy[item, c] = rstd_g * _param(weight, g * D + c, 1.0)
-            _grad_input(dy[item, c], x[item, c], dx[item, c], shift[item], scale_dy[item, c],
-                        scale_x[item], offset[item])
-
-
-# ---------------------------------------------------------------------------
-# Chunk items, channels-first: tensors as (N * C, S) rows, partials (N * C, chunks).
-
-@njit(parallel=True, **HELPER_OPTIONS)
-def _reduce_rows(first, second, centre, gradient, rows_per_item, part_a, part_b):
-    """Per-(row, chunk) shifted_sums(first) or, when gradient, grad_sums(first=dy, second=x),
-    around centre[row]; part_a and part_b are (rows, chunks)."""
-    rows, S = first.shape
-    chunks = part_a.shape[1]
-    items = -(-rows // rows_per_item) * chunks
-    for item in prange(items):
-        chunk = item % chunks
-        row0 = item // chunks * rows_per_item
-        start = chunk * S // chunks
-        stop = (chunk + 1) * S // chunks
-        for row in range(row0, min(row0 + rows_per_item, rows)):
-            if gradient:
-                part_a[row, chunk], part_b[row, chunk] = grad_sums(
-                    first[row, start:stop], second[row, start:stop], centre[row])
-            else:
-                part_a[row, chunk], part_b[row, chunk] = shifted_sums(
-                    first[row, start:stop], centre[row])
-
-
-@njit(parallel=True, **HELPER_OPTIONS)
-def _elementwise_rows(x, x2, y, shift, scale, offset, scale2, backward, rows_per_item, chunks):
-    """y = (x - shift) * scale + offset or, when backward,
-    y = x * scale + (x2 - shift) * scale2 + offset; coefficients per row."""
-    rows, S = x.shape
-    items = -(-rows // rows_per_item) * chunks
-    for item in prange(items):
-        chunk = item % chunks
-        row0 = item // chunks * rows_per_item
-        start = chunk * S // chunks
-        stop = (chunk + 1) * S // chunks
-        for row in range(row0, min(row0 + rows_per_item, rows)):
-            if backward:
-                _grad_input(x[row, start:stop], x2[row, start:stop], y[row, start:stop],
-                            shift[row], scale[row], scale2[row], offset[row])
-            else:
-                _affine(x[row, start:stop], y[row, start:stop], shift[row], scale[row],
-                        offset[row])
-
-
-# ---------------------------------------------------------------------------
-# Chunk items, channels-last: tensors (N, S, C), partials (N, row_blocks, C).
-
-@njit(parallel=True, **HELPER_OPTIONS)
-def _reduce_tiles(first, second, centre, gradient, rows_per_block, channel_blocks,
-                  part_a, part_b):
-    """Per tile and channel: sums as _reduce_rows, around centre[n, c]."""
-    N, S, C = first.shape
-    row_blocks = part_a.shape[1]
-    for item in prange(N * row_blocks * channel_blocks):
-        c0 = item % channel_blocks * CHANNEL_BLOCK
-        c1 = min(c0 + CHANNEL_BLOCK, C)
-        rb = item // channel_blocks % row_blocks
-        n = item // channel_blocks // row_blocks
-        acc_a = part_a[n, rb, c0:c1]
-        acc_b = part_b[n, rb, c0:c1]
-        centre_n = centre[n, c0:c1]
-        acc_a[:] = 0.0
-        acc_b[:] = 0.0
-        # Rows outer, channels inner: contiguous reads, and the channel loop vectorises.
-        for r in range(rb * rows_per_block, min((rb + 1) * rows_per_block, S)):
-            row = first[n, r, c0:c1]
-            if gradient:
-                row2 = second[n, r, c0:c1]
-                for j in range(row.size):
-                    g = np.float64(row[j])
-                    acc_a[j] += g
-                    acc_b[j] += (np.float64(row2[j]) - centre_n[j]) * g
-            else:
-                for j in range(row.size):
-                    d = np.float64(row[j]) - centre_n[j]
-                    acc_a[j] += d
-                    acc_b[j] += d * d
-
-
-@njit(parallel=True, **HELPER_OPTIONS)
-def _elementwise_tiles(x, x2, y, shift, scale, offset, scale2, backward, rows_per_block,
-                       channel_blocks):
-    """As _elementwise_rows, with coefficients per (n, c)."""
-    N, S, C = x.shape
-    row_blocks = -(-S // rows_per_block)
-    for item in prange(N * row_blocks * channel_blocks):
-        c0 = item % channel_blocks * CHANNEL_BLOCK
-        c1 = min(c0 + CHANNEL_BLOCK, C)
-        rb = item // channel_blocks % row_blocks
-        n = item // channel_blocks // row_blocks
-        shift_n, scale_n, offset_n = shift[n, c0:c1], scale[n, c0:c1], offset[n, c0:c1]
-        scale2_n = scale2[n, c0:c1]
-        for r in range(rb * rows_per_block, min((rb + 1) * rows_per_block, S)):
-            x_row, y_row = x[n, r, c0:c1], y[n, r, c0:c1]
-            if backward:
-                x2_row = x2[n, r, c0:c1]
-                for j in range(x_row.size):
-                    y_row[j] = (x_row[j] * scale_n[j] + (x2_row[j] - shift_n[j]) * scale2_n[j]
-                                + offset_n[j])
-            else:
-                for j in range(x_row.size):
-                    y_row[j] = (x_row[j] - shift_n[j]) * scale_n[j] + offset_n[j]
-
-
-# The same passes for calls on one thread (see _runtime.serial).
-_forward_groups_serial = serial(_forward_groups)
-_backward_groups_serial = serial(_backward_groups)
-_reduce_rows_serial = serial(_reduce_rows)
-_elementwise_rows_serial = serial(_elementwise_rows)
-_reduce_tiles_serial = serial(_reduce_tiles)
-_elementwise_tiles_serial = serial(_elementwise_tiles)
-
-
 @njit(**HELPER_OPTIONS)
-def _channel_sums(first, second, centre, gradient, channels_last, split, parallel):
-    """Per-(n, c) sums (N, C) of the chunk split, partials added in a fixed order."""
-    _, _, rows_per_item, chunks, rows_per_block, row_blocks, channel_blocks = split
-    N, C = centre.shape
-    if not channels_last:
-        S = first.shape[2]
-        part_a = np.empty((N, C, chunks))
-        part_b = np.empty((N, C, chunks))
-        args = (first.reshape(N * C, S), second.reshape(N * C, S), centre.reshape(N * C),
-                gradient, rows_per_item, part_a.reshape(N * C, chunks),
-                part_b.reshape(N * C, chunks))
-        if parallel:
-            _reduce_rows(*args)
-        else:
-            _reduce_rows_serial(*args)
-    else:
-        part_a = np.empty((N, row_blocks, C))
-        part_b = np.empty((N, row_blocks, C))
-        args = (first, second, centre, gradient, rows_per_block, channel_blocks, part_a, part_b)
-        if parallel:
-            _reduce_tiles(*args)
-        else:
-            _reduce_tiles_serial(*args)
-    total_a = np.zeros((N, C))
-    total_b = np.zeros((N, C))
-    for n in range(N):
-        for c in range(C):
-            if channels_last:
-                for k in range(row_blocks):
-                    total_a[n, c] += part_a[n, k, c]
-                    total_b[n, c] += part_b[n, k, c]
-            else:
-                for k in range(chunks):
-                    total_a[n, c] += part_a[n, c, k]
-                    total_b[n, c] += part_b[n, c, k]
-    return total_a, total_b
-
-
-@njit(**HELPER_OPTIONS)
-def _elementwise(x, x2, y, shift, scale, offset, scale2, backward, channels_last, split,
-                 parallel):
-    _, _, rows_per_item, chunks, rows_per_block, _, channel_blocks = split
-    if not channels_last:
-        N, C, S = x.shape
-        args = (x.reshape(N * C, S), x2.reshape(N * C, S), y.reshape(N * C, S),
-                shift.reshape(N * C), scale.reshape(N * C), offset.reshape(N * C),
-                scale2.reshape(N * C), backward, rows_per_item, chunks)
-        if parallel:
-            _elementwise_rows(*args)
-        else:
-            _elementwise_rows_serial(*args)
-    else:
-        args = (x, x2, y, shift, scale, offset, scale2, backward, rows_per_block,
-                channel_blocks)
-        if parallel:
-            _elementwise_tiles(*args)
-        else:
-            _elementwise_tiles_serial(*args)
-
-
-# ---------------------------------------------------------------------------
-# Compiled entry points. Inputs are typed read-only so that read-only arrays
-# are accepted; a length-0 array stands for None.
-
-def _array(dtype, ndim, readonly=False):
-    return types.Array(dtype, ndim, "C", readonly=readonly)
-
-
-def _signatures(make):
-    return [make(dtype) for dtype in (types.float32, types.float64)]
-
-
-_SPLIT = types.UniTuple(types.int64, 7)
-
-
-def _forward_signature(dtype):
-    tensor_in, vector_in = _array(dtype, 3, readonly=True), _array(dtype, 1, readonly=True)
-    return types.void(tensor_in, vector_in, vector_in, types.float64, types.boolean,
-                      _array(dtype, 3), _array(dtype, 2), _array(dtype, 2),
-                      _array(types.float64, 2), types.boolean, _SPLIT, types.boolean)
-
-
-def _backward_signature(dtype):
-    tensor_in, vector_in = _array(dtype, 3, readonly=True), _array(dtype, 1, readonly=True)
-    stats_in = _array(dtype, 2, readonly=True)
-    return types.void(tensor_in, tensor_in, vector_in, stats_in, stats_in, types.boolean,
-                      _array(dtype, 3), _array(dtype, 1), _array(dtype, 1), types.boolean,
-                      _SPLIT, types.boolean)
-
-
-@njit(_signatures(_forward_signature), **JIT_OPTIONS)
-def _forward_kernel(x, weight, bias, eps, compute_stats, y, mean, rstd, variance,
-                    channels_last, split, parallel):
+def _forward_step(step, x, weight, bias, eps, compute_stats, y, mean, rstd, variance,
+                  coefficients, partials, channels_last, split):
+    """The arguments of the forward's pass `step` (_passes.pass_arguments): 0, the sums
+    per (n, c) around the group's pivot (compute_stats only); 1, y. The coefficients
+    have a column per (n, c)."""
     N, G = mean.shape
-    C = x.shape[2] if channels_last else x.shape[1]
-    S = x.size // (N * C)
+    C, S = channels_spatial(x, channels_last)
     D = C // G
-    if split[0]:
-        args = (x.reshape(N * G, D, S), y.reshape(N * G, D, S), G, weight, bias, eps,
-                compute_stats, mean.reshape(N * G), rstd.reshape(N * G),
-                variance.reshape(variance.size), np.empty(N * G, x.dtype),
-                np.empty((N * G, D), x.dtype), np.empty((N * G, D), x.dtype))
-        if parallel:
-            _forward_groups(*args)
-        else:
-            _forward_groups_serial(*args)
-        return
-    # The sums' centres: each group's pivot, a value of x's type.
-    centre = np.empty((N, C), x.dtype)
-    sum_shifted = sum_sq = np.zeros((N, C))
-    if compute_stats:
+    shift, scale, offset = coefficients[SHIFT], coefficients[SCALE], coefficients[OFFSET]
+    if step == 0:
         for n in range(N):
             for g in range(G):
-                centre[n, g * D:(g + 1) * D] = _pivot(
-                    x[n, 0, g * D] if channels_last else x[n, g * D, 0])
-        sum_shifted, sum_sq = _channel_sums(x, x, centre, False, channels_last, split, parallel)
-    shift = np.empty((N, C), x.dtype)
-    scale = np.empty((N, C), x.dtype)
-    offset = np.empty((N, C), x.dtype)
+                # The group's pivot, a value of x's type; a non-finite pivot would turn
+                # an inf mean into nan, 0 keeps PyTorch's result.
+                first = np.float64(x[n, 0, g * D] if channels_last else x[n, g * D, 0])
+                shift[n * C + g * D:n * C + (g + 1) * D] = first if np.isfinite(first) else 0.0
+        return _group_arguments(np.int64(REDUCE if compute_stats else NO_PASS), x, x, y,
+                                coefficients, partials, np.bool_(False), channels_last, split)
+    if compute_stats:
+        sum_shifted, sum_sq = _sample_channel_totals(partials, x, x, shift, np.bool_(False),
+                                                     channels_last, split)
     for n in range(N):
         for g in range(G):
             if compute_stats:
@@ -395,9 +84,14 @@ def _forward_kernel(x, weight, bias, eps, compute_stats, y, mean, rstd, variance
                 for c in range(g * D, (g + 1) * D):
                     group_shifted += sum_shifted[n, c]
                     group_sq += sum_sq[n, c]
-                pivot = np.float64(centre[n, g * D])
-                rstd_g, var = _rstd(group_shifted, group_sq, D * S, eps)
-                centre_offset = group_shifted / (D * S)
+                pivot = np.float64(shift[n * C + g * D])
+                count = D * S
+                var = (group_sq - group_shifted * group_shifted / count) / count
+                if var < 0.0:  # rounding only; keeps nan as nan
+                    var = 0.0
+                # As ATen's group norm: var 0 with eps 0 gives inf.
+                rstd_g = 1.0 / np.sqrt(var + eps)
+                centre_offset = group_shifted / count  # mean - pivot
                 mean[n, g] = pivot + centre_offset
                 rstd[n, g] = rstd_g
                 if variance.size > 0:
@@ -408,66 +102,46 @@ def _forward_kernel(x, weight, bias, eps, compute_stats, y, mean, rstd, variance
                 centre_offset = 0.0
             for c in range(g * D, (g + 1) * D):
                 alpha = rstd_g * _param(weight, c, 1.0)
-                shift[n, c] = pivot
-                scale[n, c] = alpha
-                offset[n, c] = _param(bias, c, 0.0) - centre_offset * alpha
-    _elementwise(x, x, y, shift, scale, offset, scale, False, channels_last, split, parallel)
+                shift[n * C + c] = pivot
+                scale[n * C + c] = alpha
+                offset[n * C + c] = _param(bias, c, 0.0) - centre_offset * alpha
+    return _group_arguments(np.int64(ELEMENTWISE), x, x, y, coefficients, partials,
+                            np.bool_(False), channels_last, split)
 
 
-@njit(_signatures(_backward_signature), **JIT_OPTIONS)
-def _backward_kernel(grad_out, x, weight, mean, rstd, stats_from_input, grad_x, grad_weight,
-                     grad_bias, channels_last, split, parallel):
+@njit(**HELPER_OPTIONS)
+def _group_arguments(kind, first, second, out, coefficients, partials, flag, channels_last,
+                     split):
+    """pass_arguments, per (n, c) and without activation. (One call site of the inlined
+    pass_arguments: each copy compiles; the callers cast constants, see pass_arguments.)"""
+    return pass_arguments(kind, first, second, out, coefficients, partials, 0, 0.0, flag,
+                          channels_last, True, split)
+
+
+@njit(**HELPER_OPTIONS)
+def _backward_step(step, grad_out, x, weight, mean, rstd, stats_from_input, grad_x,
+                   grad_weight, grad_bias, coefficients, partials, channels_last, split):
+    """The arguments of the backward's pass `step`: 0, the sums of dy and (x - mean) * dy
+    per (n, c); 1, grad_x. The parameter gradients are written from the sums."""
     N, G = mean.shape
-    C = x.shape[2] if channels_last else x.shape[1]
-    S = x.size // (N * C)
+    C, S = channels_spatial(x, channels_last)
     D = C // G
     want_dx = grad_x.size > 0
     need_sums = grad_weight.size > 0 or grad_bias.size > 0 or (want_dx and stats_from_input)
-    if split[0]:
-        sum_dy = np.zeros((N * G, D))
-        dot = np.zeros((N * G, D))
-        blocks = (N * G, D, S) if want_dx else (0, D, S)
-        args = (grad_out.reshape(N * G, D, S), x.reshape(N * G, D, S), grad_x.reshape(blocks),
-                G, weight, mean.reshape(N * G), rstd.reshape(N * G), stats_from_input,
-                need_sums, sum_dy, dot, np.empty(N * G, x.dtype), np.empty((N * G, D), x.dtype),
-                np.empty(N * G, x.dtype), np.empty(N * G, x.dtype))
-        if parallel:
-            _backward_groups(*args)
-        else:
-            _backward_groups_serial(*args)
-        sum_dy = sum_dy.reshape(N, C)
-        dot = dot.reshape(N, C)
+    centre, scale_dy = coefficients[SHIFT], coefficients[SCALE]
+    scale_x, offset = coefficients[SCALE2], coefficients[OFFSET]
+    if step == 0:
+        for n in range(N):
+            for c in range(C):
+                centre[n * C + c] = mean[n, c // D]
+        return _group_arguments(np.int64(REDUCE if need_sums else NO_PASS), grad_out, x,
+                                grad_x, coefficients, partials, np.bool_(True), channels_last,
+                                split)
+    if need_sums:
+        sum_dy, dot = _sample_channel_totals(partials, grad_out, x, centre, np.bool_(True),
+                                             channels_last, split)
     else:
-        sum_dy = np.zeros((N, C))
-        dot = np.zeros((N, C))
-        if need_sums:
-            centre = np.empty((N, C), x.dtype)
-            for n in range(N):
-                for c in range(C):
-                    centre[n, c] = mean[n, c // D]
-            sum_dy, dot = _channel_sums(grad_out, x, centre, True, channels_last, split,
-                                        parallel)
-        if want_dx:
-            shift = np.empty((N, C), x.dtype)
-            scale_dy = np.empty((N, C), x.dtype)
-            scale_x = np.zeros((N, C), x.dtype)
-            offset = np.zeros((N, C), x.dtype)
-            for n in range(N):
-                for g in range(G):
-                    rstd_g = np.float64(rstd[n, g])
-                    weighted_sum_dy = 0.0
-                    weighted_dot = 0.0
-                    for c in range(g * D, (g + 1) * D):
-                        weighted_sum_dy += _param(weight, c, 1.0) * sum_dy[n, c]
-                        weighted_dot += _param(weight, c, 1.0) * dot[n, c]
-                    for c in range(g * D, (g + 1) * D):
-                        shift[n, c] = mean[n, g]
-                        scale_dy[n, c] = rstd_g * _param(weight, c, 1.0)
-                        if stats_from_input:
-                            scale_x[n, c] = -weighted_dot * rstd_g * rstd_g * rstd_g / (D * S)
-                            offset[n, c] = -weighted_sum_dy * rstd_g / (D * S)
-            _elementwise(grad_out, x, grad_x, shift, scale_dy, offset, scale_x, True,
-                         channels_last, split, parallel)
+        sum_dy, dot = np.zeros((N, C)), np.zeros((N, C))
     # Parameter gradients: sums over the batch in a fixed order.
     for c in range(grad_weight.size):
         total = 0.0
@@ -479,6 +153,70 @@ def _backward_kernel(grad_out, x, weight, mean, rstd, stats_from_input, grad_x, 
         for n in range(N):
             total += sum_dy[n, c]
         grad_bias[c] = total
+    for n in range(N):
+        for g in range(G):
+            rstd_g = np.float64(rstd[n, g])
+            weighted_sum_dy = 0.0
+            weighted_dot = 0.0
+            for c in range(g * D, (g + 1) * D):
+                weighted_sum_dy += _param(weight, c, 1.0) * sum_dy[n, c]
+                weighted_dot += _param(weight, c, 1.0) * dot[n, c]
+            for c in range(g * D, (g + 1) * D):
+                scale_dy[n * C + c] = rstd_g * _param(weight, c, 1.0)
+                if stats_from_input:
+                    scale_x[n * C + c] = -weighted_dot * rstd_g * rstd_g * rstd_g / (D * S)
+                    offset[n * C + c] = -weighted_sum_dy * rstd_g / (D * S)
+                else:
+                    scale_x[n * C + c] = offset[n * C + c] = 0.0
+    if stats_from_input or not want_dx:
+        return _group_arguments(np.int64(ELEMENTWISE if want_dx else NO_PASS), grad_out, x,
+                                grad_x, coefficients, partials, np.bool_(True), channels_last,
+                                split)
+    # Given statistics: dx = (dy - 0) * scale_dy + 0, and x is not read.
+    centre.fill(0.0)
+    return _group_arguments(np.int64(ELEMENTWISE), grad_out, grad_out, grad_x, coefficients,
+                            partials, np.bool_(False), channels_last, split)
+
+
+# ---------------------------------------------------------------------------
+# The compiled entry point, one for both directions (see _passes.py on compile time).
+# Inputs are typed read-only so that read-only arrays are accepted; a length-0
+# array stands for None. `tasks` is the thread count (1: no parallel region).
+
+def _array(dtype, ndim, readonly=False):
+    return types.Array(dtype, ndim, "C", readonly=readonly)
+
+
+def _signature(dtype):
+    tensor_in, vector_in = _array(dtype, 3, readonly=True), _array(dtype, 1, readonly=True)
+    vector, stats = _array(dtype, 1), _array(dtype, 2)
+    return types.void(types.boolean, tensor_in, tensor_in, vector_in, vector_in, types.float64,
+                      types.boolean, _array(dtype, 3), stats, stats, _array(types.float64, 2),
+                      vector, vector, types.boolean, types.int64)
+
+
+@per_dtype(_signature)
+def _kernel(backward, first, x, weight, bias, eps, stats_from_input, out, mean, rstd, variance,
+            grad_weight, grad_bias, channels_last, tasks):
+    """forward (first = x, out = y; writes mean, rstd and variance when stats_from_input,
+    else normalizes with them) or backward (first = grad_out, out = grad_x)."""
+    N = x.shape[0]
+    C, S = channels_spatial(x, channels_last)
+    split = work_split(N, C, S, channels_last, np.bool_(True))
+    partials = np.empty((2, partial_slots(N, C, S, channels_last, split)))
+    # The rows SHIFT, SCALE, OFFSET, SCALE2 (no activation: ZA, ZB are not read).
+    coefficients = np.empty((SCALE2 + 1, N * C), x.dtype)
+    # Both passes through one `prange` (run_items), in a loop: see _passes.py.
+    for step in range(2):
+        if backward:
+            args = _backward_step(step, first, x, weight, mean, rstd, stats_from_input, out,
+                                  grad_weight, grad_bias, coefficients, partials, channels_last,
+                                  split)
+        else:
+            args = _forward_step(step, x, weight, bias, eps, stats_from_input, out, mean, rstd,
+                                 variance, coefficients, partials, channels_last, split)
+        if args[0] != NO_PASS:
+            run_items(pass_items, args, split[0], tasks)
 
 
 # ---------------------------------------------------------------------------
@@ -489,33 +227,33 @@ _ABSENT = {np.dtype(t): (np.empty(0, t), np.empty((0, 0, 0), t)) for t in (np.fl
 _NO_VARIANCE = np.empty((0, 0))
 
 
-def _shape(x, G, channels_last):
-    """(split, threads to use) for a kernel view."""
+def _threads(n_threads, x, channels_last):
     N = x.shape[0]
     C, S = (x.shape[2], x.shape[1]) if channels_last else (x.shape[1], x.shape[2])
-    return _split(N, C, S, G, channels_last)
-
-
-def _threads(n_threads, x, items):
+    items = work_split(N, C, S, channels_last, np.bool_(True))[0]
     return max(1, min(n_threads, x.size // MIN_ELEMENTS_PER_THREAD, items))
+
+
+def _writeable(a):
+    """a, or a copy where it is read-only (the compiled type of these is writeable)."""
+    return a if a.flags.writeable else a.copy()
 
 
 def group_norm_forward(x, weight, bias, eps, compute_stats, y, mean, rstd, variance,
                        channels_last, n_threads):
-    absent = _ABSENT[x.dtype][0]
-    split = _shape(x, mean.shape[1], channels_last)
-    run_kernel(_forward_kernel, _threads(n_threads, x, split[1]),
-               x, absent if weight is None else weight, absent if bias is None else bias,
-               eps, compute_stats, y, mean, rstd,
-               _NO_VARIANCE if variance is None else variance, channels_last, split)
+    absent_vector = _ABSENT[x.dtype][0]
+    run_kernel(_kernel[x.dtype], _threads(n_threads, x, channels_last), False, x, x,
+               absent_vector if weight is None else weight,
+               absent_vector if bias is None else bias, eps, compute_stats, y, _writeable(mean),
+               _writeable(rstd), _NO_VARIANCE if variance is None else variance, absent_vector,
+               absent_vector, channels_last)
 
 
 def group_norm_backward(grad_out, x, weight, mean, rstd, stats_from_input,
                         grad_x, grad_weight, grad_bias, channels_last, n_threads):
     absent_vector, absent_tensor = _ABSENT[x.dtype]
-    split = _shape(x, mean.shape[1], channels_last)
-    run_kernel(_backward_kernel, _threads(n_threads, x, split[1]),
-               grad_out, x, absent_vector if weight is None else weight, mean, rstd,
-               stats_from_input, absent_tensor if grad_x is None else grad_x,
-               absent_vector if grad_weight is None else grad_weight,
-               absent_vector if grad_bias is None else grad_bias, channels_last, split)
+    run_kernel(_kernel[x.dtype], _threads(n_threads, x, channels_last), True, grad_out, x,
+               absent_vector if weight is None else weight, absent_vector, 0.0, stats_from_input,
+               absent_tensor if grad_x is None else grad_x, _writeable(mean), _writeable(rstd),
+               _NO_VARIANCE, absent_vector if grad_weight is None else grad_weight,
+               absent_vector if grad_bias is None else grad_bias, channels_last)
