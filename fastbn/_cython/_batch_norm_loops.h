@@ -30,6 +30,16 @@
 #define FASTBN_BLOCK 512
 /* Channels-last rows summed in the input's type before float64. */
 #define FASTBN_ROW_BLOCK 32
+/* Vectors of channels side by side in a channels-last strip (see fastbn_cl_strip_sums): as
+ * many as the registers hold (two accumulators and a centre per vector; a generic vector is
+ * one AVX-512 register, two AVX2 ones, four SSE2 ones). */
+#define FASTBN_STRIP_baseline 1
+#define FASTBN_STRIP_avx2 2
+#define FASTBN_STRIP_avx512 4
+#define FASTBN_MAX_STRIP 4
+/* Inlined into each caller, where the strip width K is a constant: the loops over the K
+ * vectors unroll and the vectors stay in registers. */
+#define FASTBN_UNROLLED inline __attribute__((always_inline))
 /* Below this sum of squares per value, float32 block sums lose digits: sum in float64. */
 #define FASTBN_TINY_SQUARES 0x1p-100
 
@@ -332,53 +342,72 @@ FASTBN_TARGET_##ISA static void fastbn_cf_elementwise_##T##_##ISA(              
     }                                                                                          \
 }                                                                                              \
                                                                                                \
+/* Channels-last sums of the FASTBN_STRIP(K) channels from c: a strip of K vectors side by   \
+ * side, summed down FASTBN_ROW_BLOCK rows in T (K independent additions in flight, K        \
+ * adjacent cache lines of every row), each block then added per channel in float64. A       \
+ * channel that needs it (see the top of the file) is summed again value by value in float64, \
+ * on its own: the result of a channel does not depend on which strip it was in. */           \
+FASTBN_TARGET_##ISA static FASTBN_UNROLLED void fastbn_cl_strip_sums_##T##_##ISA(                       \
+        const T *first, const T *second, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,          \
+        ptrdiff_t c, const int K, const double *centre, double *acc_a, double *acc_b) {        \
+    const ptrdiff_t L = FASTBN_LANES(T);                                                       \
+    fastbn_vec_##T m[FASTBN_MAX_STRIP];                                                        \
+    for (int k = 0; k < K; k++)                                                                \
+        for (ptrdiff_t j = 0; j < L; j++)                                                      \
+            m[k][j] = (T)centre[c + k * L + j];                                                \
+    for (ptrdiff_t j = 0; j < K * L; j++)                                                      \
+        acc_a[c + j] = acc_b[c + j] = 0.0;                                                     \
+    for (ptrdiff_t r0 = row0, r1; r0 < row1; r0 = r1) {                                        \
+        fastbn_vec_##T a[FASTBN_MAX_STRIP], b[FASTBN_MAX_STRIP];                               \
+        r1 = row1 - r0 > FASTBN_ROW_BLOCK ? r0 + FASTBN_ROW_BLOCK : row1;                      \
+        for (int k = 0; k < K; k++)                                                            \
+            a[k] = b[k] = (fastbn_vec_##T){0};                                                 \
+        for (ptrdiff_t r = r0; r < r1; r++) {                                                  \
+            const T *f = first + r * C + c;                                                    \
+            for (int k = 0; k < K; k++) {                                                      \
+                fastbn_vec_##T v = FASTBN_LOAD(T, f + k * L);                                  \
+                if (second == NULL) {                                                          \
+                    v -= m[k];                                                                 \
+                    a[k] += v;                                                                 \
+                    b[k] += v * v;                                                             \
+                } else {                                                                       \
+                    a[k] += v;                                                                 \
+                    b[k] += (FASTBN_LOAD(T, second + r * C + c + k * L) - m[k]) * v;           \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        for (int k = 0; k < K; k++)                                                            \
+            for (ptrdiff_t j = 0; j < L; j++) {                                                \
+                acc_a[c + k * L + j] += (double)a[k][j];                                       \
+                acc_b[c + k * L + j] += (double)b[k][j];                                       \
+            }                                                                                  \
+    }                                                                                          \
+    for (ptrdiff_t j = c; j < c + K * L; j++)                                                  \
+        if (second == NULL ? FASTBN_NEEDS_EXACT_##T(acc_a[j], acc_b[j], row1 - row0)           \
+                           : !isfinite(acc_a[j]) || !isfinite(acc_b[j]))                       \
+            fastbn_cl_sums_exact_##T##_##ISA(first, second, C, row0, row1, j, j + 1, centre,   \
+                                             acc_a, acc_b);                                    \
+}                                                                                              \
+                                                                                               \
 /* Channels-last work item: rows [row0, row1) of the (N * S, C) matrix, channels [c0, c1).     \
  * Sets acc_a/acc_b[c] for c in [c0, c1) to the item's sums (shifted sums of first, or         \
- * gradient sums of first = dy and second = x, as above). A strip of one vector of channels   \
- * is summed down FASTBN_ROW_BLOCK rows in T, then added per channel in float64; the last      \
- * channels (fewer than a vector) and any strip that needs it (see the top of the file) are    \
- * summed value by value in float64. */                                                        \
+ * gradient sums of first = dy and second = x, as above): strips of FASTBN_STRIP_##ISA         \
+ * vectors, then of one vector; the last channels (fewer than a vector) value by value in     \
+ * float64. */                                                                                 \
 FASTBN_TARGET_##ISA static void fastbn_cl_sums_##T##_##ISA(                                    \
         const T *first, const T *second, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,          \
         ptrdiff_t c0, ptrdiff_t c1, const double *centre, double *acc_a, double *acc_b) {      \
-    const ptrdiff_t L = FASTBN_LANES(T);                                                       \
+    const ptrdiff_t L = FASTBN_LANES(T), K = FASTBN_STRIP_##ISA;                               \
     ptrdiff_t c = c0;                                                                          \
-    for (; c + L <= c1; c += L) {                                                              \
-        fastbn_vec_##T m;                                                                      \
-        for (ptrdiff_t k = 0; k < L; k++) {                                                    \
-            m[k] = (T)centre[c + k];                                                           \
-            acc_a[c + k] = acc_b[c + k] = 0.0;                                                 \
-        }                                                                                      \
-        for (ptrdiff_t r0 = row0, r1; r0 < row1; r0 = r1) {                                    \
-            r1 = row1 - r0 > FASTBN_ROW_BLOCK ? r0 + FASTBN_ROW_BLOCK : row1;                  \
-            fastbn_vec_##T a = {0}, b = {0};                                                   \
-            for (ptrdiff_t r = r0; r < r1; r++) {                                              \
-                fastbn_vec_##T f = FASTBN_LOAD(T, first + r * C + c);                          \
-                if (second == NULL) {                                                          \
-                    f -= m;                                                                    \
-                    a += f;                                                                    \
-                    b += f * f;                                                                \
-                } else {                                                                       \
-                    a += f;                                                                    \
-                    b += (FASTBN_LOAD(T, second + r * C + c) - m) * f;                         \
-                }                                                                              \
-            }                                                                                  \
-            for (ptrdiff_t k = 0; k < L; k++) {                                                \
-                acc_a[c + k] += (double)a[k];                                                  \
-                acc_b[c + k] += (double)b[k];                                                  \
-            }                                                                                  \
-        }                                                                                      \
-        int exact = 0;                                                                         \
-        for (ptrdiff_t k = 0; k < L; k++)                                                      \
-            exact |= second == NULL                                                            \
-                ? FASTBN_NEEDS_EXACT_##T(acc_a[c + k], acc_b[c + k], row1 - row0)              \
-                : !isfinite(acc_a[c + k]) || !isfinite(acc_b[c + k]);                          \
-        if (exact)                                                                             \
-            fastbn_cl_sums_exact_##T##_##ISA(first, second, C, row0, row1, c, c + L, centre,   \
-                                             acc_a, acc_b);                                    \
-    }                                                                                          \
-    fastbn_cl_sums_exact_##T##_##ISA(first, second, C, row0, row1, c, c1, centre, acc_a,       \
-                                     acc_b);                                                   \
+    for (; c + K * L <= c1; c += K * L)                                                        \
+        fastbn_cl_strip_sums_##T##_##ISA(first, second, C, row0, row1, c, K, centre, acc_a,    \
+                                         acc_b);                                               \
+    for (; c + L <= c1; c += L)                                                                \
+        fastbn_cl_strip_sums_##T##_##ISA(first, second, C, row0, row1, c, 1, centre, acc_a,    \
+                                         acc_b);                                               \
+    if (c < c1)                                                                                \
+        fastbn_cl_sums_exact_##T##_##ISA(first, second, C, row0, row1, c, c1, centre, acc_a,   \
+                                         acc_b);                                               \
 }                                                                                              \
                                                                                                \
 /* Channels-last work item, gradient sums through an activation (act != 0): acc_a/acc_b[c]    \
@@ -396,11 +425,52 @@ FASTBN_TARGET_##ISA static void fastbn_cl_act_grad_sums_##T##_##ISA(            
     }                                                                                          \
 }                                                                                              \
                                                                                                \
-/* Channels-last work item, elementwise (same formulas as the channels-first one). */          \
+/* Channels-last elementwise without an activation, on a strip of K vectors of channels from \
+ * c: its coefficients loaded once (registers) for all the rows. */                            \
+FASTBN_TARGET_##ISA static FASTBN_UNROLLED void fastbn_cl_strip_elementwise_##T##_##ISA(                \
+        const T *x, const T *x2, T *y, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,            \
+        ptrdiff_t c, const int K, const T *shift, const T *scale, const T *scale2,             \
+        const T *offset) {                                                                     \
+    const ptrdiff_t L = FASTBN_LANES(T);                                                       \
+    fastbn_vec_##T sh[FASTBN_MAX_STRIP], a[FASTBN_MAX_STRIP], b[FASTBN_MAX_STRIP];             \
+    fastbn_vec_##T o[FASTBN_MAX_STRIP];                                                        \
+    for (int k = 0; k < K; k++) {                                                              \
+        sh[k] = FASTBN_LOAD(T, shift + c + k * L);                                             \
+        a[k] = FASTBN_LOAD(T, scale + c + k * L);                                              \
+        b[k] = x2 != NULL ? FASTBN_LOAD(T, scale2 + c + k * L) : a[k];                         \
+        o[k] = FASTBN_LOAD(T, offset + c + k * L);                                             \
+    }                                                                                          \
+    for (ptrdiff_t r = row0; r < row1; r++) {                                                  \
+        const T *xr = x + r * C + c;                                                           \
+        T *yr = y + r * C + c;                                                                 \
+        for (int k = 0; k < K; k++) {                                                          \
+            fastbn_vec_##T v = FASTBN_LOAD(T, xr + k * L);                                     \
+            if (x2 == NULL)                                                                    \
+                v = (v - sh[k]) * a[k] + o[k];                                                 \
+            else                                                                               \
+                v = v * a[k] + (FASTBN_LOAD(T, x2 + r * C + c + k * L) - sh[k]) * b[k] + o[k]; \
+            FASTBN_STORE(T, yr + k * L, v);                                                    \
+        }                                                                                      \
+    }                                                                                          \
+}                                                                                              \
+                                                                                               \
+/* Channels-last work item, elementwise (same formulas as the channels-first one). Without an  \
+ * activation, strips of vectors as in fastbn_cl_sums (the last channels in the plain loop). */ \
 FASTBN_TARGET_##ISA static void fastbn_cl_elementwise_##T##_##ISA(                             \
         const T *x, const T *x2, T *y, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,            \
         ptrdiff_t c0, ptrdiff_t c1, const T *shift, const T *scale, const T *scale2,           \
         const T *offset, int act, T slope, const T *za, const T *zb) {                         \
+    if (act == 0) {                                                                            \
+        const ptrdiff_t L = FASTBN_LANES(T), K = FASTBN_STRIP_##ISA;                           \
+        for (; c0 + K * L <= c1; c0 += K * L)                                                  \
+            fastbn_cl_strip_elementwise_##T##_##ISA(x, x2, y, C, row0, row1, c0, K, shift,     \
+                                                    scale, scale2, offset);                    \
+        for (; c0 + L <= c1; c0 += L)                                                          \
+            fastbn_cl_strip_elementwise_##T##_##ISA(x, x2, y, C, row0, row1, c0, 1, shift,     \
+                                                    scale, scale2, offset);                    \
+        if (c0 == c1)                                                                          \
+            return;                                                                            \
+    }                                                                                          \
     for (ptrdiff_t r = row0; r < row1; r++) {                                                  \
         const T *xr = x + r * C;                                                               \
         T *yr = y + r * C;                                                                     \
