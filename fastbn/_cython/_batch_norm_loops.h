@@ -310,6 +310,28 @@ FASTBN_TARGET_##ISA static void fastbn_cf_sums_##T##_##ISA(                     
     }                                                                                          \
 }                                                                                              \
                                                                                                \
+/* One run of n values without an activation: y = (x - sh) * a + o, or with x2                \
+ * y = x * a + (x2 - sh) * b + o. Vectors; the last vector of the run (it may share lanes     \
+ * with the one before) is computed first and stored last, so that a run of 49 values costs   \
+ * four vectors and no scalar loop, and so that y may be x (or x2): every value is read        \
+ * before any store, and shared lanes get the same value twice. */                            \
+FASTBN_TARGET_##ISA static FASTBN_UNROLLED void fastbn_run_elementwise_##T##_##ISA(            \
+        const T *x, const T *x2, T *y, ptrdiff_t n, T sh, T a, T b, T o) {                     \
+    const ptrdiff_t L = FASTBN_LANES(T);                                                       \
+    fastbn_vec_##T last;                                                                       \
+    if (n < L) {                                                                               \
+        for (ptrdiff_t i = 0; i < n; i++)                                                      \
+            y[i] = x2 == NULL ? (x[i] - sh) * a + o : x[i] * a + (x2[i] - sh) * b + o;         \
+        return;                                                                                \
+    }                                                                                          \
+    last = x2 == NULL ? (FASTBN_LOAD(T, x + n - L) - sh) * a + o                               \
+                      : FASTBN_LOAD(T, x + n - L) * a + (FASTBN_LOAD(T, x2 + n - L) - sh) * b + o; \
+    for (ptrdiff_t i = 0; i + L < n; i += L)                                                   \
+        FASTBN_STORE(T, y + i, x2 == NULL ? (FASTBN_LOAD(T, x + i) - sh) * a + o               \
+                     : FASTBN_LOAD(T, x + i) * a + (FASTBN_LOAD(T, x2 + i) - sh) * b + o);     \
+    FASTBN_STORE(T, y + n - L, last);                                                          \
+}                                                                                              \
+                                                                                               \
 /* Channels-first work item, elementwise, per channel c:                                       \
  *   x2 == NULL: y = act((x - shift[c]) * scale[c] + offset[c])                                \
  *   else:       y = g * scale[c] + (x2 - shift[c]) * scale2[c] + offset[c],                   \
@@ -324,18 +346,16 @@ FASTBN_TARGET_##ISA static void fastbn_cf_elementwise_##T##_##ISA(              
         const T *xr = x + r * S;                                                               \
         T *yr = y + r * S;                                                                     \
         T sh = shift[c], a = scale[c], o = offset[c];                                          \
-        if (x2 == NULL) {                                                                      \
+        if (act == 0) {                                                                        \
+            fastbn_run_elementwise_##T##_##ISA(xr + start, x2 != NULL ? x2 + r * S + start     \
+                                               : NULL, yr + start, stop - start, sh, a,        \
+                                               x2 != NULL ? scale2[c] : (T)0, o);              \
+        } else if (x2 == NULL) {                                                               \
             FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_FORWARD);                                \
         } else {                                                                               \
             const T *x2r = x2 + r * S;                                                         \
-            T b = scale2[c];                                                                   \
-            if (act == 0) {                                                                    \
-                for (ptrdiff_t i = start; i < stop; i++)                                       \
-                    yr[i] = xr[i] * a + (x2r[i] - sh) * b + o;                                 \
-            } else {                                                                           \
-                T zs = za[c], zo = zb[c];                                                      \
-                FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_BACKWARD);                           \
-            }                                                                                  \
+            T b = scale2[c], zs = za[c], zo = zb[c];                                           \
+            FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_BACKWARD);                               \
         }                                                                                      \
         if (++c == C)                                                                          \
             c = 0;                                                                             \
