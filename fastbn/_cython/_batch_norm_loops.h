@@ -135,6 +135,11 @@ static const fastbn_mask_double fastbn_lane_double = {0, 1, 2, 3, 4, 5, 6, 7};
     ((fastbn_vec_##T)((fastbn_mask_##T)(v)                                                     \
                       & (fastbn_lane_##T >= (__typeof__(fastbn_lane_##T[0]))(FASTBN_LANES(T) - (count)))))
 
+/* The gradient vector at dy + i: dy, or dy * w where w is not NULL. */
+#define FASTBN_GRAD(T, dy, w, i)                                                               \
+    ((w) != NULL ? FASTBN_LOAD(T, (dy) + (i)) * FASTBN_LOAD(T, (w) + (i))                      \
+                 : FASTBN_LOAD(T, (dy) + (i)))
+
 /* Values per channels-first gradient run taken at once (a work item's run is at most
  * CHUNK_ELEMENTS = 4096 values; see _batch_norm.pyx). */
 #define FASTBN_GRAD_BUFFER 4096
@@ -159,13 +164,14 @@ FASTBN_TARGET_##ISA static void fastbn_shifted_sums_exact_##T##_##ISA(          
     *sum_sq_out = t2;                                                                          \
 }                                                                                              \
                                                                                                \
-/* sum(dy), sum((x - mean) * dy) over one run, value by value in float64. */                   \
+/* sum(g), sum((x - mean) * g) over one run, g = dy (or dy * w, LayerNorm's, w not NULL),    \
+ * value by value in float64. */                                                               \
 FASTBN_TARGET_##ISA static void fastbn_grad_sums_exact_##T##_##ISA(                            \
-        const T *dy, const T *x, ptrdiff_t n, double mean, double *sum_dy_out,                 \
+        const T *dy, const T *x, const T *w, ptrdiff_t n, double mean, double *sum_dy_out,     \
         double *dot_out) {                                                                     \
     double t1 = 0.0, t2 = 0.0;                                                                 \
     for (ptrdiff_t i = 0; i < n; i++) {                                                        \
-        double g = (double)dy[i];                                                              \
+        double g = w != NULL ? (double)dy[i] * (double)w[i] : (double)dy[i];                   \
         t1 += g;                                                                               \
         t2 += ((double)x[i] - mean) * g;                                                       \
     }                                                                                          \
@@ -227,10 +233,11 @@ FASTBN_TARGET_##ISA static inline void fastbn_shifted_sums_##T##_##ISA(         
     *sum_sq_out = t2;                                                                          \
 }                                                                                              \
                                                                                                \
-/* sum(dy), sum((x - mean) * dy) over one run, in blocks; the last values as above, dy       \
- * padded with 0. The mean is a value of T. */                                                 \
+/* sum(g), sum((x - mean) * g) over one run, g = dy or dy * w (w NULL: none; a constant      \
+ * wherever BatchNorm calls this), in blocks; the last values as above, g padded with 0. The  \
+ * mean is a value of T. */                                                                    \
 FASTBN_TARGET_##ISA static inline void fastbn_grad_sums_##T##_##ISA(                           \
-        const T *dy, const T *x, ptrdiff_t n, double mean, double *sum_dy_out,                 \
+        const T *dy, const T *x, const T *w, ptrdiff_t n, double mean, double *sum_dy_out,     \
         double *dot_out) {                                                                     \
     const ptrdiff_t L = FASTBN_LANES(T);                                                       \
     const T m = (T)mean;                                                                       \
@@ -240,7 +247,7 @@ FASTBN_TARGET_##ISA static inline void fastbn_grad_sums_##T##_##ISA(            
     while (n - i >= 2 * L) {                                                                   \
         ptrdiff_t stop = n - i > FASTBN_BLOCK ? i + FASTBN_BLOCK : n;                          \
         for (; i + 2 * L <= stop; i += 2 * L) {                                                \
-            fastbn_vec_##T g0 = FASTBN_LOAD(T, dy + i), g1 = FASTBN_LOAD(T, dy + i + L);       \
+            fastbn_vec_##T g0 = FASTBN_GRAD(T, dy, w, i), g1 = FASTBN_GRAD(T, dy, w, i + L);   \
             a0 += g0;                                                                          \
             a1 += g1;                                                                          \
             b0 += (FASTBN_LOAD(T, x + i) - m) * g0;                                            \
@@ -253,26 +260,30 @@ FASTBN_TARGET_##ISA static inline void fastbn_grad_sums_##T##_##ISA(            
         }                                                                                      \
     }                                                                                          \
     if (n - i >= L) {                                                                          \
-        fastbn_vec_##T g = FASTBN_LOAD(T, dy + i);                                             \
+        fastbn_vec_##T g = FASTBN_GRAD(T, dy, w, i);                                           \
         a0 += g;                                                                               \
         b0 += (FASTBN_LOAD(T, x + i) - m) * g;                                                 \
         i += L;                                                                                \
     }                                                                                          \
     if (i < n && n >= L) { /* as in fastbn_shifted_sums */                                    \
-        fastbn_vec_##T g = FASTBN_LOAD(T, dy + n - L), xv = FASTBN_LOAD(T, x + n - L);         \
+        fastbn_vec_##T g = FASTBN_GRAD(T, dy, w, n - L), xv = FASTBN_LOAD(T, x + n - L);       \
         a1 += FASTBN_LAST_LANES(T, g, n - i);                                                  \
         b1 += FASTBN_LAST_LANES(T, (xv - m) * g, n - i);                                       \
     } else if (i < n) {                                                                        \
-        fastbn_vec_##T g = {0}, xv = {0};                                                      \
+        fastbn_vec_##T g = {0}, xv = {0}, wv = {0};                                            \
         memcpy(&g, dy + i, (size_t)(n - i) * sizeof(T));                                       \
         memcpy(&xv, x + i, (size_t)(n - i) * sizeof(T));                                       \
+        if (w != NULL) {                                                                       \
+            memcpy(&wv, w + i, (size_t)(n - i) * sizeof(T));                                   \
+            g *= wv;                                                                           \
+        }                                                                                      \
         a1 += g;                                                                               \
         b1 += (xv - m) * g;                                                                    \
     }                                                                                          \
     t1 += fastbn_hsum_##T(a0 + a1);                                                            \
     t2 += fastbn_hsum_##T(b0 + b1);                                                            \
     if (!isfinite(t1) || !isfinite(t2)) { /* an overflow in T, or a non-finite value */       \
-        fastbn_grad_sums_exact_##T##_##ISA(dy, x, n, mean, sum_dy_out, dot_out);               \
+        fastbn_grad_sums_exact_##T##_##ISA(dy, x, w, n, mean, sum_dy_out, dot_out);            \
         return;                                                                                \
     }                                                                                          \
     *sum_dy_out = t1;                                                                          \
@@ -297,13 +308,14 @@ FASTBN_TARGET_##ISA static void fastbn_cf_sums_##T##_##ISA(                     
             fastbn_shifted_sums_##T##_##ISA(first + offset, n, centre[c],                      \
                                             part_a + slot, part_b + slot);                     \
         } else if (act == 0) {                                                                 \
-            fastbn_grad_sums_##T##_##ISA(first + offset, second + offset, n, centre[c],        \
+            fastbn_grad_sums_##T##_##ISA(first + offset, second + offset, NULL, n, centre[c],  \
                                          part_a + slot, part_b + slot);                        \
         } else {  /* dy through the activation first, into a buffer the sums then read */     \
             const T *dyr = first + offset, *xr = second + offset;                              \
             T m = mean_t[c], zs = za[c], zo = zb[c];                                           \
             FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_GRAD);                                   \
-            fastbn_grad_sums_##T##_##ISA(gbuf, xr, n, centre[c], part_a + slot, part_b + slot); \
+            fastbn_grad_sums_##T##_##ISA(gbuf, xr, NULL, n, centre[c], part_a + slot,          \
+                                         part_b + slot);                                       \
         }                                                                                      \
         if (++c == C)                                                                          \
             c = 0;                                                                             \

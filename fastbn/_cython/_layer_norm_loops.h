@@ -5,13 +5,11 @@
  * A row's sums are BatchNorm's run sums (_batch_norm_loops.h): summed in the input's type
  * over blocks, the blocks added in float64, float64 throughout where a float32 block
  * overflows or loses digits. The forward sums x around a pivot near the row's mean (the mean
- * of its first values; 0 for RMSNorm), the backward g = dy * w and g * (x - mean), g taken
- * through a buffer in pieces of FASTBN_GRAD_BUFFER values.
+ * of its first values; 0 for RMSNorm), the backward g = dy * w and g * (x - mean).
  *
- * Whole rows are done a row at a time, or (backward) GRAD_ROWS rows at a time, every phase
- * before the next rows: the rows' values stay in the first-level cache between the sums and
- * the elementwise pass. The backward's grad_weight / grad_bias terms are added into partial
- * column sums that are loaded and stored once per GRAD_ROWS rows.
+ * Whole rows are done ROW_GROUP rows at a time, every phase before the next rows: the rows'
+ * values stay in the first-level cache between the sums and the elementwise pass. The backward's grad_weight / grad_bias terms are added into partial
+ * column sums that are loaded and stored once per ROW_GROUP rows.
  *
  * An output may be exactly its input (y = x, dx = dy or dx = x): every value is loaded
  * before the value at its index is stored. A missing weight or bias is NULL.
@@ -32,8 +30,9 @@
 
 /* Values of a row averaged for its pivot. */
 #define FASTBN_PIVOT_VALUES 16
-/* Rows whose backward terms are added into the partial column sums together. */
-#define FASTBN_GRAD_ROWS 4
+/* Rows taken together: the forward's phases, and the backward's terms added into the partial
+ * column sums. */
+#define FASTBN_ROW_GROUP 4
 
 #define FASTBN_DEFINE_LAYER_NORM_SCALARS(T)                                                    \
 /* A row's statistics from its sums around `pivot` (0 and not centred for RMSNorm), and the   \
@@ -79,7 +78,7 @@ static inline T fastbn_ln_pivot_##T(const T *x, ptrdiff_t n) {                  
 FASTBN_DEFINE_LAYER_NORM_SCALARS(float)
 FASTBN_DEFINE_LAYER_NORM_SCALARS(double)
 
-/* The elementwise loops of GRAD_ROWS or one row at a time (ROWS constant): for columns
+/* The elementwise loops of ROW_GROUP or one row at a time (ROWS constant): for columns
  * [0, n) of `rows` rows `stride` apart, dx = (dy * w) * a + (x - centre) * b + c, and the
  * rows' terms dy * (x - centre) * rstd of grad_weight and dy of grad_bias added, in row
  * order, into the partial column sums dw_part / db_part. Any of w, dx, dw_part, db_part may
@@ -149,39 +148,17 @@ FASTBN_TARGET_##ISA static inline void fastbn_ln_normalize_run_##T##_##ISA(     
     }                                                                                          \
 }                                                                                              \
                                                                                                \
-/* sum(g) and sum(g * (x - centre)) over one run of n values, g = dy * w (dy where w is NULL). \
- * centre is a value of T. */                                                                  \
-FASTBN_TARGET_##ISA static inline void fastbn_ln_run_grad_sums_##T##_##ISA(                    \
-        const T *dy, const T *x, const T *w, ptrdiff_t n, T centre, double *sum_g,             \
-        double *dot) {                                                                         \
-    T g[FASTBN_GRAD_BUFFER];                                                                   \
-    double part_g, part_dot;                                                                   \
-    if (w == NULL) {                                                                           \
-        fastbn_grad_sums_##T##_##ISA(dy, x, n, (double)centre, sum_g, dot);                    \
-        return;                                                                                \
-    }                                                                                          \
-    *sum_g = *dot = 0.0;                                                                       \
-    for (ptrdiff_t start = 0; start < n; start += FASTBN_GRAD_BUFFER) {                        \
-        ptrdiff_t m = n - start < FASTBN_GRAD_BUFFER ? n - start : FASTBN_GRAD_BUFFER;         \
-        for (ptrdiff_t i = 0; i < m; i++)                                                      \
-            g[i] = dy[start + i] * w[start + i];                                               \
-        fastbn_grad_sums_##T##_##ISA(g, x + start, m, (double)centre, &part_g, &part_dot);     \
-        *sum_g += part_g;                                                                      \
-        *dot += part_dot;                                                                      \
-    }                                                                                          \
-}                                                                                              \
-                                                                                               \
 FASTBN_DEFINE_GRAD_BLOCK(T, ISA, 4)                                                            \
 FASTBN_DEFINE_GRAD_BLOCK(T, ISA, 1)                                                            \
                                                                                                \
-/* The grad blocks over `rows` rows, GRAD_ROWS at a time, then one at a time (row k at        \
+/* The grad blocks over `rows` rows, ROW_GROUP at a time, then one at a time (row k at        \
  * + k * stride; centre, rstd, a, b, c per row). */                                            \
 FASTBN_TARGET_##ISA static void fastbn_ln_grad_rows_##T##_##ISA(                               \
         const T *dy, const T *x, const T *w, T *dx, T *dw_part, T *db_part, ptrdiff_t stride,  \
         ptrdiff_t rows, ptrdiff_t n, const T *centre, const T *rstd, const T *a, const T *b,   \
         const T *c) {                                                                          \
     ptrdiff_t k = 0;                                                                           \
-    for (; k + FASTBN_GRAD_ROWS <= rows; k += FASTBN_GRAD_ROWS)                                \
+    for (; k + FASTBN_ROW_GROUP <= rows; k += FASTBN_ROW_GROUP)                                \
         fastbn_ln_grad_block4_##T##_##ISA(dy + k * stride, x + k * stride, w,                  \
                                           dx != NULL ? dx + k * stride : NULL, dw_part,        \
                                           db_part, stride, n, centre + k, rstd + k, a + k,     \
@@ -193,40 +170,50 @@ FASTBN_TARGET_##ISA static void fastbn_ln_grad_rows_##T##_##ISA(                
                                           b + k, c + k);                                       \
 }                                                                                              \
                                                                                                \
-/* Forward, whole rows [r0, r1) of the (rows, D) matrix: each row's pivot, sums, statistics   \
- * (mean NULL for RMSNorm, centred == 0) and y, while the row is in cache. */                  \
+/* Forward, whole rows [r0, r1) of the (rows, D) matrix: pivots, sums, statistics (mean NULL \
+ * for RMSNorm, centred == 0), then y, ROW_GROUP rows at a time (in cache; the rows' square   \
+ * roots and divisions overlap). */                                                            \
 FASTBN_TARGET_##ISA static void fastbn_ln_forward_rows_##T##_##ISA(                            \
         const T *x, const T *w, const T *b, T *y, T *mean, T *rstd, ptrdiff_t D, ptrdiff_t r0, \
         ptrdiff_t r1, double eps, int centred) {                                               \
-    for (ptrdiff_t r = r0; r < r1; r++) {                                                      \
-        const T *row = x + r * D;                                                              \
-        T pivot = centred ? fastbn_ln_pivot_##T(row, D) : (T)0, scale, offset;         \
-        double sum_shifted, sum_sq;                                                            \
-        fastbn_shifted_sums_##T##_##ISA(row, D, (double)pivot, &sum_shifted, &sum_sq);         \
-        fastbn_ln_statistics_##T(sum_shifted, sum_sq, D, eps, centred, pivot,                  \
-                                 mean != NULL ? mean + r : NULL, rstd + r, &scale, &offset);   \
-        fastbn_ln_normalize_run_##T##_##ISA(row, w, b, y + r * D, D, pivot, scale, offset);    \
+    T pivot[FASTBN_ROW_GROUP], scale[FASTBN_ROW_GROUP], offset[FASTBN_ROW_GROUP];              \
+    double sum_shifted[FASTBN_ROW_GROUP], sum_sq[FASTBN_ROW_GROUP];                            \
+    for (ptrdiff_t r = r0, rows; r < r1; r += rows) {                                          \
+        rows = r1 - r < FASTBN_ROW_GROUP ? r1 - r : FASTBN_ROW_GROUP;                          \
+        for (ptrdiff_t k = 0; k < rows; k++) {                                                 \
+            const T *row = x + (r + k) * D;                                                    \
+            pivot[k] = centred ? fastbn_ln_pivot_##T(row, D) : (T)0;                           \
+            fastbn_shifted_sums_##T##_##ISA(row, D, (double)pivot[k], sum_shifted + k,         \
+                                            sum_sq + k);                                       \
+        }                                                                                      \
+        for (ptrdiff_t k = 0; k < rows; k++)                                                   \
+            fastbn_ln_statistics_##T(sum_shifted[k], sum_sq[k], D, eps, centred, pivot[k],     \
+                                     mean != NULL ? mean + r + k : NULL, rstd + r + k,         \
+                                     scale + k, offset + k);                                   \
+        for (ptrdiff_t k = 0; k < rows; k++)                                                   \
+            fastbn_ln_normalize_run_##T##_##ISA(x + (r + k) * D, w, b, y + (r + k) * D, D,     \
+                                                pivot[k], scale[k], offset[k]);                \
     }                                                                                          \
 }                                                                                              \
                                                                                                \
-/* Backward, whole rows [r0, r1): per GRAD_ROWS rows, their gradient sums and coefficients    \
+/* Backward, whole rows [r0, r1): per ROW_GROUP rows, their gradient sums and coefficients    \
  * (when dx is wanted), then dx and their terms of the partial column sums dw_part / db_part  \
  * (D values each, set here; NULL when not wanted). centre: the rows' means (zeros for         \
  * RMSNorm). */                                                                                \
 FASTBN_TARGET_##ISA static void fastbn_ln_backward_rows_##T##_##ISA(                           \
         const T *dy, const T *x, const T *w, T *dx, T *dw_part, T *db_part, ptrdiff_t D,       \
         ptrdiff_t r0, ptrdiff_t r1, const T *centre, const T *rstd, int centred) {             \
-    T a[FASTBN_GRAD_ROWS] = {0}, b[FASTBN_GRAD_ROWS] = {0}, c[FASTBN_GRAD_ROWS] = {0};       \
+    T a[FASTBN_ROW_GROUP] = {0}, b[FASTBN_ROW_GROUP] = {0}, c[FASTBN_ROW_GROUP] = {0};       \
     if (dw_part != NULL)                                                                       \
         memset(dw_part, 0, (size_t)D * sizeof(T));                                             \
     if (db_part != NULL)                                                                       \
         memset(db_part, 0, (size_t)D * sizeof(T));                                             \
     for (ptrdiff_t r = r0, rows; r < r1; r += rows) {                                          \
-        rows = r1 - r >= FASTBN_GRAD_ROWS ? FASTBN_GRAD_ROWS : 1;                              \
+        rows = r1 - r >= FASTBN_ROW_GROUP ? FASTBN_ROW_GROUP : 1;                              \
         for (ptrdiff_t k = 0; k < rows && dx != NULL; k++) {                                   \
             double sum_g, dot;                                                                 \
-            fastbn_ln_run_grad_sums_##T##_##ISA(dy + (r + k) * D, x + (r + k) * D, w, D,       \
-                                                centre[r + k], &sum_g, &dot);                  \
+            fastbn_grad_sums_##T##_##ISA(dy + (r + k) * D, x + (r + k) * D, w, D,              \
+                                         (double)centre[r + k], &sum_g, &dot);                 \
             fastbn_ln_grad_coefficients_##T(sum_g, dot, D, centred, rstd[r + k], a + k, b + k, \
                                             c + k);                                            \
         }                                                                                      \
@@ -248,9 +235,9 @@ FASTBN_TARGET_##ISA static void fastbn_ln_chunk_sums_##T##_##ISA(               
             fastbn_shifted_sums_##T##_##ISA(x + r * D + c0, c1 - c0, (double)centre[r],        \
                                             part_a + slot, part_b + slot);                     \
         else                                                                                   \
-            fastbn_ln_run_grad_sums_##T##_##ISA(dy + r * D + c0, x + r * D + c0,               \
-                                                w != NULL ? w + c0 : NULL, c1 - c0, centre[r], \
-                                                part_a + slot, part_b + slot);                 \
+            fastbn_grad_sums_##T##_##ISA(dy + r * D + c0, x + r * D + c0,                      \
+                                         w != NULL ? w + c0 : NULL, c1 - c0,                   \
+                                         (double)centre[r], part_a + slot, part_b + slot);     \
     }                                                                                          \
 }                                                                                              \
                                                                                                \
