@@ -22,6 +22,7 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "_simd.h"
@@ -134,6 +135,11 @@ static const fastbn_mask_double fastbn_lane_double = {0, 1, 2, 3, 4, 5, 6, 7};
 #define FASTBN_LAST_LANES(T, v, count)                                                         \
     ((fastbn_vec_##T)((fastbn_mask_##T)(v)                                                     \
                       & (fastbn_lane_##T >= (__typeof__(fastbn_lane_##T[0]))(FASTBN_LANES(T) - (count)))))
+
+/* The vector of fastbn_run_elementwise's results at i. */
+#define FASTBN_RUN_VALUE(T, i)                                                                 \
+    (x2 == NULL ? (FASTBN_LOAD(T, x + (i)) - sh) * a + o                                       \
+                : FASTBN_LOAD(T, x + (i)) * a + (FASTBN_LOAD(T, x2 + (i)) - sh) * b + o)
 
 /* The gradient vector at dy + i: dy, or dy * w where w is not NULL. */
 #define FASTBN_GRAD(T, dy, w, i)                                                               \
@@ -323,24 +329,29 @@ FASTBN_TARGET_##ISA static void fastbn_cf_sums_##T##_##ISA(                     
 }                                                                                              \
                                                                                                \
 /* One run of n values without an activation: y = (x - sh) * a + o, or with x2                \
- * y = x * a + (x2 - sh) * b + o. Vectors; the last vector of the run (it may share lanes     \
- * with the one before) is computed first and stored last, so that a run of 49 values costs   \
- * four vectors and no scalar loop, and so that y may be x (or x2): every value is read        \
- * before any store, and shared lanes get the same value twice. */                            \
+ * y = x * a + (x2 - sh) * b + o. Vectors: the run's first and last vectors (which may share  \
+ * lanes with their neighbours) are computed first and stored last, the ones between are     \
+ * stored where y is aligned to FASTBN_VECTOR_BYTES (a store across two cache lines costs     \
+ * about twice one). So a run of 49 values costs four vectors and no scalar loop, and y may be \
+ * x (or x2): every value is read before a store can reach it, and shared lanes get the same \
+ * value twice. */                                                                             \
 FASTBN_TARGET_##ISA static FASTBN_UNROLLED void fastbn_run_elementwise_##T##_##ISA(            \
         const T *x, const T *x2, T *y, ptrdiff_t n, T sh, T a, T b, T o) {                     \
     const ptrdiff_t L = FASTBN_LANES(T);                                                       \
-    fastbn_vec_##T last;                                                                       \
+    fastbn_vec_##T first, last;                                                                \
+    ptrdiff_t i;                                                                               \
     if (n < L) {                                                                               \
-        for (ptrdiff_t i = 0; i < n; i++)                                                      \
+        for (i = 0; i < n; i++)                                                                \
             y[i] = x2 == NULL ? (x[i] - sh) * a + o : x[i] * a + (x2[i] - sh) * b + o;         \
         return;                                                                                \
     }                                                                                          \
-    last = x2 == NULL ? (FASTBN_LOAD(T, x + n - L) - sh) * a + o                               \
-                      : FASTBN_LOAD(T, x + n - L) * a + (FASTBN_LOAD(T, x2 + n - L) - sh) * b + o; \
-    for (ptrdiff_t i = 0; i + L < n; i += L)                                                   \
-        FASTBN_STORE(T, y + i, x2 == NULL ? (FASTBN_LOAD(T, x + i) - sh) * a + o               \
-                     : FASTBN_LOAD(T, x + i) * a + (FASTBN_LOAD(T, x2 + i) - sh) * b + o);     \
+    first = FASTBN_RUN_VALUE(T, 0);                                                            \
+    last = FASTBN_RUN_VALUE(T, n - L);                                                         \
+    i = (ptrdiff_t)((FASTBN_VECTOR_BYTES - (uintptr_t)y % FASTBN_VECTOR_BYTES)                 \
+                    % FASTBN_VECTOR_BYTES / sizeof(T));                                        \
+    for (; i + L <= n; i += L)                                                                 \
+        FASTBN_STORE(T, y + i, FASTBN_RUN_VALUE(T, i));                                        \
+    FASTBN_STORE(T, y, first);                                                                 \
     FASTBN_STORE(T, y + n - L, last);                                                          \
 }                                                                                              \
                                                                                                \

@@ -305,8 +305,9 @@ cdef void group_block(const floating* first, const floating* second, floating* o
                       job.sum_a, job.sum_b)
         else:
             # One run of S values per channel, around its group's mean.
-            for r in range(k0 * job.D, k1 * job.D):
-                job.centre[r] = <double>mean[r // job.D]
+            for k in range(k0, k1):
+                for r in range(k * job.D, (k + 1) * job.D):
+                    job.centre[r] = <double>mean[k]
             rows_sums(first, second, job.S, NC, k0 * job.D, k1 * job.D, 0, job.S, 1, 0,
                       job.centre, job.sum_a, job.sum_b)
     if out == NULL:
@@ -330,17 +331,16 @@ cdef void sample_block(const floating* first, const floating* second, floating* 
     coefficients, out."""
     cdef Py_ssize_t n = item // job.split.channel_blocks, D = job.D, C = job.C, S = job.S
     cdef Py_ssize_t c0 = (item % job.split.channel_blocks) * job.split.width
-    cdef Py_ssize_t c1 = min(c0 + job.split.width, C), c, base = n * C, offset = n * S * C
+    cdef Py_ssize_t c1 = min(c0 + job.split.width, C), c, g, base = n * C, offset = n * S * C
     cdef const floating* mean = <const floating*>job.mean
-    cdef double pivot = 0.0
+    cdef double centre
     if sums_wanted(job):
-        for c in range(c0, c1):
-            if job.backward:
-                job.centre[base + c] = <double>mean[n * job.G + c // D]
-            else:
-                if c % D == 0:
-                    pivot = group_pivot(first[offset + c])
-                job.centre[base + c] = pivot
+        for g in range(c0 // D, c1 // D):
+            # The group's mean, or (forward) its pivot.
+            centre = (<double>mean[n * job.G + g] if job.backward
+                      else group_pivot(first[offset + g * D]))
+            for c in range(base + g * D, base + (g + 1) * D):
+                job.centre[c] = centre
         columns_sums(first + offset, second + offset if job.backward else NULL, C, 0, S, c0,
                      c1, job.centre + base, job.sum_a + base, job.sum_b + base)
     if out == NULL:
@@ -467,7 +467,8 @@ cdef int run(const floating* first, const floating* second, floating* out, float
     """The whole op on `job` (its arrays set, except the work arrays): forward x, NULL, y;
     backward dy, x, dx, dw, db (NULL for the gradients not wanted). Returns -1 when the
     work arrays cannot be allocated, else 0."""
-    cdef Py_ssize_t NC = job.N * job.C, n, c
+    cdef Py_ssize_t NC = job.N * job.C, n, c, k
+    cdef double centre
     cdef int threads = effective_threads(n_threads, NC * job.S, job.split.items)
     cdef const floating* mean = <const floating*>job.mean
     # Every slot is written before it is read: malloc, not calloc.
@@ -490,16 +491,16 @@ cdef int run(const floating* first, const floating* second, floating* out, float
         run_pass(first, second, out, job, FUSED, threads)
     else:
         if sums_wanted(job):
-            for n in range(job.N):
-                for c in range(job.C):
-                    if job.backward:
-                        job.centre[n * job.C + c] = <double>mean[n * job.G + c // job.D]
-                    elif c % job.D == 0:
-                        job.centre[n * job.C + c] = group_pivot(
-                            first[n * job.S * job.C + c] if job.split.kind == TILES
-                            else first[(n * job.C + c) * job.S])
-                    else:
-                        job.centre[n * job.C + c] = job.centre[n * job.C + c - 1]
+            for k in range(job.N * job.G):
+                # The group's mean, or (forward) its pivot: its first value in memory.
+                if job.backward:
+                    centre = <double>mean[k]
+                elif job.split.kind == TILES:
+                    centre = group_pivot(first[k // job.G * job.S * job.C + k % job.G * job.D])
+                else:
+                    centre = group_pivot(first[k * job.D * job.S])
+                for c in range(k * job.D, (k + 1) * job.D):
+                    job.centre[c] = centre
             run_pass(first, second, out, job, SUMS, threads)
             add_partials(job)
         if out != NULL:

@@ -24,7 +24,7 @@ any number of threads:
 Row sums accumulate in the input's own precision over short blocks of values
 and in float64 across blocks (BatchNorm's run sums). The forward statistics
 are sums of values shifted by a pivot near the row mean (the mean of the row's
-first values), which keeps the one-pass variance accurate on data with a large
+first vector of values), which keeps the one-pass variance accurate on data with a large
 mean; y = ((x - pivot) * rstd + offset) * weight + bias keeps that accuracy in y.
 """
 cimport numpy as cnp

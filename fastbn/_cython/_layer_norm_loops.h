@@ -5,7 +5,7 @@
  * A row's sums are BatchNorm's run sums (_batch_norm_loops.h): summed in the input's type
  * over blocks, the blocks added in float64, float64 throughout where a float32 block
  * overflows or loses digits. The forward sums x around a pivot near the row's mean (the mean
- * of its first values; 0 for RMSNorm), the backward g = dy * w and g * (x - mean).
+ * of its first vector of values; 0 for RMSNorm), the backward g = dy * w and g * (x - mean).
  *
  * Whole rows are done ROW_GROUP rows at a time, every phase before the next rows: the rows'
  * values stay in the first-level cache between the sums and the elementwise pass. The backward's grad_weight / grad_bias terms are added into partial
@@ -28,8 +28,6 @@
 #include "_batch_norm_loops.h"
 #pragma GCC diagnostic pop
 
-/* Values of a row averaged for its pivot. */
-#define FASTBN_PIVOT_VALUES 16
 /* Rows taken together: the forward's phases, and the backward's terms added into the partial
  * column sums. */
 #define FASTBN_ROW_GROUP 4
@@ -63,15 +61,19 @@ static inline void fastbn_ln_grad_coefficients_##T(                             
     *c = centred ? (T)(-row_rstd * sum_g / D) : (T)0;                                          \
 }                                                                                              \
                                                                                                \
-/* The mean of a row's first values, in float64 (four partial sums): the pivot of its sums,   \
- * close to the row's mean for most data; 0 where it is not finite (an inf pivot would turn   \
- * the row's inf mean into nan). No vector loop: the same on every instruction set. */         \
+/* The mean of a row's first vector of values (fewer in a shorter row): the pivot of its     \
+ * sums, close to the row's mean for most data; 0 where it is not finite (an inf pivot would  \
+ * turn the row's inf mean into nan). A load and a horizontal sum, in a fixed order: the      \
+ * same on every instruction set. */                                                           \
 static inline T fastbn_ln_pivot_##T(const T *x, ptrdiff_t n) {                                 \
-    ptrdiff_t count = n < FASTBN_PIVOT_VALUES ? n : FASTBN_PIVOT_VALUES;                       \
-    double part[4] = {0.0, 0.0, 0.0, 0.0}, mean;                                               \
-    for (ptrdiff_t i = 0; i < count; i++)                                                      \
-        part[i & 3] += (double)x[i];                                                           \
-    mean = ((part[0] + part[2]) + (part[1] + part[3])) / (double)count;                        \
+    double mean = 0.0;                                                                         \
+    if (n >= FASTBN_LANES(T)) {                                                                \
+        mean = fastbn_hsum_##T(FASTBN_LOAD(T, x)) / (double)FASTBN_LANES(T);                   \
+    } else {                                                                                   \
+        for (ptrdiff_t i = 0; i < n; i++)                                                      \
+            mean += (double)x[i];                                                              \
+        mean /= (double)n;                                                                     \
+    }                                                                                          \
     return isfinite(mean) ? (T)mean : (T)0;                                                    \
 }
 
