@@ -364,7 +364,9 @@ cdef int backward(const floating* dy, const floating* x, const floating* mean,
     cdef double sum_g, dot
     # Whole rows: each item's partial column sums (split rows add into the outputs); few
     # long rows: the partial row sums and the coefficients of dx. RMSNorm: zeros as centre.
-    cdef Py_ssize_t n_parts = split.row_items * D * ((dw != NULL) + (db != NULL)) if whole_rows else 0
+    cdef Py_ssize_t n_parts = 0
+    if whole_rows:
+        n_parts = split.row_items * D * ((dw != NULL) + (db != NULL))
     cdef Py_ssize_t n_sums = 0 if whole_rows else 2 * rows * chunks
     cdef Py_ssize_t n_coefficients = 0 if whole_rows else 3 * rows
     cdef double* sums = <double*>malloc(n_sums * sizeof(double)

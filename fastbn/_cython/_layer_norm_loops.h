@@ -8,8 +8,9 @@
  * of its first vector of values; 0 for RMSNorm), the backward g = dy * w and g * (x - mean).
  *
  * Whole rows are done ROW_GROUP rows at a time, every phase before the next rows: the rows'
- * values stay in the first-level cache between the sums and the elementwise pass. The backward's grad_weight / grad_bias terms are added into partial
- * column sums that are loaded and stored once per ROW_GROUP rows.
+ * values stay in the first-level cache between the sums and the elementwise pass. The
+ * backward's grad_weight / grad_bias terms are added into partial column sums that are loaded
+ * and stored once per ROW_GROUP rows. Elementwise loops are on native vectors (_simd.h).
  *
  * An output may be exactly its input (y = x, dx = dy or dx = x): every value is loaded
  * before the value at its index is stored. A missing weight or bias is NULL.
@@ -85,28 +86,34 @@ FASTBN_DEFINE_LAYER_NORM_SCALARS(double)
  * rows' terms dy * (x - centre) * rstd of grad_weight and dy of grad_bias added, in row
  * order, into the partial column sums dw_part / db_part. Any of w, dx, dw_part, db_part may
  * be NULL (the tests are the same for every column: -O3 takes them out of the loop). */
+/* The vectors of the loops below: native ones (they store). */
+#define FASTBN_V(T, ISA) fastbn_native_##T##_##ISA
+#define FASTBN_VLOAD(T, ISA, p) FASTBN_NATIVE_LOAD(T, ISA, p)
+#define FASTBN_VSTORE(T, ISA, p, v) FASTBN_NATIVE_STORE(T, ISA, p, v)
+
 #define FASTBN_DEFINE_GRAD_BLOCK(T, ISA, ROWS)                                                 \
 FASTBN_TARGET_##ISA static inline void fastbn_ln_grad_block##ROWS##_##T##_##ISA(               \
         const T *dy, const T *x, const T *w, T *dx, T *dw_part, T *db_part, ptrdiff_t stride,  \
         ptrdiff_t n, const T *centre, const T *rstd, const T *a, const T *b, const T *c) {     \
-    const ptrdiff_t L = FASTBN_LANES(T);                                                       \
+    const ptrdiff_t L = FASTBN_NATIVE_LANES(T, ISA);                                           \
     ptrdiff_t i = 0;                                                                           \
     for (; i + L <= n; i += L) {                                                               \
-        fastbn_vec_##T wv = w != NULL ? FASTBN_LOAD(T, w + i) : (fastbn_vec_##T){0} + (T)1;   \
-        fastbn_vec_##T sum_w = {0}, sum_b = {0};                                               \
+        FASTBN_V(T, ISA) sum_w = {0}, sum_b = {0}, wv = {0};                                   \
+        if (w != NULL)                                                                         \
+            wv = FASTBN_VLOAD(T, ISA, w + i);                                                  \
         for (int k = 0; k < ROWS; k++) {                                                       \
-            fastbn_vec_##T g = FASTBN_LOAD(T, dy + k * stride + i);                            \
-            fastbn_vec_##T d = FASTBN_LOAD(T, x + k * stride + i) - centre[k];                 \
+            FASTBN_V(T, ISA) g = FASTBN_VLOAD(T, ISA, dy + k * stride + i);                    \
+            FASTBN_V(T, ISA) d = FASTBN_VLOAD(T, ISA, x + k * stride + i) - centre[k];         \
             if (dx != NULL)                                                                    \
-                FASTBN_STORE(T, dx + k * stride + i,                                           \
-                             (w != NULL ? g * wv : g) * a[k] + d * b[k] + c[k]);               \
+                FASTBN_VSTORE(T, ISA, dx + k * stride + i,                                     \
+                              (w != NULL ? g * wv : g) * a[k] + d * b[k] + c[k]);              \
             sum_w += g * d * rstd[k];                                                          \
             sum_b += g;                                                                        \
         }                                                                                      \
         if (dw_part != NULL)                                                                   \
-            FASTBN_STORE(T, dw_part + i, FASTBN_LOAD(T, dw_part + i) + sum_w);                 \
+            FASTBN_VSTORE(T, ISA, dw_part + i, FASTBN_VLOAD(T, ISA, dw_part + i) + sum_w);     \
         if (db_part != NULL)                                                                   \
-            FASTBN_STORE(T, db_part + i, FASTBN_LOAD(T, db_part + i) + sum_b);                 \
+            FASTBN_VSTORE(T, ISA, db_part + i, FASTBN_VLOAD(T, ISA, db_part + i) + sum_b);     \
     }                                                                                          \
     for (; i < n; i++) {                                                                       \
         T sum_w = 0, sum_b = 0;                                                                \
@@ -130,15 +137,15 @@ FASTBN_TARGET_##ISA static inline void fastbn_ln_grad_block##ROWS##_##T##_##ISA(
  * The tests on w and b are the same for every value: -O3 takes them out of the loop. */       \
 FASTBN_TARGET_##ISA static inline void fastbn_ln_normalize_run_##T##_##ISA(                    \
         const T *x, const T *w, const T *b, T *y, ptrdiff_t n, T pivot, T scale, T offset) {   \
-    const ptrdiff_t L = FASTBN_LANES(T);                                                       \
+    const ptrdiff_t L = FASTBN_NATIVE_LANES(T, ISA);                                           \
     ptrdiff_t i = 0;                                                                           \
     for (; i + L <= n; i += L) {                                                               \
-        fastbn_vec_##T v = (FASTBN_LOAD(T, x + i) - pivot) * scale + offset;                   \
+        FASTBN_V(T, ISA) v = (FASTBN_VLOAD(T, ISA, x + i) - pivot) * scale + offset;           \
         if (w != NULL)                                                                         \
-            v *= FASTBN_LOAD(T, w + i);                                                        \
+            v *= FASTBN_VLOAD(T, ISA, w + i);                                                  \
         if (b != NULL)                                                                         \
-            v += FASTBN_LOAD(T, b + i);                                                        \
-        FASTBN_STORE(T, y + i, v);                                                             \
+            v += FASTBN_VLOAD(T, ISA, b + i);                                                  \
+        FASTBN_VSTORE(T, ISA, y + i, v);                                                       \
     }                                                                                          \
     for (; i < n; i++) {                                                                       \
         T v = (x[i] - pivot) * scale + offset;                                                 \
