@@ -482,13 +482,23 @@ FASTBN_TARGET_##ISA static FASTBN_UNROLLED void fastbn_cl_strip_sums_##T##_##ISA
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
+        /* Through a buffer: the conversion loop vectorises. */                                \
         for (int v = 0; v < V; v++)                                                            \
-            for (ptrdiff_t j = 0; j < NL; j++) {                                               \
-                acc_a[c + v * NL + j] += (double)a[v][j];                                      \
-                acc_b[c + v * NL + j] += (double)b[v][j];                                      \
-            }                                                                                  \
+            FASTBN_NATIVE_STORE(T, ISA, lanes + v * NL, a[v]);                                 \
+        for (ptrdiff_t j = 0; j < V * NL; j++)                                                 \
+            acc_a[c + j] += (double)lanes[j];                                                  \
+        for (int v = 0; v < V; v++)                                                            \
+            FASTBN_NATIVE_STORE(T, ISA, lanes + v * NL, b[v]);                                 \
+        for (ptrdiff_t j = 0; j < V * NL; j++)                                                 \
+            acc_b[c + j] += (double)lanes[j];                                                  \
     }                                                                                          \
+    /* One vectorised test for the strip, then the channels' own (x * 0 != 0: inf or nan). */  \
+    int exact = 0;                                                                             \
     for (ptrdiff_t j = c; j < c + V * NL; j++)                                                 \
+        exact |= (acc_a[j] * 0.0 != 0.0) | (acc_b[j] * 0.0 != 0.0)                            \
+                 | (second == NULL && sizeof(T) < sizeof(double)                               \
+                    && !(fabs(acc_b[j]) >= FASTBN_TINY_SQUARES * (double)(row1 - row0)));     \
+    for (ptrdiff_t j = c; exact && j < c + V * NL; j++)                                        \
         if (second == NULL ? FASTBN_NEEDS_EXACT_##T(acc_a[j], acc_b[j], row1 - row0)           \
                            : !isfinite(acc_a[j]) || !isfinite(acc_b[j]))                       \
             fastbn_cl_sums_exact_##T##_##ISA(first, second, C, row0, row1, j, j + 1, centre,   \
