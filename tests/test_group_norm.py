@@ -166,6 +166,7 @@ def test_gradients_match_finite_differences(backend, rng, channels_last):
     ((1, 2, 128, 128), 1, False),  # rows cut into chunks
     ((2, 16, 32, 32), 4, True),    # channels-last sample blocks
     ((1, 16, 48, 48), 4, True),    # channels-last tiles
+    ((300, 64), 8, False),         # 2-D input: sample blocks of many samples
     ((4, 16, 32, 32), 16, False),  # instance norm's case: one channel per group
 ])
 def test_same_bits_for_any_thread_count(fast_backend, rng, shape, num_groups, channels_last):

@@ -21,8 +21,8 @@ threads:
   instead of twice, and many small groups (instance norm) cost one call each
   of the loops, not one per group.
 - Sample blocks (channels-last, when S x BLOCK_CHANNELS values fit the same
-  bound): an item is the S rows of one sample on a block of whole groups'
-  channels; the same fusion.
+  bound): an item is the S rows of one sample (of a few, for small samples) on a
+  block of whole groups' channels; the same fusion.
 - Chunks (channels-first otherwise: few or huge groups): per-(n, c) partial sums
   over fixed pieces (whole rows of S values, or fixed chunks of long rows), then
   an elementwise pass over the same pieces.
@@ -96,8 +96,9 @@ cdef struct Split:
     # each row cut into `chunks` pieces
     Py_ssize_t rows_per_item
     Py_ssize_t chunks
-    # sample blocks and tiles: blocks of `width` channels; tiles: per sample,
-    # row_blocks blocks of rows_per_block rows
+    # sample blocks and tiles: blocks of `width` channels; sample blocks: of
+    # samples_per_item samples; tiles: per sample, row_blocks blocks of rows_per_block rows
+    Py_ssize_t samples_per_item
     Py_ssize_t width
     Py_ssize_t channel_blocks
     Py_ssize_t rows_per_block
@@ -112,6 +113,7 @@ cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
     split.groups_per_item = 0
     split.rows_per_item = 0
     split.chunks = 0
+    split.samples_per_item = 0
     split.width = 0
     split.channel_blocks = 0
     split.rows_per_block = 0
@@ -138,8 +140,11 @@ cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
         split.width = C
     if S * split.width <= MAX_GROUP_ELEMENTS:
         split.kind = SAMPLE_BLOCKS
+        # Small samples (2-D input: S = 1) several to an item.
+        split.samples_per_item = max(1, ITEM_ELEMENTS // (S * split.width))
         split.channel_blocks = (C + split.width - 1) // split.width
-        split.items = N * split.channel_blocks
+        split.items = ((N + split.samples_per_item - 1) // split.samples_per_item
+                       * split.channel_blocks)
         return split
     split.kind = TILES
     split.width = min(C, CHANNEL_BLOCK)
@@ -327,30 +332,36 @@ cdef void group_block(const floating* first, const floating* second, floating* o
 
 cdef void sample_block(const floating* first, const floating* second, floating* out, Job* job,
                        Py_ssize_t item) noexcept nogil:
-    """Channels-last: channels c0:c1 (whole groups) of sample n's S rows: sums,
-    coefficients, out."""
-    cdef Py_ssize_t n = item // job.split.channel_blocks, D = job.D, C = job.C, S = job.S
+    """Channels-last: channels c0:c1 (whole groups) of samples n0:n1, each sample's S rows in
+    turn: sums, coefficients, out."""
+    cdef Py_ssize_t block = item // job.split.channel_blocks, D = job.D, C = job.C, S = job.S
+    cdef Py_ssize_t n0 = block * job.split.samples_per_item
+    cdef Py_ssize_t n1 = min(n0 + job.split.samples_per_item, job.N)
     cdef Py_ssize_t c0 = (item % job.split.channel_blocks) * job.split.width
-    cdef Py_ssize_t c1 = min(c0 + job.split.width, C), c, g, base = n * C, offset = n * S * C
+    cdef Py_ssize_t c1 = min(c0 + job.split.width, C), c, g, n, base, offset
     cdef const floating* mean = <const floating*>job.mean
+    cdef const floating* x2 = elementwise_second(second, job)
     cdef double centre
-    if sums_wanted(job):
-        for g in range(c0 // D, c1 // D):
-            # The group's mean, or (forward) its pivot.
-            centre = (<double>mean[n * job.G + g] if job.backward
-                      else group_pivot(first[offset + g * D]))
-            for c in range(base + g * D, base + (g + 1) * D):
-                job.centre[c] = centre
-        columns_sums(first + offset, second + offset if job.backward else NULL, C, 0, S, c0,
-                     c1, job.centre + base, job.sum_a + base, job.sum_b + base)
-    if out == NULL:
-        return
-    set_groups(first, job, n, c0 // D, c1 // D)
-    second = elementwise_second(second, job)
-    columns_elementwise(first + offset, second + offset if second != NULL else NULL,
-                        out + offset, C, 0, S, c0, c1,
-                        <const floating*>job.shift + base, <const floating*>job.scale + base,
-                        <const floating*>job.scale2 + base, <const floating*>job.offset + base)
+    for n in range(n0, n1):
+        base = n * C
+        offset = n * S * C
+        if sums_wanted(job):
+            for g in range(c0 // D, c1 // D):
+                # The group's mean, or (forward) its pivot.
+                centre = (<double>mean[n * job.G + g] if job.backward
+                          else group_pivot(first[offset + g * D]))
+                for c in range(base + g * D, base + (g + 1) * D):
+                    job.centre[c] = centre
+            columns_sums(first + offset, second + offset if job.backward else NULL, C, 0, S,
+                         c0, c1, job.centre + base, job.sum_a + base, job.sum_b + base)
+        if out == NULL:
+            continue
+        set_groups(first, job, n, c0 // D, c1 // D)
+        columns_elementwise(first + offset, x2 + offset if x2 != NULL else NULL, out + offset,
+                            C, 0, S, c0, c1, <const floating*>job.shift + base,
+                            <const floating*>job.scale + base,
+                            <const floating*>job.scale2 + base,
+                            <const floating*>job.offset + base)
 
 
 cdef void chunk(const floating* first, const floating* second, floating* out, Job* job,
