@@ -25,22 +25,22 @@ def limit_from_environment():
     return INSTRUCTION_SETS.index(name)
 
 
-# The Cython kernel module of each op family, for `instruction_sets`.
-KERNEL_MODULES = {"batch_norm": "_batch_norm", "group_norm / instance_norm": "_group_norm",
-                  "layer_norm / rms_norm": "_layer_norm"}
+# The Cython kernel module of each op, for `instruction_sets`.
+KERNEL_MODULES = {"batch_norm": "_batch_norm", "group_norm": "_group_norm",
+                  "instance_norm": "_group_norm", "layer_norm": "_layer_norm",
+                  "rms_norm": "_layer_norm"}
 
 
 def instruction_sets():
-    """{op family: the instruction set its Cython kernels run here} (`python -m fastbn
-    info`). A module not yet on _simd.h's dispatch says how it picks its code instead."""
+    """{op: the instruction set its Cython kernels run here} (`python -m fastbn info`)."""
     import importlib
 
     sets = {}
-    for ops, module in KERNEL_MODULES.items():
+    for op, module in KERNEL_MODULES.items():
         try:
             kernels = importlib.import_module(f"fastbn._cython.{module}")
         except ImportError:
-            sets[ops] = "not built"
+            sets[op] = "not built"
             continue
-        sets[ops] = getattr(kernels, "INSTRUCTION_SET", "chosen by the compiler at load time")
+        sets[op] = kernels.INSTRUCTION_SET
     return sets

@@ -7,8 +7,10 @@ import fastbn
 from conftest import tolerance
 
 # (shape, num_groups): 2-D input, 1-3 spatial dims, and shapes that take each
-# work split of the compiled kernels: whole groups (N * G >= 16), chunks of
-# whole rows, rows cut into chunks (S > 4096), channels-last channel blocks (C > 256).
+# work split of the compiled kernels: blocks of whole groups (N * G >= 16), chunks of
+# whole rows, rows cut into chunks (S > 4096); channels-last, blocks of whole samples'
+# channels (S x 64 channels up to 32768 values) and tiles (beyond), of more than one
+# block of 256 channels in the last shape.
 SHAPES = [
     ((3, 6), 3),
     ((3, 6, 5), 2),
@@ -18,6 +20,8 @@ SHAPES = [
     ((1, 16, 9, 9), 2),
     ((1, 4, 5000), 1),
     ((2, 300, 7), 3),
+    ((1, 16, 48, 48), 4),
+    ((1, 264, 520), 264),
 ]
 DTYPES = [np.float32, np.float64]
 
@@ -160,7 +164,9 @@ def test_gradients_match_finite_differences(backend, rng, channels_last):
     ((2, 32, 32, 32), 8, False),   # whole groups
     ((1, 8, 64, 64), 2, False),    # chunks of whole rows
     ((1, 2, 128, 128), 1, False),  # rows cut into chunks
-    ((2, 16, 32, 32), 4, True),    # channels-last tiles
+    ((2, 16, 32, 32), 4, True),    # channels-last sample blocks
+    ((1, 16, 48, 48), 4, True),    # channels-last tiles
+    ((300, 64), 8, False),         # 2-D input: sample blocks of many samples
     ((4, 16, 32, 32), 16, False),  # instance norm's case: one channel per group
 ])
 def test_same_bits_for_any_thread_count(fast_backend, rng, shape, num_groups, channels_last):

@@ -14,14 +14,16 @@
  * Every addition's order is fixed by this source and the work split, so the results are
  * the same for any thread count and on every instruction set.
  *
- * Elementwise loops (normalize, grad input) are plain C that each instruction set's
- * instantiation vectorises, with the fused activation (fastbn/_activations.py) inside.
+ * Elementwise loops (normalize, grad input): without an activation, native vectors
+ * (fastbn_run_elementwise, fastbn_cl_strip_elementwise); with the fused activation
+ * (fastbn/_activations.py), plain C that each instruction set's instantiation vectorises.
  */
 #ifndef FASTBN_BATCH_NORM_LOOPS_H
 #define FASTBN_BATCH_NORM_LOOPS_H
 
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "_simd.h"
@@ -30,6 +32,19 @@
 #define FASTBN_BLOCK 512
 /* Channels-last rows summed in the input's type before float64. */
 #define FASTBN_ROW_BLOCK 32
+/* Native vectors of channels side by side in a channels-last strip: as many as the registers
+ * hold. Sums (fastbn_cl_strip_sums): two accumulators and a centre each; the strip is whole
+ * 64-byte vectors on every instruction set (4 = one AVX-512 register each, two 64-byte
+ * vectors in AVX2 registers, one in SSE2 ones). Elementwise passes
+ * (fastbn_cl_strip_elementwise): four coefficients each. */
+#define FASTBN_STRIP_VECTORS 4
+#define FASTBN_NATIVE_STRIP_baseline 2
+#define FASTBN_NATIVE_STRIP_avx2 2
+#define FASTBN_NATIVE_STRIP_avx512 4
+#define FASTBN_MAX_STRIP 4
+/* Inlined into each caller, where the strip width K is a constant: the loops over the K
+ * vectors unroll and the vectors stay in registers. */
+#define FASTBN_UNROLLED inline __attribute__((always_inline))
 /* Below this sum of squares per value, float32 block sums lose digits: sum in float64. */
 #define FASTBN_TINY_SQUARES 0x1p-100
 
@@ -111,6 +126,66 @@ FASTBN_DEFINE_ACTIVATIONS(double, exp)
         acc_b[c] += ((double)xr[c] - centre[c]) * (double)g;                                   \
     }
 
+/* Native vectors and pieces (_simd.h) in the loops below. */
+#define FASTBN_NV(T, ISA) fastbn_native_##T##_##ISA
+/* Piece q of the 64-byte vector at p. */
+#define FASTBN_PIECE(T, ISA, p, q)                                                             \
+    FASTBN_NATIVE_LOAD(T, ISA, (p) + (q) * FASTBN_NATIVE_LANES(T, ISA))
+#define FASTBN_ZERO_PIECES(ISA, a, b, c, d)                                                    \
+    for (int q_ = 0; q_ < FASTBN_PIECES(ISA); q_++) {                                          \
+        memset(&(a)[q_], 0, sizeof (a)[q_]);                                                   \
+        (b)[q_] = (c)[q_] = (d)[q_] = (a)[q_];                                                 \
+    }
+/* t += the horizontal sum, in float64, of the 64-byte vector a + b (both held as pieces). */
+#define FASTBN_ADD_PIECES(T, ISA, t, a, b)                                                     \
+    do {                                                                                       \
+        FASTBN_NV(T, ISA) s_[FASTBN_PIECES(ISA)];                                              \
+        for (int q_ = 0; q_ < FASTBN_PIECES(ISA); q_++)                                        \
+            s_[q_] = (a)[q_] + (b)[q_];                                                        \
+        (t) += FASTBN_HSUM_PIECES(T, s_);                                                      \
+    } while (0)
+
+/* Piece q of a 64-byte vector (v: that piece) with the vector's lanes before the last
+ * `count` (1 <= count < lanes) set to 0, bit for bit (an inf or nan there becomes 0 too):
+ * the last vector of a run, loaded so that it ends with the run, holds `count` values not
+ * yet added. A load, a compare and an and, where filling a padded vector with memcpy cost a
+ * library call and a stalled reload of the stack copy (about a fifth of the time of a
+ * GroupNorm backward on 7 x 7 maps). */
+typedef int fastbn_mask_float __attribute__((vector_size(FASTBN_VECTOR_BYTES)));
+typedef long long fastbn_mask_double __attribute__((vector_size(FASTBN_VECTOR_BYTES)));
+static const fastbn_mask_float fastbn_lane_float = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                    14, 15};
+static const fastbn_mask_double fastbn_lane_double = {0, 1, 2, 3, 4, 5, 6, 7};
+#define FASTBN_LAST_LANES(T, ISA, v, q, count)                                                 \
+    ({                                                                                         \
+        fastbn_native_mask_##T##_##ISA lane_;                                                  \
+        memcpy(&lane_, (const char *)&fastbn_lane_##T + (q) * FASTBN_NATIVE_BYTES_##ISA,       \
+               sizeof lane_);                                                                  \
+        (FASTBN_NV(T, ISA))((fastbn_native_mask_##T##_##ISA)(v)                                \
+                            & (lane_ >= (__typeof__(lane_[0]))(FASTBN_LANES(T) - (count))));   \
+    })
+
+/* Piece q of the gradient vector at dy + i: dy, or dy * w where w is not NULL. */
+#define FASTBN_GRAD(T, ISA, dy, w, i, q)                                                       \
+    ((w) != NULL ? FASTBN_PIECE(T, ISA, (dy) + (i), q) * FASTBN_PIECE(T, ISA, (w) + (i), q)    \
+                 : FASTBN_PIECE(T, ISA, (dy) + (i), q))
+
+/* The loop of fastbn_run_elementwise, VALUE the vector of results at j. */
+#define FASTBN_RUN_LOOP(T, ISA, VALUE)                                                         \
+    do {                                                                                       \
+        ptrdiff_t j = 0;                                                                       \
+        fastbn_native_##T##_##ISA first = (VALUE), last;                                       \
+        j = n - L;                                                                             \
+        last = (VALUE);                                                                        \
+        for (j = (ptrdiff_t)((FASTBN_NATIVE_BYTES_##ISA                                        \
+                              - (uintptr_t)y % FASTBN_NATIVE_BYTES_##ISA)                      \
+                             % FASTBN_NATIVE_BYTES_##ISA / sizeof(T));                         \
+             j + L <= n; j += L)                                                               \
+            FASTBN_NATIVE_STORE(T, ISA, y + j, (VALUE));                                       \
+        FASTBN_NATIVE_STORE(T, ISA, y, first);                                                 \
+        FASTBN_NATIVE_STORE(T, ISA, y + n - L, last);                                          \
+    } while (0)
+
 /* Values per channels-first gradient run taken at once (a work item's run is at most
  * CHUNK_ELEMENTS = 4096 values; see _batch_norm.pyx). */
 #define FASTBN_GRAD_BUFFER 4096
@@ -135,13 +210,14 @@ FASTBN_TARGET_##ISA static void fastbn_shifted_sums_exact_##T##_##ISA(          
     *sum_sq_out = t2;                                                                          \
 }                                                                                              \
                                                                                                \
-/* sum(dy), sum((x - mean) * dy) over one run, value by value in float64. */                   \
+/* sum(g), sum((x - mean) * g) over one run, g = dy (or dy * w, LayerNorm's, w not NULL),    \
+ * value by value in float64. */                                                               \
 FASTBN_TARGET_##ISA static void fastbn_grad_sums_exact_##T##_##ISA(                            \
-        const T *dy, const T *x, ptrdiff_t n, double mean, double *sum_dy_out,                 \
+        const T *dy, const T *x, const T *w, ptrdiff_t n, double mean, double *sum_dy_out,     \
         double *dot_out) {                                                                     \
     double t1 = 0.0, t2 = 0.0;                                                                 \
     for (ptrdiff_t i = 0; i < n; i++) {                                                        \
-        double g = (double)dy[i];                                                              \
+        double g = w != NULL ? (double)dy[i] * (double)w[i] : (double)dy[i];                   \
         t1 += g;                                                                               \
         t2 += ((double)x[i] - mean) * g;                                                       \
     }                                                                                          \
@@ -149,47 +225,65 @@ FASTBN_TARGET_##ISA static void fastbn_grad_sums_exact_##T##_##ISA(             
     *dot_out = t2;                                                                             \
 }                                                                                              \
                                                                                                \
-/* sum(x - pivot), sum((x - pivot)^2) over one run, in blocks (see the top of the file).      \
- * The pivot is a value of x: exact in T. The last values (fewer than two vectors) go in one  \
- * or two more vectors, the last one padded with the pivot (which adds 0), so that a run of   \
- * 49 or 16 values (7 x 7 and 4 x 4 maps) costs vectors, not a scalar loop. */                \
+/* sum(x - pivot), sum((x - pivot)^2) over one run, in blocks (see the top of the file), on   \
+ * two 64-byte vectors of accumulators held as native pieces (_simd.h). The pivot is a value \
+ * of x: exact in T. The last values (fewer than two vectors) go in one or two more vectors,  \
+ * the last one ending with the run (its lanes already added masked off, FASTBN_LAST_LANES),  \
+ * or in a run shorter than a vector padded with the pivot (which adds 0), so that a run of   \
+ * 49 or 16 values (7 x 7 and 4 x 4 maps) costs vectors, not a scalar loop. */                 \
 FASTBN_TARGET_##ISA static inline void fastbn_shifted_sums_##T##_##ISA(                        \
         const T *x, ptrdiff_t n, double pivot, double *sum_out, double *sum_sq_out) {          \
     const ptrdiff_t L = FASTBN_LANES(T);                                                       \
     const T p = (T)pivot;                                                                      \
     double t1 = 0.0, t2 = 0.0;                                                                 \
     ptrdiff_t i = 0;                                                                           \
-    fastbn_vec_##T a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};                                     \
+    FASTBN_NV(T, ISA) a0[FASTBN_PIECES(ISA)], a1[FASTBN_PIECES(ISA)];                          \
+    FASTBN_NV(T, ISA) b0[FASTBN_PIECES(ISA)], b1[FASTBN_PIECES(ISA)];                          \
+    FASTBN_ZERO_PIECES(ISA, a0, a1, b0, b1);                                                   \
     while (n - i >= 2 * L) {                                                                   \
         ptrdiff_t stop = n - i > FASTBN_BLOCK ? i + FASTBN_BLOCK : n;                          \
-        for (; i + 2 * L <= stop; i += 2 * L) {                                                \
-            fastbn_vec_##T d0 = FASTBN_LOAD(T, x + i) - p, d1 = FASTBN_LOAD(T, x + i + L) - p; \
-            a0 += d0;                                                                          \
-            a1 += d1;                                                                          \
-            b0 += d0 * d0;                                                                     \
-            b1 += d1 * d1;                                                                     \
-        }                                                                                      \
+        for (; i + 2 * L <= stop; i += 2 * L)                                                  \
+            for (int q = 0; q < FASTBN_PIECES(ISA); q++) {                                     \
+                FASTBN_NV(T, ISA) d0 = FASTBN_PIECE(T, ISA, x + i, q) - p;                     \
+                FASTBN_NV(T, ISA) d1 = FASTBN_PIECE(T, ISA, x + i + L, q) - p;                 \
+                a0[q] += d0;                                                                   \
+                a1[q] += d1;                                                                   \
+                b0[q] += d0 * d0;                                                              \
+                b1[q] += d1 * d1;                                                              \
+            }                                                                                  \
         if (n - i >= 2 * L) { /* a whole block: into float64, and start the next */           \
-            t1 += fastbn_hsum_##T(a0 + a1);                                                    \
-            t2 += fastbn_hsum_##T(b0 + b1);                                                    \
-            a0 = a1 = b0 = b1 = (fastbn_vec_##T){0};                                           \
+            FASTBN_ADD_PIECES(T, ISA, t1, a0, a1);                                             \
+            FASTBN_ADD_PIECES(T, ISA, t2, b0, b1);                                             \
+            FASTBN_ZERO_PIECES(ISA, a0, a1, b0, b1);                                           \
         }                                                                                      \
     }                                                                                          \
     if (n - i >= L) {                                                                          \
-        fastbn_vec_##T d = FASTBN_LOAD(T, x + i) - p;                                          \
-        a0 += d;                                                                               \
-        b0 += d * d;                                                                           \
+        for (int q = 0; q < FASTBN_PIECES(ISA); q++) {                                         \
+            FASTBN_NV(T, ISA) d = FASTBN_PIECE(T, ISA, x + i, q) - p;                          \
+            a0[q] += d;                                                                        \
+            b0[q] += d * d;                                                                    \
+        }                                                                                      \
         i += L;                                                                                \
     }                                                                                          \
-    if (i < n) {                                                                               \
-        fastbn_vec_##T d = p - (fastbn_vec_##T){0};                                            \
-        memcpy(&d, x + i, (size_t)(n - i) * sizeof(T));                                        \
-        d -= p;                                                                                \
-        a1 += d;                                                                               \
-        b1 += d * d;                                                                           \
+    if (i < n && n >= L) { /* the run's last vector, less the lanes already added */          \
+        for (int q = 0; q < FASTBN_PIECES(ISA); q++) {                                         \
+            FASTBN_NV(T, ISA) d = FASTBN_LAST_LANES(                                           \
+                T, ISA, FASTBN_PIECE(T, ISA, x + n - L, q) - p, q, n - i);                     \
+            a1[q] += d;                                                                        \
+            b1[q] += d * d;                                                                    \
+        }                                                                                      \
+    } else if (i < n) {                                                                        \
+        T padded[FASTBN_LANES(T)];                                                             \
+        for (ptrdiff_t j = 0; j < L; j++)                                                      \
+            padded[j] = j < n - i ? x[i + j] : p;                                              \
+        for (int q = 0; q < FASTBN_PIECES(ISA); q++) {                                         \
+            FASTBN_NV(T, ISA) d = FASTBN_PIECE(T, ISA, padded, q) - p;                         \
+            a1[q] += d;                                                                        \
+            b1[q] += d * d;                                                                    \
+        }                                                                                      \
     }                                                                                          \
-    t1 += fastbn_hsum_##T(a0 + a1);                                                            \
-    t2 += fastbn_hsum_##T(b0 + b1);                                                            \
+    FASTBN_ADD_PIECES(T, ISA, t1, a0, a1);                                                     \
+    FASTBN_ADD_PIECES(T, ISA, t2, b0, b1);                                                     \
     if (FASTBN_NEEDS_EXACT_##T(t1, t2, n)) {                                                   \
         fastbn_shifted_sums_exact_##T##_##ISA(x, n, pivot, sum_out, sum_sq_out);               \
         return;                                                                                \
@@ -198,48 +292,67 @@ FASTBN_TARGET_##ISA static inline void fastbn_shifted_sums_##T##_##ISA(         
     *sum_sq_out = t2;                                                                          \
 }                                                                                              \
                                                                                                \
-/* sum(dy), sum((x - mean) * dy) over one run, in blocks; the last values as above, dy       \
- * padded with 0. The mean is a value of T. */                                                 \
+/* sum(g), sum((x - mean) * g) over one run, g = dy or dy * w (w NULL: none; a constant      \
+ * wherever BatchNorm calls this), in blocks as above; the last values as above, g padded     \
+ * with 0. The mean is a value of T. */                                                        \
 FASTBN_TARGET_##ISA static inline void fastbn_grad_sums_##T##_##ISA(                           \
-        const T *dy, const T *x, ptrdiff_t n, double mean, double *sum_dy_out,                 \
+        const T *dy, const T *x, const T *w, ptrdiff_t n, double mean, double *sum_dy_out,     \
         double *dot_out) {                                                                     \
     const ptrdiff_t L = FASTBN_LANES(T);                                                       \
     const T m = (T)mean;                                                                       \
     double t1 = 0.0, t2 = 0.0;                                                                 \
     ptrdiff_t i = 0;                                                                           \
-    fastbn_vec_##T a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};                                     \
+    FASTBN_NV(T, ISA) a0[FASTBN_PIECES(ISA)], a1[FASTBN_PIECES(ISA)];                          \
+    FASTBN_NV(T, ISA) b0[FASTBN_PIECES(ISA)], b1[FASTBN_PIECES(ISA)];                          \
+    FASTBN_ZERO_PIECES(ISA, a0, a1, b0, b1);                                                   \
     while (n - i >= 2 * L) {                                                                   \
         ptrdiff_t stop = n - i > FASTBN_BLOCK ? i + FASTBN_BLOCK : n;                          \
-        for (; i + 2 * L <= stop; i += 2 * L) {                                                \
-            fastbn_vec_##T g0 = FASTBN_LOAD(T, dy + i), g1 = FASTBN_LOAD(T, dy + i + L);       \
-            a0 += g0;                                                                          \
-            a1 += g1;                                                                          \
-            b0 += (FASTBN_LOAD(T, x + i) - m) * g0;                                            \
-            b1 += (FASTBN_LOAD(T, x + i + L) - m) * g1;                                        \
-        }                                                                                      \
+        for (; i + 2 * L <= stop; i += 2 * L)                                                  \
+            for (int q = 0; q < FASTBN_PIECES(ISA); q++) {                                     \
+                FASTBN_NV(T, ISA) g0 = FASTBN_GRAD(T, ISA, dy, w, i, q);                       \
+                FASTBN_NV(T, ISA) g1 = FASTBN_GRAD(T, ISA, dy, w, i + L, q);                   \
+                a0[q] += g0;                                                                   \
+                a1[q] += g1;                                                                   \
+                b0[q] += (FASTBN_PIECE(T, ISA, x + i, q) - m) * g0;                            \
+                b1[q] += (FASTBN_PIECE(T, ISA, x + i + L, q) - m) * g1;                        \
+            }                                                                                  \
         if (n - i >= 2 * L) {                                                                  \
-            t1 += fastbn_hsum_##T(a0 + a1);                                                    \
-            t2 += fastbn_hsum_##T(b0 + b1);                                                    \
-            a0 = a1 = b0 = b1 = (fastbn_vec_##T){0};                                           \
+            FASTBN_ADD_PIECES(T, ISA, t1, a0, a1);                                             \
+            FASTBN_ADD_PIECES(T, ISA, t2, b0, b1);                                             \
+            FASTBN_ZERO_PIECES(ISA, a0, a1, b0, b1);                                           \
         }                                                                                      \
     }                                                                                          \
     if (n - i >= L) {                                                                          \
-        fastbn_vec_##T g = FASTBN_LOAD(T, dy + i);                                             \
-        a0 += g;                                                                               \
-        b0 += (FASTBN_LOAD(T, x + i) - m) * g;                                                 \
+        for (int q = 0; q < FASTBN_PIECES(ISA); q++) {                                         \
+            FASTBN_NV(T, ISA) g = FASTBN_GRAD(T, ISA, dy, w, i, q);                            \
+            a0[q] += g;                                                                        \
+            b0[q] += (FASTBN_PIECE(T, ISA, x + i, q) - m) * g;                                 \
+        }                                                                                      \
         i += L;                                                                                \
     }                                                                                          \
-    if (i < n) {                                                                               \
-        fastbn_vec_##T g = {0}, xv = {0};                                                      \
-        memcpy(&g, dy + i, (size_t)(n - i) * sizeof(T));                                       \
-        memcpy(&xv, x + i, (size_t)(n - i) * sizeof(T));                                       \
-        a1 += g;                                                                               \
-        b1 += (xv - m) * g;                                                                    \
+    if (i < n && n >= L) { /* as in fastbn_shifted_sums */                                    \
+        for (int q = 0; q < FASTBN_PIECES(ISA); q++) {                                         \
+            FASTBN_NV(T, ISA) g = FASTBN_GRAD(T, ISA, dy, w, n - L, q);                        \
+            FASTBN_NV(T, ISA) xv = FASTBN_PIECE(T, ISA, x + n - L, q);                         \
+            a1[q] += FASTBN_LAST_LANES(T, ISA, g, q, n - i);                                   \
+            b1[q] += FASTBN_LAST_LANES(T, ISA, (xv - m) * g, q, n - i);                        \
+        }                                                                                      \
+    } else if (i < n) {                                                                        \
+        T g_padded[FASTBN_LANES(T)], x_padded[FASTBN_LANES(T)];                                \
+        for (ptrdiff_t j = 0; j < L; j++) {                                                    \
+            g_padded[j] = j < n - i ? (w != NULL ? dy[i + j] * w[i + j] : dy[i + j]) : (T)0;   \
+            x_padded[j] = j < n - i ? x[i + j] : m;                                            \
+        }                                                                                      \
+        for (int q = 0; q < FASTBN_PIECES(ISA); q++) {                                         \
+            FASTBN_NV(T, ISA) g = FASTBN_PIECE(T, ISA, g_padded, q);                           \
+            a1[q] += g;                                                                        \
+            b1[q] += (FASTBN_PIECE(T, ISA, x_padded, q) - m) * g;                              \
+        }                                                                                      \
     }                                                                                          \
-    t1 += fastbn_hsum_##T(a0 + a1);                                                            \
-    t2 += fastbn_hsum_##T(b0 + b1);                                                            \
+    FASTBN_ADD_PIECES(T, ISA, t1, a0, a1);                                                     \
+    FASTBN_ADD_PIECES(T, ISA, t2, b0, b1);                                                     \
     if (!isfinite(t1) || !isfinite(t2)) { /* an overflow in T, or a non-finite value */       \
-        fastbn_grad_sums_exact_##T##_##ISA(dy, x, n, mean, sum_dy_out, dot_out);               \
+        fastbn_grad_sums_exact_##T##_##ISA(dy, x, w, n, mean, sum_dy_out, dot_out);            \
         return;                                                                                \
     }                                                                                          \
     *sum_dy_out = t1;                                                                          \
@@ -264,16 +377,38 @@ FASTBN_TARGET_##ISA static void fastbn_cf_sums_##T##_##ISA(                     
             fastbn_shifted_sums_##T##_##ISA(first + offset, n, centre[c],                      \
                                             part_a + slot, part_b + slot);                     \
         } else if (act == 0) {                                                                 \
-            fastbn_grad_sums_##T##_##ISA(first + offset, second + offset, n, centre[c],        \
+            fastbn_grad_sums_##T##_##ISA(first + offset, second + offset, NULL, n, centre[c],  \
                                          part_a + slot, part_b + slot);                        \
         } else {  /* dy through the activation first, into a buffer the sums then read */     \
             const T *dyr = first + offset, *xr = second + offset;                              \
             T m = mean_t[c], zs = za[c], zo = zb[c];                                           \
             FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_GRAD);                                   \
-            fastbn_grad_sums_##T##_##ISA(gbuf, xr, n, centre[c], part_a + slot, part_b + slot); \
+            fastbn_grad_sums_##T##_##ISA(gbuf, xr, NULL, n, centre[c], part_a + slot,          \
+                                         part_b + slot);                                       \
         }                                                                                      \
         if (++c == C)                                                                          \
             c = 0;                                                                             \
+    }                                                                                          \
+}                                                                                              \
+                                                                                               \
+/* One run of n values without an activation: y = (x - sh) * a + o, or with x2                \
+ * y = x * a + (x2 - sh) * b + o. Native vectors: the run's first and last vectors (which may \
+ * share lanes with their neighbours) are computed first and stored last, the ones between    \
+ * are stored aligned (a store across two cache lines costs about twice one). So a run of 49 \
+ * values costs a few vectors and no scalar loop, and y may be x (or x2): every value is read \
+ * before a store can reach it, and shared lanes get the same value twice. */                 \
+FASTBN_TARGET_##ISA static FASTBN_UNROLLED void fastbn_run_elementwise_##T##_##ISA(            \
+        const T *x, const T *x2, T *y, ptrdiff_t n, T sh, T a, T b, T o) {                     \
+    const ptrdiff_t L = FASTBN_NATIVE_LANES(T, ISA);                                           \
+    ptrdiff_t i;                                                                               \
+    if (n < L) {                                                                               \
+        for (i = 0; i < n; i++)                                                                \
+            y[i] = x2 == NULL ? (x[i] - sh) * a + o : x[i] * a + (x2[i] - sh) * b + o;         \
+    } else if (x2 == NULL) {                                                                   \
+        FASTBN_RUN_LOOP(T, ISA, (FASTBN_NATIVE_LOAD(T, ISA, x + (j)) - sh) * a + o);           \
+    } else {                                                                                   \
+        FASTBN_RUN_LOOP(T, ISA, FASTBN_NATIVE_LOAD(T, ISA, x + (j)) * a                        \
+                                + (FASTBN_NATIVE_LOAD(T, ISA, x2 + (j)) - sh) * b + o);        \
     }                                                                                          \
 }                                                                                              \
                                                                                                \
@@ -291,71 +426,105 @@ FASTBN_TARGET_##ISA static void fastbn_cf_elementwise_##T##_##ISA(              
         const T *xr = x + r * S;                                                               \
         T *yr = y + r * S;                                                                     \
         T sh = shift[c], a = scale[c], o = offset[c];                                          \
-        if (x2 == NULL) {                                                                      \
+        if (act == 0) {                                                                        \
+            fastbn_run_elementwise_##T##_##ISA(xr + start, x2 != NULL ? x2 + r * S + start     \
+                                               : NULL, yr + start, stop - start, sh, a,        \
+                                               x2 != NULL ? scale2[c] : (T)0, o);              \
+        } else if (x2 == NULL) {                                                               \
             FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_FORWARD);                                \
         } else {                                                                               \
             const T *x2r = x2 + r * S;                                                         \
-            T b = scale2[c];                                                                   \
-            if (act == 0) {                                                                    \
-                for (ptrdiff_t i = start; i < stop; i++)                                       \
-                    yr[i] = xr[i] * a + (x2r[i] - sh) * b + o;                                 \
-            } else {                                                                           \
-                T zs = za[c], zo = zb[c];                                                      \
-                FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_BACKWARD);                           \
-            }                                                                                  \
+            T b = scale2[c], zs = za[c], zo = zb[c];                                           \
+            FASTBN_ACTIVATION_CASES(T, act, FASTBN_CF_BACKWARD);                               \
         }                                                                                      \
         if (++c == C)                                                                          \
             c = 0;                                                                             \
     }                                                                                          \
 }                                                                                              \
                                                                                                \
+/* Channels-last sums of the V * (native lanes) channels from c: a strip of V native vectors  \
+ * side by side, summed down FASTBN_ROW_BLOCK rows in T (V independent additions in flight,    \
+ * adjacent cache lines of every row), each block then added per channel in float64. A       \
+ * channel that needs it (see the top of the file) is summed again value by value in float64, \
+ * on its own: the result of a channel does not depend on the strip it was in, nor on the     \
+ * instruction set (strips are whole 64-byte vectors of channels on every path). */           \
+FASTBN_TARGET_##ISA static FASTBN_UNROLLED void fastbn_cl_strip_sums_##T##_##ISA(              \
+        const T *first, const T *second, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,          \
+        ptrdiff_t c, const int V, const double *centre, double *acc_a, double *acc_b) {        \
+    const ptrdiff_t NL = FASTBN_NATIVE_LANES(T, ISA);                                          \
+    FASTBN_NV(T, ISA) m[FASTBN_STRIP_VECTORS], a[FASTBN_STRIP_VECTORS];                        \
+    FASTBN_NV(T, ISA) b[FASTBN_STRIP_VECTORS];                                                 \
+    T lanes[FASTBN_STRIP_VECTORS * FASTBN_LANES(T)];                                           \
+    for (ptrdiff_t j = 0; j < V * NL; j++) {                                                   \
+        lanes[j] = (T)centre[c + j];                                                           \
+        acc_a[c + j] = acc_b[c + j] = 0.0;                                                     \
+    }                                                                                          \
+    for (int v = 0; v < V; v++)                                                                \
+        m[v] = FASTBN_NATIVE_LOAD(T, ISA, lanes + v * NL);                                     \
+    for (ptrdiff_t r0 = row0, r1; r0 < row1; r0 = r1) {                                        \
+        r1 = row1 - r0 > FASTBN_ROW_BLOCK ? r0 + FASTBN_ROW_BLOCK : row1;                      \
+        for (int v = 0; v < V; v++) {                                                          \
+            memset(&a[v], 0, sizeof a[v]);                                                     \
+            b[v] = a[v];                                                                       \
+        }                                                                                      \
+        for (ptrdiff_t r = r0; r < r1; r++) {                                                  \
+            const T *f = first + r * C + c;                                                    \
+            for (int v = 0; v < V; v++) {                                                      \
+                FASTBN_NV(T, ISA) value = FASTBN_NATIVE_LOAD(T, ISA, f + v * NL);              \
+                if (second == NULL) {                                                          \
+                    value -= m[v];                                                             \
+                    a[v] += value;                                                             \
+                    b[v] += value * value;                                                     \
+                } else {                                                                       \
+                    a[v] += value;                                                             \
+                    b[v] += (FASTBN_NATIVE_LOAD(T, ISA, second + r * C + c + v * NL) - m[v])   \
+                            * value;                                                           \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+        /* Through a buffer: the conversion loop vectorises. */                                \
+        for (int v = 0; v < V; v++)                                                            \
+            FASTBN_NATIVE_STORE(T, ISA, lanes + v * NL, a[v]);                                 \
+        for (ptrdiff_t j = 0; j < V * NL; j++)                                                 \
+            acc_a[c + j] += (double)lanes[j];                                                  \
+        for (int v = 0; v < V; v++)                                                            \
+            FASTBN_NATIVE_STORE(T, ISA, lanes + v * NL, b[v]);                                 \
+        for (ptrdiff_t j = 0; j < V * NL; j++)                                                 \
+            acc_b[c + j] += (double)lanes[j];                                                  \
+    }                                                                                          \
+    /* One vectorised test for the strip, then the channels' own (x * 0 != 0: inf or nan). */  \
+    int exact = 0;                                                                             \
+    for (ptrdiff_t j = c; j < c + V * NL; j++)                                                 \
+        exact |= (acc_a[j] * 0.0 != 0.0) | (acc_b[j] * 0.0 != 0.0)                            \
+                 | (second == NULL && sizeof(T) < sizeof(double)                               \
+                    && !(fabs(acc_b[j]) >= FASTBN_TINY_SQUARES * (double)(row1 - row0)));     \
+    for (ptrdiff_t j = c; exact && j < c + V * NL; j++)                                        \
+        if (second == NULL ? FASTBN_NEEDS_EXACT_##T(acc_a[j], acc_b[j], row1 - row0)           \
+                           : !isfinite(acc_a[j]) || !isfinite(acc_b[j]))                       \
+            fastbn_cl_sums_exact_##T##_##ISA(first, second, C, row0, row1, j, j + 1, centre,   \
+                                             acc_a, acc_b);                                    \
+}                                                                                              \
+                                                                                               \
 /* Channels-last work item: rows [row0, row1) of the (N * S, C) matrix, channels [c0, c1).     \
  * Sets acc_a/acc_b[c] for c in [c0, c1) to the item's sums (shifted sums of first, or         \
- * gradient sums of first = dy and second = x, as above). A strip of one vector of channels   \
- * is summed down FASTBN_ROW_BLOCK rows in T, then added per channel in float64; the last      \
- * channels (fewer than a vector) and any strip that needs it (see the top of the file) are    \
- * summed value by value in float64. */                                                        \
+ * gradient sums of first = dy and second = x, as above): strips of FASTBN_STRIP_VECTORS       \
+ * native vectors (whole 64-byte vectors of channels: 64 float32 channels on AVX-512, 32 on   \
+ * AVX2, 16 on SSE2), then of one 64-byte vector; the last channels (fewer than a 64-byte     \
+ * vector) value by value in float64. */                                                      \
 FASTBN_TARGET_##ISA static void fastbn_cl_sums_##T##_##ISA(                                    \
         const T *first, const T *second, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,          \
         ptrdiff_t c0, ptrdiff_t c1, const double *centre, double *acc_a, double *acc_b) {      \
-    const ptrdiff_t L = FASTBN_LANES(T);                                                       \
+    const ptrdiff_t L = FASTBN_LANES(T), NL = FASTBN_NATIVE_LANES(T, ISA);                     \
     ptrdiff_t c = c0;                                                                          \
-    for (; c + L <= c1; c += L) {                                                              \
-        fastbn_vec_##T m;                                                                      \
-        for (ptrdiff_t k = 0; k < L; k++) {                                                    \
-            m[k] = (T)centre[c + k];                                                           \
-            acc_a[c + k] = acc_b[c + k] = 0.0;                                                 \
-        }                                                                                      \
-        for (ptrdiff_t r0 = row0, r1; r0 < row1; r0 = r1) {                                    \
-            r1 = row1 - r0 > FASTBN_ROW_BLOCK ? r0 + FASTBN_ROW_BLOCK : row1;                  \
-            fastbn_vec_##T a = {0}, b = {0};                                                   \
-            for (ptrdiff_t r = r0; r < r1; r++) {                                              \
-                fastbn_vec_##T f = FASTBN_LOAD(T, first + r * C + c);                          \
-                if (second == NULL) {                                                          \
-                    f -= m;                                                                    \
-                    a += f;                                                                    \
-                    b += f * f;                                                                \
-                } else {                                                                       \
-                    a += f;                                                                    \
-                    b += (FASTBN_LOAD(T, second + r * C + c) - m) * f;                         \
-                }                                                                              \
-            }                                                                                  \
-            for (ptrdiff_t k = 0; k < L; k++) {                                                \
-                acc_a[c + k] += (double)a[k];                                                  \
-                acc_b[c + k] += (double)b[k];                                                  \
-            }                                                                                  \
-        }                                                                                      \
-        int exact = 0;                                                                         \
-        for (ptrdiff_t k = 0; k < L; k++)                                                      \
-            exact |= second == NULL                                                            \
-                ? FASTBN_NEEDS_EXACT_##T(acc_a[c + k], acc_b[c + k], row1 - row0)              \
-                : !isfinite(acc_a[c + k]) || !isfinite(acc_b[c + k]);                          \
-        if (exact)                                                                             \
-            fastbn_cl_sums_exact_##T##_##ISA(first, second, C, row0, row1, c, c + L, centre,   \
-                                             acc_a, acc_b);                                    \
-    }                                                                                          \
-    fastbn_cl_sums_exact_##T##_##ISA(first, second, C, row0, row1, c, c1, centre, acc_a,       \
-                                     acc_b);                                                   \
+    for (; c + FASTBN_STRIP_VECTORS * NL <= c1; c += FASTBN_STRIP_VECTORS * NL)                \
+        fastbn_cl_strip_sums_##T##_##ISA(first, second, C, row0, row1, c,                      \
+                                         FASTBN_STRIP_VECTORS, centre, acc_a, acc_b);          \
+    for (; c + L <= c1; c += L)                                                                \
+        fastbn_cl_strip_sums_##T##_##ISA(first, second, C, row0, row1, c, FASTBN_PIECES(ISA),  \
+                                         centre, acc_a, acc_b);                                \
+    if (c < c1)                                                                                \
+        fastbn_cl_sums_exact_##T##_##ISA(first, second, C, row0, row1, c, c1, centre, acc_a,   \
+                                         acc_b);                                               \
 }                                                                                              \
                                                                                                \
 /* Channels-last work item, gradient sums through an activation (act != 0): acc_a/acc_b[c]    \
@@ -373,11 +542,57 @@ FASTBN_TARGET_##ISA static void fastbn_cl_act_grad_sums_##T##_##ISA(            
     }                                                                                          \
 }                                                                                              \
                                                                                                \
-/* Channels-last work item, elementwise (same formulas as the channels-first one). */          \
+/* Channels-last elementwise without an activation, on a strip of K native vectors of        \
+ * channels from c: its coefficients loaded once (registers) for all the rows. */              \
+FASTBN_TARGET_##ISA static FASTBN_UNROLLED void fastbn_cl_strip_elementwise_##T##_##ISA(       \
+        const T *x, const T *x2, T *y, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,            \
+        ptrdiff_t c, const int K, const T *shift, const T *scale, const T *scale2,             \
+        const T *offset) {                                                                     \
+    const ptrdiff_t L = FASTBN_NATIVE_LANES(T, ISA);                                           \
+    fastbn_native_##T##_##ISA sh[FASTBN_MAX_STRIP], a[FASTBN_MAX_STRIP];                       \
+    fastbn_native_##T##_##ISA b[FASTBN_MAX_STRIP], o[FASTBN_MAX_STRIP];                        \
+    for (int k = 0; k < K; k++) {                                                              \
+        sh[k] = FASTBN_NATIVE_LOAD(T, ISA, shift + c + k * L);                                 \
+        a[k] = FASTBN_NATIVE_LOAD(T, ISA, scale + c + k * L);                                  \
+        b[k] = x2 != NULL ? FASTBN_NATIVE_LOAD(T, ISA, scale2 + c + k * L) : a[k];             \
+        o[k] = FASTBN_NATIVE_LOAD(T, ISA, offset + c + k * L);                                 \
+    }                                                                                          \
+    for (ptrdiff_t r = row0; r < row1; r++) {                                                  \
+        const T *xr = x + r * C + c;                                                           \
+        T *yr = y + r * C + c;                                                                 \
+        if (x2 == NULL) {                                                                      \
+            for (int k = 0; k < K; k++)                                                        \
+                FASTBN_NATIVE_STORE(T, ISA, yr + k * L,                                        \
+                                    (FASTBN_NATIVE_LOAD(T, ISA, xr + k * L) - sh[k]) * a[k]    \
+                                    + o[k]);                                                   \
+        } else {                                                                               \
+            const T *x2r = x2 + r * C + c;                                                     \
+            for (int k = 0; k < K; k++)                                                        \
+                FASTBN_NATIVE_STORE(T, ISA, yr + k * L,                                        \
+                                    FASTBN_NATIVE_LOAD(T, ISA, xr + k * L) * a[k]              \
+                                    + (FASTBN_NATIVE_LOAD(T, ISA, x2r + k * L) - sh[k]) * b[k] \
+                                    + o[k]);                                                   \
+        }                                                                                      \
+    }                                                                                          \
+}                                                                                              \
+                                                                                               \
+/* Channels-last work item, elementwise (same formulas as the channels-first one). Without an  \
+ * activation, strips of vectors as in fastbn_cl_sums (the last channels in the plain loop). */ \
 FASTBN_TARGET_##ISA static void fastbn_cl_elementwise_##T##_##ISA(                             \
         const T *x, const T *x2, T *y, ptrdiff_t C, ptrdiff_t row0, ptrdiff_t row1,            \
         ptrdiff_t c0, ptrdiff_t c1, const T *shift, const T *scale, const T *scale2,           \
         const T *offset, int act, T slope, const T *za, const T *zb) {                         \
+    if (act == 0) {                                                                            \
+        const ptrdiff_t L = FASTBN_NATIVE_LANES(T, ISA), K = FASTBN_NATIVE_STRIP_##ISA;        \
+        for (; c0 + K * L <= c1; c0 += K * L)                                                  \
+            fastbn_cl_strip_elementwise_##T##_##ISA(x, x2, y, C, row0, row1, c0, K, shift,     \
+                                                    scale, scale2, offset);                    \
+        for (; c0 + L <= c1; c0 += L)                                                          \
+            fastbn_cl_strip_elementwise_##T##_##ISA(x, x2, y, C, row0, row1, c0, 1, shift,     \
+                                                    scale, scale2, offset);                    \
+        if (c0 == c1)                                                                          \
+            return;                                                                            \
+    }                                                                                          \
     for (ptrdiff_t r = row0; r < row1; r++) {                                                  \
         const T *xr = x + r * C;                                                               \
         T *yr = y + r * C;                                                                     \

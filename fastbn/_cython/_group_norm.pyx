@@ -3,29 +3,38 @@
 The caller (fastbn/group_norm.py) has validated every argument and hands over
 3-D C-contiguous views: (N, C, S) for channels-first memory, (N, S, C) for
 channels-last memory (and for 2-D input, where S = 1). Group g of sample n is
-channels g * D ... (g + 1) * D - 1, D = C / G.
+channels g * D ... (g + 1) * D - 1, D = C / G; group k = n * G + g.
 
-Two fixed work splits, chosen from the shape alone (never from the thread
-count), so the result is the same to the bit for any number of threads:
+The loops over memory are BatchNorm's (_batch_norm_loops.h through
+_batch_norm_loops.pxd, on _simd.h's vectors: one copy per instruction set, the
+module's INSTRUCTION_SET picked at import): sums of a block of rows or columns,
+and elementwise passes with per-row or per-column coefficients, which here are
+per (sample, channel). Four fixed work splits, chosen from the shape alone (never
+from the thread count), so the result is the same to the bit for any number of
+threads:
 
-- Whole groups (channels-first, at least MIN_GROUP_ITEMS groups of at most
-  MAX_GROUP_ELEMENTS values): one item per (n, g), a contiguous block of D * S
-  values. The item computes its statistics and then normalizes the block
-  while it is still in cache (backward: per-channel sums, then grad_x), so x
-  comes from memory once instead of twice.
-- Chunks (everything else: few or huge groups, channels-last): per-(n, c)
-  partial sums over fixed pieces -- channels-first, whole rows of S values
-  or, for long rows, fixed chunks of a row; channels-last, tiles of
-  (rows of one sample) x (block of channels), read row by row -- then the
-  partials are added in a fixed order to per-(n, c) and per-(n, g) totals,
-  and an elementwise pass over the same pieces applies per-(n, c)
-  coefficients. N = 1 with few groups still gives every thread work.
+- Group blocks (channels-first, at least MIN_GROUP_ITEMS groups of at most
+  MAX_GROUP_ELEMENTS values): an item is a block of consecutive groups (a
+  contiguous piece of memory, about ITEM_ELEMENTS values, whole groups). It
+  computes their statistics and then normalizes them while they are still in
+  cache (backward: per-channel sums, then grad_x), so x comes from memory once
+  instead of twice, and many small groups (instance norm) cost one call each
+  of the loops, not one per group.
+- Sample blocks (channels-last, when S x BLOCK_CHANNELS values fit the same
+  bound): an item is the S rows of one sample (of a few, for small samples) on a
+  block of whole groups' channels; the same fusion.
+- Chunks (channels-first otherwise: few or huge groups): per-(n, c) partial sums
+  over fixed pieces (whole rows of S values, or fixed chunks of long rows), then
+  an elementwise pass over the same pieces.
+- Tiles (channels-last otherwise): per-channel partial sums over tiles of rows of
+  one sample x a block of channels, then an elementwise pass over the same tiles.
+In the last two, N = 1 with few groups still gives every thread work, and the
+partials are added in a fixed order between the passes.
 
-Statistics are float64 sums (blocks of a few hundred values summed in vector
-lanes of x's type, then added to float64; see the C loops below) over values
-shifted by a per-group pivot (the group's first value), which keeps the
-one-pass sum / sum-of-squares accurate on data with a large mean;
-y = (x - pivot) * scale + offset keeps that accuracy in the output.
+Statistics are float64 sums (summed in the input's type over short blocks first;
+see _batch_norm_loops.h) of values shifted by a per-group pivot (the group's first
+value), which keeps the one-pass sum / sum-of-squares accurate on data with a
+large mean; y = (x - pivot) * scale + offset keeps that accuracy in the output.
 
 Backward, per group with A = sum_c w_c sum(dy_c), B = sum_c w_c sum((x_c - mean) dy_c)
 and n = D * S (as ATen's GroupNormBackward):
@@ -37,52 +46,86 @@ cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt, isfinite
+from libc.stdlib cimport malloc, free
 from fastbn._cython._openmp_helpers cimport effective_threads
-from libc.stdlib cimport calloc, free
 from fastbn._cython._arrays cimport data
+from fastbn._cython._simd cimport select_instruction_set
+from fastbn._cython._batch_norm_loops cimport (columns_elementwise, columns_sums,
+                                               rows_elementwise, rows_sums)
 
 cnp.import_array()
 
-# Values in one chunk-split item: big enough to amortise the per-item overhead,
-# small enough that N = 1 with few groups still gives every thread work.
+# The instruction set the loops of this module run (see _simd.h, FASTBN_SIMD).
+INSTRUCTION_SET = select_instruction_set()
+
+# Values in one chunk item and one group-block item: big enough to amortise the
+# per-item overhead, small enough that N = 1 with few groups still gives every thread
+# work.
 cdef Py_ssize_t CHUNK_ELEMENTS = 4096
-# Channels in one channels-last column block.
+cdef Py_ssize_t ITEM_ELEMENTS = 4096
+# Values in one channels-last tile, and its widest block of channels.
+cdef Py_ssize_t TILE_ELEMENTS = 8192
 cdef Py_ssize_t CHANNEL_BLOCK = 256
-# Whole-group items need enough groups to share out, each small enough to stay in
-# cache between its two passes (backward touches dy, x and dx: 3 x 128 KiB in float32).
+# Channels of a sample block (rounded to whole groups): 64 float32 are four cache lines
+# of every row.
+cdef Py_ssize_t BLOCK_CHANNELS = 64
+# Fused items need enough groups to share out, and each group (sample block) small enough
+# to stay in cache between its two passes (backward touches dy, x and dx: 3 x 128 KiB in
+# float32).
 cdef Py_ssize_t MIN_GROUP_ITEMS = 16
 cdef Py_ssize_t MAX_GROUP_ELEMENTS = 32768
 
+cdef enum Kind:
+    GROUP_BLOCKS
+    SAMPLE_BLOCKS
+    CHUNKS
+    TILES
+
+cdef enum Phase:
+    FUSED        # group and sample blocks: sums, coefficients, elementwise
+    SUMS         # chunks and tiles, first pass
+    ELEMENTWISE  # chunks and tiles, second pass
+
 
 cdef struct Split:
-    bint whole_groups
+    Kind kind
     Py_ssize_t items
-    # channels-first chunks: `rows_per_item` rows (n, c) of S values per item, or
-    # (rows_per_item = 1) each row cut into `chunks` pieces.
+    # group blocks: groups per item
+    Py_ssize_t groups_per_item
+    # chunks: `rows_per_item` rows (n, c) of S values per item, or (rows_per_item = 1)
+    # each row cut into `chunks` pieces
     Py_ssize_t rows_per_item
     Py_ssize_t chunks
-    # channels-last: per sample, row_blocks x channel_blocks tiles.
+    # sample blocks and tiles: blocks of `width` channels; sample blocks: of
+    # samples_per_item samples; tiles: per sample, row_blocks blocks of rows_per_block rows
+    Py_ssize_t samples_per_item
+    Py_ssize_t width
+    Py_ssize_t channel_blocks
     Py_ssize_t rows_per_block
     Py_ssize_t row_blocks
-    Py_ssize_t channel_blocks
     Py_ssize_t n_partials
 
 
 cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
                       bint channels_last) noexcept nogil:
     cdef Split split
-    cdef Py_ssize_t width
-    split.whole_groups = (not channels_last and N * G >= MIN_GROUP_ITEMS
-                          and (C // G) * S <= MAX_GROUP_ELEMENTS)
+    cdef Py_ssize_t D = C // G
+    split.groups_per_item = 0
     split.rows_per_item = 0
     split.chunks = 0
+    split.samples_per_item = 0
+    split.width = 0
+    split.channel_blocks = 0
     split.rows_per_block = 0
     split.row_blocks = 0
-    split.channel_blocks = 0
     split.n_partials = 0
-    if split.whole_groups:
-        split.items = N * G
-    elif not channels_last:
+    if not channels_last:
+        if N * G >= MIN_GROUP_ITEMS and D * S <= MAX_GROUP_ELEMENTS:
+            split.kind = GROUP_BLOCKS
+            split.groups_per_item = max(1, ITEM_ELEMENTS // (D * S))
+            split.items = (N * G + split.groups_per_item - 1) // split.groups_per_item
+            return split
+        split.kind = CHUNKS
         if S >= CHUNK_ELEMENTS:
             split.rows_per_item = 1
             split.chunks = (S + CHUNK_ELEMENTS - 1) // CHUNK_ELEMENTS
@@ -91,391 +134,58 @@ cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
             split.chunks = 1
         split.items = (N * C + split.rows_per_item - 1) // split.rows_per_item * split.chunks
         split.n_partials = N * C * split.chunks
-    else:
-        width = C if C < CHANNEL_BLOCK else CHANNEL_BLOCK
-        split.rows_per_block = CHUNK_ELEMENTS // width
-        if split.rows_per_block < 1:
-            split.rows_per_block = 1
-        split.row_blocks = (S + split.rows_per_block - 1) // split.rows_per_block
-        split.channel_blocks = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
-        split.items = N * split.row_blocks * split.channel_blocks
-        split.n_partials = N * split.row_blocks * C
+        return split
+    split.width = max(1, BLOCK_CHANNELS // D) * D
+    if split.width > C:
+        split.width = C
+    if S * split.width <= MAX_GROUP_ELEMENTS:
+        split.kind = SAMPLE_BLOCKS
+        # Small samples (2-D input: S = 1) several to an item.
+        split.samples_per_item = max(1, ITEM_ELEMENTS // (S * split.width))
+        split.channel_blocks = (C + split.width - 1) // split.width
+        split.items = ((N + split.samples_per_item - 1) // split.samples_per_item
+                       * split.channel_blocks)
+        return split
+    split.kind = TILES
+    split.width = min(C, CHANNEL_BLOCK)
+    split.rows_per_block = max(1, TILE_ELEMENTS // split.width)
+    split.row_blocks = (S + split.rows_per_block - 1) // split.rows_per_block
+    split.channel_blocks = (C + CHANNEL_BLOCK - 1) // CHANNEL_BLOCK
+    split.items = N * split.row_blocks * split.channel_blocks
+    split.n_partials = N * split.row_blocks * C
     return split
 
 
-# ---------------------------------------------------------------------------
-# Inner loops, in C: one definition per loop, instantiated for float and double.
-#
-# Sums are float64, but each block of BLOCK values of a run is first summed in
-# the data's type in a 64-byte vector (16 float32 or 8 float64 lanes, GCC/clang
-# vector extensions) that is then added up pairwise: full vector width also
-# for float32, and a short horizontal sum (runs can be as short as 49 values).
-# A float32 block (or tail value) whose sums are not finite is added again in
-# float64: squares of float32 values past about 1.8e19 overflow float32 but not
-# float64 (inf / nan in the data stay inf / nan either way); the usual block pays
-# one test. Squares below float32's range still flush to 0 (as in torch).
-# Other compilers get plain loops summing in float64.
-# Where GCC or clang can dispatch on the CPU at run time (x86-64 Linux), each
-# loop is also compiled for AVX2 and AVX-512 and the widest the CPU has runs;
-# elsewhere the build's baseline (SSE2 on x86-64) does. Results are the same
-# for any thread count; they may differ in the last bits between CPUs.
-
-cdef extern from *:
-    """
-    #include <math.h>
-    #include <string.h>
-    #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__INTEL_COMPILER)
-    #define FASTBN_DISPATCH __attribute__((target_clones("avx512f", "avx2", "default")))
-    #else
-    #define FASTBN_DISPATCH
-    #endif
-    #define FASTBN_BLOCK 256
-    /* Rows of a channels-last tile summed in the data's type before float64. */
-    #define FASTBN_ROW_BLOCK 16
-    /* Widest channels-last tile (the kernels' CHANNEL_BLOCK). */
-    #define FASTBN_MAX_WIDTH 256
-
-    /* Terms of the sums, on values (scalars or vectors): (x - m, (x - m)^2) and (dy, (x - m) dy). */
-    #define FASTBN_SHIFTED(x, dy, m) ((x) - (m))
-    #define FASTBN_SHIFTED_SQ(x, dy, m) (((x) - (m)) * ((x) - (m)))
-    #define FASTBN_DY(x, dy, m) (dy)
-    #define FASTBN_CENTRED_DY(x, dy, m) (((x) - (m)) * (dy))
-
-    #if defined(__GNUC__)
-    typedef float fastbn_vec_float __attribute__((vector_size(64)));
-    typedef double fastbn_vec_double __attribute__((vector_size(64)));
-    typedef float fastbn_float_x8 __attribute__((vector_size(32)));
-    typedef float fastbn_float_x4 __attribute__((vector_size(16)));
-    typedef double fastbn_double_x4 __attribute__((vector_size(32)));
-    typedef double fastbn_double_x2 __attribute__((vector_size(16)));
-    /* Horizontal sums by halving (the compiler keeps the halves in registers). */
-    static inline float fastbn_hsum_float(const fastbn_vec_float* v) {
-        fastbn_float_x8 lo8, hi8, s8;
-        fastbn_float_x4 lo4, hi4, s4;
-        memcpy(&lo8, v, 32); memcpy(&hi8, (const char*)v + 32, 32); s8 = lo8 + hi8;
-        memcpy(&lo4, &s8, 16); memcpy(&hi4, (char*)&s8 + 16, 16); s4 = lo4 + hi4;
-        return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-    }
-    static inline double fastbn_hsum_double(const fastbn_vec_double* v) {
-        fastbn_double_x4 lo4, hi4, s4;
-        fastbn_double_x2 lo2, hi2, s2;
-        memcpy(&lo4, v, 32); memcpy(&hi4, (const char*)v + 32, 32); s4 = lo4 + hi4;
-        memcpy(&lo2, &s4, 16); memcpy(&hi2, (char*)&s4 + 16, 16); s2 = lo2 + hi2;
-        return s2[0] + s2[1];
-    }
-    /* fastbn_KIND_T: for each of `runs` runs of n values (run j at x + j * n, dy + j * n,
-       centre m[j]): sum_a[j] = sum(TERM_A), sum_b[j] = sum(TERM_B). One call does a whole
-       group's rows: per-call costs matter when rows are as short as 49 values. */
-    #define FASTBN_DEFINE_RUN_SUMS(KIND, T, TERM_A, TERM_B) \
-    FASTBN_DISPATCH static void fastbn_##KIND##_##T( \
-            const T* x, const T* dy, Py_ssize_t runs, Py_ssize_t n, const T* m, \
-            double* sum_a, double* sum_b) { \
-        enum { LANES = sizeof(fastbn_vec_##T) / sizeof(T) }; \
-        Py_ssize_t n_main = n - n % LANES, run, start, stop, i; \
-        for (run = 0; run < runs; run++, x += n, dy += n) { \
-            double total_a = 0.0, total_b = 0.0; \
-            T centre = m[run]; \
-            for (start = 0; start < n_main; start = stop) { \
-                fastbn_vec_##T block_a = {0}, block_b = {0}, xv, dyv; \
-                T sum_a, sum_b; \
-                stop = start + FASTBN_BLOCK < n_main ? start + FASTBN_BLOCK : n_main; \
-                for (i = start; i < stop; i += LANES) { \
-                    memcpy(&xv, x + i, sizeof xv); \
-                    memcpy(&dyv, dy + i, sizeof dyv); \
-                    block_a += TERM_A(xv, dyv, centre); \
-                    block_b += TERM_B(xv, dyv, centre); \
-                } \
-                sum_a = fastbn_hsum_##T(&block_a); \
-                sum_b = fastbn_hsum_##T(&block_b); \
-                if (sizeof(T) < sizeof(double) && !(isfinite(sum_a) && isfinite(sum_b))) { \
-                    for (i = start; i < stop; i++) { \
-                        total_a += TERM_A((double)x[i], (double)dy[i], (double)centre); \
-                        total_b += TERM_B((double)x[i], (double)dy[i], (double)centre); \
-                    } \
-                } else { \
-                    total_a += sum_a; \
-                    total_b += sum_b; \
-                } \
-            } \
-            for (i = n_main; i < n; i++) { \
-                T term_a = TERM_A(x[i], dy[i], centre), term_b = TERM_B(x[i], dy[i], centre); \
-                if (sizeof(T) < sizeof(double) && !(isfinite(term_a) && isfinite(term_b))) { \
-                    total_a += TERM_A((double)x[i], (double)dy[i], (double)centre); \
-                    total_b += TERM_B((double)x[i], (double)dy[i], (double)centre); \
-                } else { \
-                    total_a += term_a; \
-                    total_b += term_b; \
-                } \
-            } \
-            sum_a[run] = total_a; \
-            sum_b[run] = total_b; \
-        } \
-    }
-    #else
-    #define FASTBN_DEFINE_RUN_SUMS(KIND, T, TERM_A, TERM_B) \
-    static void fastbn_##KIND##_##T(const T* x, const T* dy, Py_ssize_t runs, Py_ssize_t n, \
-                                    const T* m, double* sum_a, double* sum_b) { \
-        Py_ssize_t run, i; \
-        for (run = 0; run < runs; run++, x += n, dy += n) { \
-            double total_a = 0.0, total_b = 0.0; \
-            for (i = 0; i < n; i++) { \
-                total_a += TERM_A((double)x[i], (double)dy[i], (double)m[run]); \
-                total_b += TERM_B((double)x[i], (double)dy[i], (double)m[run]); \
-            } \
-            sum_a[run] = total_a; \
-            sum_b[run] = total_b; \
-        } \
-    }
-    #endif
-
-    /* fastbn_rows_KIND_T: per column c < width of `rows` rows (row r at x + r * stride,
-       dy + r * stride), sum_a[c] = sum(TERM_A), sum_b[c] = sum(TERM_B) (the caller
-       passes zeros), centre m[c].
-       Elementwise across columns, so `omp simd` vectorises it without reassociating. */
-    #define FASTBN_DEFINE_ROW_SUMS(KIND, T, TERM_A, TERM_B) \
-    FASTBN_DISPATCH static void fastbn_rows_##KIND##_##T( \
-            const T* x, const T* dy, Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width, \
-            const T* m, double* sum_a, double* sum_b) { \
-        T part_a[FASTBN_MAX_WIDTH], part_b[FASTBN_MAX_WIDTH]; \
-        double probe = 0.0; \
-        Py_ssize_t r0, r, r1, c; \
-        for (r0 = 0; r0 < rows; r0 = r1) { \
-            r1 = r0 + FASTBN_ROW_BLOCK < rows ? r0 + FASTBN_ROW_BLOCK : rows; \
-            for (c = 0; c < width; c++) { part_a[c] = 0; part_b[c] = 0; } \
-            for (r = r0; r < r1; r++) { \
-                const T* x_row = x + r * stride; \
-                const T* dy_row = dy + r * stride; \
-                (void)dy_row; \
-                _Pragma("omp simd") \
-                for (c = 0; c < width; c++) { \
-                    part_a[c] += TERM_A(x_row[c], dy_row[c], m[c]); \
-                    part_b[c] += TERM_B(x_row[c], dy_row[c], m[c]); \
-                } \
-            } \
-            for (c = 0; c < width; c++) { sum_a[c] += part_a[c]; sum_b[c] += part_b[c]; } \
-        } \
-        /* A column whose float32 partials overflowed (or that holds inf / nan) has a \
-           total that is not finite: add it again in float64, once per tile, so that the \
-           loops above stay as they were. probe is 0, or nan when a total is not finite \
-           (t - t); the tile's totals start at 0 (reduce_item zeroes them). */ \
-        if (sizeof(T) == sizeof(double)) return; \
-        _Pragma("omp simd reduction(+:probe)") \
-        for (c = 0; c < width; c++) probe += (sum_a[c] - sum_a[c]) + (sum_b[c] - sum_b[c]); \
-        if (probe == 0.0) return; \
-        for (c = 0; c < width; c++) { \
-            if (isfinite(sum_a[c]) && isfinite(sum_b[c])) continue; \
-            sum_a[c] = 0.0; \
-            sum_b[c] = 0.0; \
-            for (r = 0; r < rows; r++) { \
-                double xr = x[r * stride + c], dyr = dy[r * stride + c]; \
-                (void)dyr; \
-                sum_a[c] += TERM_A(xr, dyr, (double)m[c]); \
-                sum_b[c] += TERM_B(xr, dyr, (double)m[c]); \
-            } \
-        } \
-    }
-
-    #define FASTBN_DEFINE_ELEMENTWISE(T) \
-    /* y = (x - shift) * scale + offset over `runs` runs of n values, coefficients per run */ \
-    FASTBN_DISPATCH static void fastbn_affine_##T( \
-            const T* x, T* y, Py_ssize_t runs, Py_ssize_t n, \
-            const T* shift, const T* scale, const T* offset) { \
-        Py_ssize_t run, i; \
-        for (run = 0; run < runs; run++, x += n, y += n) { \
-            T s = shift[run], a = scale[run], b = offset[run]; \
-            for (i = 0; i < n; i++) y[i] = (x[i] - s) * a + b; \
-        } \
-    } \
-    /* dx = dy * a + (x - mean) * b + d over `runs` runs of n values, coefficients per run */ \
-    FASTBN_DISPATCH static void fastbn_grad_input_##T( \
-            const T* dy, const T* x, T* dx, Py_ssize_t runs, Py_ssize_t n, \
-            const T* mean, const T* a, const T* b, const T* d) { \
-        Py_ssize_t run, i; \
-        for (run = 0; run < runs; run++, dy += n, x += n, dx += n) { \
-            T m = mean[run], ar = a[run], br = b[run], dr = d[run]; \
-            for (i = 0; i < n; i++) dx[i] = dy[i] * ar + (x[i] - m) * br + dr; \
-        } \
-    } \
-    /* The same on rows (row r at offset r * stride), coefficients per column */ \
-    FASTBN_DISPATCH static void fastbn_rows_affine_##T( \
-            const T* x, T* y, Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width, \
-            const T* shift, const T* scale, const T* offset) { \
-        Py_ssize_t r, c; \
-        for (r = 0; r < rows; r++) { \
-            const T* x_row = x + r * stride; \
-            T* y_row = y + r * stride; \
-            for (c = 0; c < width; c++) \
-                y_row[c] = (x_row[c] - shift[c]) * scale[c] + offset[c]; \
-        } \
-    } \
-    FASTBN_DISPATCH static void fastbn_rows_grad_input_##T( \
-            const T* dy, const T* x, T* dx, Py_ssize_t rows, Py_ssize_t stride, \
-            Py_ssize_t width, const T* mean, const T* a, const T* b, const T* d) { \
-        Py_ssize_t r, c; \
-        for (r = 0; r < rows; r++) { \
-            const T* dy_row = dy + r * stride; \
-            const T* x_row = x + r * stride; \
-            T* dx_row = dx + r * stride; \
-            for (c = 0; c < width; c++) \
-                dx_row[c] = dy_row[c] * a[c] + (x_row[c] - mean[c]) * b[c] + d[c]; \
-        } \
-    }
-
-    FASTBN_DEFINE_RUN_SUMS(shifted_sums, float, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
-    FASTBN_DEFINE_RUN_SUMS(shifted_sums, double, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
-    FASTBN_DEFINE_RUN_SUMS(grad_sums, float, FASTBN_DY, FASTBN_CENTRED_DY)
-    FASTBN_DEFINE_RUN_SUMS(grad_sums, double, FASTBN_DY, FASTBN_CENTRED_DY)
-    FASTBN_DEFINE_ROW_SUMS(shifted_sums, float, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
-    FASTBN_DEFINE_ROW_SUMS(shifted_sums, double, FASTBN_SHIFTED, FASTBN_SHIFTED_SQ)
-    FASTBN_DEFINE_ROW_SUMS(grad_sums, float, FASTBN_DY, FASTBN_CENTRED_DY)
-    FASTBN_DEFINE_ROW_SUMS(grad_sums, double, FASTBN_DY, FASTBN_CENTRED_DY)
-    FASTBN_DEFINE_ELEMENTWISE(float)
-    FASTBN_DEFINE_ELEMENTWISE(double)
-    """
-    # The sums read x and dy; shifted sums only x (pass x again as dy).
-    void fastbn_shifted_sums_float(const float* x, const float* dy, Py_ssize_t runs,
-                                   Py_ssize_t n, const float* m,
-                                   double* sum_a, double* sum_b) noexcept nogil
-    void fastbn_shifted_sums_double(const double* x, const double* dy, Py_ssize_t runs,
-                                    Py_ssize_t n, const double* m,
-                                    double* sum_a, double* sum_b) noexcept nogil
-    void fastbn_grad_sums_float(const float* x, const float* dy, Py_ssize_t runs,
-                                Py_ssize_t n, const float* m,
-                                double* sum_a, double* sum_b) noexcept nogil
-    void fastbn_grad_sums_double(const double* x, const double* dy, Py_ssize_t runs,
-                                 Py_ssize_t n, const double* m,
-                                 double* sum_a, double* sum_b) noexcept nogil
-    void fastbn_rows_shifted_sums_float(const float* x, const float* dy, Py_ssize_t rows,
-                                        Py_ssize_t stride, Py_ssize_t width, const float* m,
-                                        double* sum_a, double* sum_b) noexcept nogil
-    void fastbn_rows_shifted_sums_double(const double* x, const double* dy, Py_ssize_t rows,
-                                         Py_ssize_t stride, Py_ssize_t width, const double* m,
-                                         double* sum_a, double* sum_b) noexcept nogil
-    void fastbn_rows_grad_sums_float(const float* x, const float* dy, Py_ssize_t rows,
-                                     Py_ssize_t stride, Py_ssize_t width, const float* m,
-                                     double* sum_a, double* sum_b) noexcept nogil
-    void fastbn_rows_grad_sums_double(const double* x, const double* dy, Py_ssize_t rows,
-                                      Py_ssize_t stride, Py_ssize_t width, const double* m,
-                                      double* sum_a, double* sum_b) noexcept nogil
-    void fastbn_affine_float(const float* x, float* y, Py_ssize_t runs, Py_ssize_t n,
-                             const float* shift, const float* scale,
-                             const float* offset) noexcept nogil
-    void fastbn_affine_double(const double* x, double* y, Py_ssize_t runs, Py_ssize_t n,
-                              const double* shift, const double* scale,
-                              const double* offset) noexcept nogil
-    void fastbn_grad_input_float(const float* dy, const float* x, float* dx, Py_ssize_t runs,
-                                 Py_ssize_t n, const float* mean, const float* a,
-                                 const float* b, const float* d) noexcept nogil
-    void fastbn_grad_input_double(const double* dy, const double* x, double* dx,
-                                  Py_ssize_t runs, Py_ssize_t n, const double* mean,
-                                  const double* a, const double* b,
-                                  const double* d) noexcept nogil
-    void fastbn_rows_affine_float(const float* x, float* y, Py_ssize_t rows, Py_ssize_t stride,
-                                  Py_ssize_t width, const float* shift, const float* scale,
-                                  const float* offset) noexcept nogil
-    void fastbn_rows_affine_double(const double* x, double* y, Py_ssize_t rows,
-                                   Py_ssize_t stride, Py_ssize_t width, const double* shift,
-                                   const double* scale, const double* offset) noexcept nogil
-    void fastbn_rows_grad_input_float(const float* dy, const float* x, float* dx,
-                                      Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
-                                      const float* mean, const float* a, const float* b,
-                                      const float* d) noexcept nogil
-    void fastbn_rows_grad_input_double(const double* dy, const double* x, double* dx,
-                                       Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
-                                       const double* mean, const double* a, const double* b,
-                                       const double* d) noexcept nogil
-
-
-# Fused-type front ends of the C loops.
-
-cdef inline void shifted_sums(const floating* x, Py_ssize_t runs, Py_ssize_t n,
-                              const floating* pivot, double* sum_out,
-                              double* sum_sq_out) noexcept nogil:
-    """Per run j of `runs` consecutive runs of n values: sum(x - pivot[j]) and
-    sum((x - pivot[j])**2), in float64. Pivots are values of x's type, so x - pivot
-    is exact for values near them."""
-    if floating is float:
-        fastbn_shifted_sums_float(x, x, runs, n, pivot, sum_out, sum_sq_out)
-    else:
-        fastbn_shifted_sums_double(x, x, runs, n, pivot, sum_out, sum_sq_out)
-
-
-cdef inline void grad_sums(const floating* dy, const floating* x, Py_ssize_t runs, Py_ssize_t n,
-                           const floating* mean, double* sum_dy_out,
-                           double* dot_out) noexcept nogil:
-    """Per run j: sum(dy) and sum((x - mean[j]) * dy), in float64."""
-    if floating is float:
-        fastbn_grad_sums_float(x, dy, runs, n, mean, sum_dy_out, dot_out)
-    else:
-        fastbn_grad_sums_double(x, dy, runs, n, mean, sum_dy_out, dot_out)
-
-
-cdef inline void rows_sums(const floating* first, const floating* second, bint gradient,
-                           Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
-                           const floating* centre, double* sum_a, double* sum_b) noexcept nogil:
-    """Per column of a channels-last tile, the sums of shifted_sums(first) or, when
-    gradient, grad_sums(dy=first, x=second), added to sum_a, sum_b (zeros: a float32
-    column that overflows is summed again from 0 in float64)."""
-    if floating is float:
-        if gradient:
-            fastbn_rows_grad_sums_float(second, first, rows, stride, width, centre, sum_a, sum_b)
-        else:
-            fastbn_rows_shifted_sums_float(first, first, rows, stride, width, centre, sum_a, sum_b)
-    else:
-        if gradient:
-            fastbn_rows_grad_sums_double(second, first, rows, stride, width, centre, sum_a, sum_b)
-        else:
-            fastbn_rows_shifted_sums_double(first, first, rows, stride, width, centre, sum_a,
-                                            sum_b)
-
-
-cdef inline void runs_elementwise(const floating* x, const floating* x2, floating* y,
-                                  Py_ssize_t runs, Py_ssize_t n,
-                                  const floating* shift, const floating* scale,
-                                  const floating* offset, const floating* scale2) noexcept nogil:
-    """Per run j of `runs` consecutive runs of n values: y = (x - shift) * scale + offset or,
-    with x2 (backward), y = x * scale + (x2 - shift) * scale2 + offset; coefficients [j]."""
-    if floating is float:
-        if x2 == NULL:
-            fastbn_affine_float(x, y, runs, n, shift, scale, offset)
-        else:
-            fastbn_grad_input_float(x, x2, y, runs, n, shift, scale, scale2, offset)
-    else:
-        if x2 == NULL:
-            fastbn_affine_double(x, y, runs, n, shift, scale, offset)
-        else:
-            fastbn_grad_input_double(x, x2, y, runs, n, shift, scale, scale2, offset)
-
-
-cdef inline void rows_elementwise(const floating* x, const floating* x2, floating* y,
-                                  Py_ssize_t rows, Py_ssize_t stride, Py_ssize_t width,
-                                  const floating* shift, const floating* scale,
-                                  const floating* offset, const floating* scale2) noexcept nogil:
-    """Rows of a channels-last tile: y = (x - shift) * scale + offset or, with x2 (backward),
-    y = x * scale + (x2 - shift) * scale2 + offset; coefficients per column."""
-    if floating is float:
-        if x2 == NULL:
-            fastbn_rows_affine_float(x, y, rows, stride, width, shift, scale, offset)
-        else:
-            fastbn_rows_grad_input_float(x, x2, y, rows, stride, width, shift, scale, scale2,
-                                         offset)
-    else:
-        if x2 == NULL:
-            fastbn_rows_affine_double(x, y, rows, stride, width, shift, scale, offset)
-        else:
-            fastbn_rows_grad_input_double(x, x2, y, rows, stride, width, shift, scale, scale2,
-                                          offset)
-
-
-cdef inline double group_rstd(double sum_shifted, double sum_sq, Py_ssize_t count, double eps,
-                              double* var_out) noexcept nogil:
-    """1 / sqrt(var + eps) from shifted sums; the biased variance goes to var_out."""
-    cdef double var = (sum_sq - sum_shifted * sum_shifted / count) / count
-    if var < 0.0:  # rounding only; keeps nan as nan
-        var = 0.0
-    var_out[0] = var
-    # As ATen's group norm: var 0 with eps 0 gives inf.
-    return 1.0 / sqrt(var + eps)
+# One call's state. Arrays of x's type are void* here (a struct cannot hold a fused
+# type); the functions below cast them back. Per-(n, c) arrays have N * C slots,
+# slot n * C + c (= k * D + j for channel j of group k); per-group ones N * G.
+cdef struct Job:
+    Py_ssize_t N, C, S, G, D
+    Split split
+    bint backward
+    # forward: compute the statistics (else normalize with the given mean and rstd);
+    # backward: the statistics came from x (grad_x has the terms through them)
+    bint stats_from_input
+    bint need_sums  # backward: the per-(n, c) sums are wanted
+    double eps
+    const void* weight  # NULL: 1
+    const void* bias    # NULL: 0
+    void* mean          # per group
+    void* rstd          # per group
+    double* var         # per group, or NULL: the biased variance, when computed
+    # float64 work arrays: the centres of the sums (forward with group blocks: per group;
+    # otherwise per (n, c)), the sums per (n, c) (forward with group blocks: per group),
+    # and the partials of chunks and tiles
+    double* centre
+    double* sum_a
+    double* sum_b
+    double* part_a
+    double* part_b
+    # per-(n, c) coefficients of the elementwise pass, x's type
+    void* shift
+    void* scale
+    void* scale2
+    void* offset
 
 
 cdef inline double group_pivot(floating value) noexcept nogil:
@@ -483,389 +193,333 @@ cdef inline double group_pivot(floating value) noexcept nogil:
     return <double>value if isfinite(<double>value) else 0.0
 
 
-# ---------------------------------------------------------------------------
-# Whole-group items (channels-first): item = n * G + g. The pointers are those of
-# the whole arrays (w, b, var_out NULL when absent); each function moves them to
-# the item's group: its D * S values, its D channels' parameters and its D
-# per-channel coefficient slots.
-
-cdef inline void forward_group(Py_ssize_t item, Py_ssize_t G, const floating* x, floating* y,
-                               Py_ssize_t D, Py_ssize_t S, const floating* w, const floating* b,
-                               bint compute_stats, double eps, floating* mean_out,
-                               floating* rstd_out, double* var_out, floating* shift,
-                               floating* scale, floating* offset) noexcept nogil:
-    cdef Py_ssize_t c, count = D * S, g = item % G
-    cdef double sum_shifted, sum_sq, var, rstd, centre_offset = 0.0, alpha
-    x += item * count
-    y += item * count
-    w = w + g * D if w != NULL else NULL
-    b = b + g * D if b != NULL else NULL
-    mean_out += item
-    rstd_out += item
-    var_out = var_out + item if var_out != NULL else NULL
-    shift += item * D
-    scale += item * D
-    offset += item * D
-    if compute_stats:
-        shift[0] = <floating>group_pivot(x[0])
-        shifted_sums(x, 1, count, shift, &sum_shifted, &sum_sq)
-        rstd = group_rstd(sum_shifted, sum_sq, count, eps, &var)
+cdef inline void set_group(const floating* like, Job* job, Py_ssize_t k, double pivot,
+                           double sum_shifted, double sum_sq) noexcept nogil:
+    """Forward, group k: its statistics from its shifted sums (or the given ones), then its
+    channels' coefficients, y = (x - shift) * scale + offset. `like` only picks the type."""
+    cdef const floating* w = <const floating*>job.weight
+    cdef const floating* b = <const floating*>job.bias
+    cdef floating* mean = <floating*>job.mean
+    cdef floating* rstd = <floating*>job.rstd
+    cdef floating* shift = <floating*>job.shift
+    cdef floating* scale = <floating*>job.scale
+    cdef floating* offset = <floating*>job.offset
+    cdef Py_ssize_t D = job.D, count = job.D * job.S, c0 = (k % job.G) * job.D, j
+    cdef double rstd_g, var, centre_offset = 0.0, alpha
+    cdef floating shift_value
+    if job.stats_from_input:
+        var = (sum_sq - sum_shifted * sum_shifted / count) / count
+        if var < 0.0:  # rounding only; keeps nan as nan
+            var = 0.0
+        # As ATen's group norm: var 0 with eps 0 gives inf.
+        rstd_g = 1.0 / sqrt(var + job.eps)
         centre_offset = sum_shifted / count  # mean - pivot
-        mean_out[0] = <floating>(<double>shift[0] + centre_offset)
-        rstd_out[0] = <floating>rstd
-        if var_out != NULL:
-            var_out[0] = var
+        mean[k] = <floating>(pivot + centre_offset)
+        rstd[k] = <floating>rstd_g
+        if job.var != NULL:
+            job.var[k] = var
+        shift_value = <floating>pivot
     else:
-        shift[0] = mean_out[0]
-        rstd = <double>rstd_out[0]
-    for c in range(D):
-        alpha = rstd * (<double>w[c] if w != NULL else 1.0)
-        shift[c] = shift[0]
-        scale[c] = <floating>alpha
-        offset[c] = <floating>((<double>b[c] if b != NULL else 0.0) - centre_offset * alpha)
-    runs_elementwise(x, NULL, y, D, S, shift, scale, offset, NULL)
+        shift_value = mean[k]
+        rstd_g = <double>rstd[k]
+    for j in range(D):
+        alpha = rstd_g * (<double>w[c0 + j] if w != NULL else 1.0)
+        shift[k * D + j] = shift_value
+        scale[k * D + j] = <floating>alpha
+        offset[k * D + j] = <floating>((<double>b[c0 + j] if b != NULL else 0.0)
+                                       - centre_offset * alpha)
 
 
-cdef inline void backward_group(Py_ssize_t item, Py_ssize_t G, const floating* dy,
-                                const floating* x, floating* dx, Py_ssize_t D, Py_ssize_t S,
-                                const floating* w, const floating* mean_in,
-                                const floating* rstd_in, bint stats_from_input, bint need_sums,
-                                double* sum_dy, double* dot, floating* shift,
-                                floating* scale_dy, floating* scale_x,
-                                floating* offset) noexcept nogil:
-    """The group's per-channel sums into sum_dy, dot; then grad_x unless dx is NULL."""
-    cdef Py_ssize_t c, g = item % G
-    cdef double weighted_sum_dy = 0.0, weighted_dot = 0.0, w_c, b = 0.0, d = 0.0
-    cdef floating mean = mean_in[item]
-    cdef double rstd = <double>rstd_in[item]
-    dy += item * D * S
-    x += item * D * S
-    dx = dx + item * D * S if dx != NULL else NULL
-    w = w + g * D if w != NULL else NULL
-    sum_dy += item * D
-    dot += item * D
-    shift += item * D
-    scale_dy += item * D
-    scale_x += item * D
-    offset += item * D
-    for c in range(D):
-        shift[c] = mean
-    if need_sums:
-        grad_sums(dy, x, D, S, shift, sum_dy, dot)
-        for c in range(D):
-            w_c = <double>w[c] if w != NULL else 1.0
-            weighted_sum_dy += w_c * sum_dy[c]
-            weighted_dot += w_c * dot[c]
-    if dx == NULL:
-        return
-    if stats_from_input:
-        b = -weighted_dot * rstd * rstd * rstd / (D * S)
-        d = -weighted_sum_dy * rstd / (D * S)
-    for c in range(D):
-        scale_dy[c] = <floating>(rstd * (<double>w[c] if w != NULL else 1.0))
-        scale_x[c] = <floating>b
-        offset[c] = <floating>d
-    runs_elementwise(dy, x, dx, D, S, shift, scale_dy, offset, scale_x)
+cdef inline void set_group_grad(const floating* like, Job* job, Py_ssize_t k) noexcept nogil:
+    """Backward, group k: its channels' coefficients of grad_x from their sums,
+    dx = dy * scale + (x - shift) * scale2 + offset (shift = the mean), or without the
+    terms through the statistics dx = (dy - 0) * scale + 0."""
+    cdef const floating* w = <const floating*>job.weight
+    cdef floating* mean = <floating*>job.mean
+    cdef floating* rstd = <floating*>job.rstd
+    cdef floating* shift = <floating*>job.shift
+    cdef floating* scale = <floating*>job.scale
+    cdef floating* scale2 = <floating*>job.scale2
+    cdef floating* offset = <floating*>job.offset
+    cdef Py_ssize_t D = job.D, c0 = (k % job.G) * job.D, j
+    cdef double rstd_g = <double>rstd[k], w_c, weighted_sum_dy = 0.0, weighted_dot = 0.0
+    cdef double b = 0.0, d = 0.0
+    if job.stats_from_input:
+        for j in range(D):
+            w_c = <double>w[c0 + j] if w != NULL else 1.0
+            weighted_sum_dy += w_c * job.sum_a[k * D + j]
+            weighted_dot += w_c * job.sum_b[k * D + j]
+        b = -weighted_dot * rstd_g * rstd_g * rstd_g / (D * job.S)
+        d = -weighted_sum_dy * rstd_g / (D * job.S)
+    for j in range(D):
+        shift[k * D + j] = mean[k] if job.stats_from_input else 0.0
+        scale[k * D + j] = <floating>(rstd_g * (<double>w[c0 + j] if w != NULL else 1.0))
+        scale2[k * D + j] = <floating>b
+        offset[k * D + j] = <floating>d
+
+
+cdef inline void set_groups(const floating* like, Job* job, Py_ssize_t n, Py_ssize_t g0,
+                            Py_ssize_t g1) noexcept nogil:
+    """Groups g0:g1 of sample n, from per-(n, c) sums: their coefficients (forward: their
+    statistics first, the channels' sums added in channel order)."""
+    cdef Py_ssize_t g, k, j, D = job.D
+    cdef double sum_shifted, sum_sq
+    for g in range(g0, g1):
+        k = n * job.G + g
+        if job.backward:
+            set_group_grad(like, job, k)
+            continue
+        if job.stats_from_input:
+            sum_shifted = 0.0
+            sum_sq = 0.0
+            for j in range(k * D, (k + 1) * D):
+                sum_shifted += job.sum_a[j]
+                sum_sq += job.sum_b[j]
+            set_group(like, job, k, job.centre[k * D], sum_shifted, sum_sq)
+        else:
+            set_group(like, job, k, 0.0, 0.0, 0.0)
+
+
+cdef inline bint sums_wanted(Job* job) noexcept nogil:
+    return job.need_sums if job.backward else job.stats_from_input
+
+
+cdef inline const floating* elementwise_second(const floating* second, Job* job) noexcept nogil:
+    """What the elementwise pass reads besides first: x in a backward through the
+    statistics, else nothing."""
+    return second if job.backward and job.stats_from_input else NULL
 
 
 # ---------------------------------------------------------------------------
-# Chunk items: passes over the whole tensor with per-(n, c) partials and coefficients.
+# Work items. first, second, out: forward x, NULL, y; backward dy, x, dx (dx NULL
+# when not wanted).
 
-cdef struct Piece:
-    # channels-first: rows (n * C + c) row0:row1, values start:stop of each, chunk `chunk`
-    Py_ssize_t row0, row1, chunk, start, stop
-    # channels-last: sample n, rows r0:r1 of its (S, C) matrix, channels c0:c1;
-    # tile = n * row_blocks + row block
-    Py_ssize_t n, tile, r0, r1, c0, c1
-
-
-cdef inline Piece piece_at(Split split, Py_ssize_t item, Py_ssize_t N, Py_ssize_t C,
-                           Py_ssize_t S, bint channels_last) noexcept nogil:
-    """What chunk item `item` covers."""
-    cdef Piece p
-    if not channels_last:
-        p.chunk = item % split.chunks
-        p.row0 = item // split.chunks * split.rows_per_item
-        p.row1 = min(p.row0 + split.rows_per_item, N * C)
-        p.start = p.chunk * S // split.chunks
-        p.stop = (p.chunk + 1) * S // split.chunks
-    else:
-        p.c0 = item % split.channel_blocks * CHANNEL_BLOCK
-        p.c1 = min(p.c0 + CHANNEL_BLOCK, C)
-        p.tile = item // split.channel_blocks
-        p.n = p.tile // split.row_blocks
-        p.r0 = p.tile % split.row_blocks * split.rows_per_block
-        p.r1 = min(p.r0 + split.rows_per_block, S)
-    return p
-
-
-cdef inline void reduce_item(const floating* first, const floating* second,
-                             const floating* centre, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
-                             bint channels_last, bint gradient, Split split, Py_ssize_t item,
-                             double* part_a, double* part_b) noexcept nogil:
-    """One item's partial sums: shifted_sums(first) or, when gradient,
-    grad_sums(dy=first, x=second), around centre[n * C + c]."""
-    cdef Piece p = piece_at(split, item, N, C, S, channels_last)
-    cdef Py_ssize_t c, part, off
-    if not channels_last:
-        # Several whole rows (chunks == 1), or a piece of one row: consecutive runs,
-        # and their partials consecutive too.
-        off = p.row0 * S + p.start
-        part = p.row0 * split.chunks + p.chunk
-        if gradient:
-            grad_sums(first + off, second + off, p.row1 - p.row0, p.stop - p.start,
-                      centre + p.row0, &part_a[part], &part_b[part])
+cdef void group_block(const floating* first, const floating* second, floating* out, Job* job,
+                      Py_ssize_t item) noexcept nogil:
+    """Groups k0:k1, a contiguous piece of the (N * C, S) rows: sums, coefficients, out."""
+    cdef Py_ssize_t per_item = job.split.groups_per_item, DS = job.D * job.S, k, r
+    cdef Py_ssize_t NG = job.N * job.G, NC = job.N * job.C
+    cdef Py_ssize_t k0 = item * per_item, k1 = min(k0 + per_item, NG)
+    cdef const floating* mean = <const floating*>job.mean
+    if sums_wanted(job):
+        if not job.backward:
+            # One run of D * S values per group, around its pivot.
+            for k in range(k0, k1):
+                job.centre[k] = group_pivot(first[k * DS])
+            rows_sums(first, <const floating*>NULL, DS, NG, k0, k1, 0, DS, 1, 0, job.centre,
+                      job.sum_a, job.sum_b)
         else:
-            shifted_sums(first + off, p.row1 - p.row0, p.stop - p.start, centre + p.row0,
-                         &part_a[part], &part_b[part])
-    else:
-        part = p.tile * C + p.c0
-        for c in range(p.c1 - p.c0):
-            part_a[part + c] = 0.0
-            part_b[part + c] = 0.0
-        off = (p.n * S + p.r0) * C + p.c0
-        rows_sums(first + off, second + off if gradient else NULL, gradient, p.r1 - p.r0, C,
-                  p.c1 - p.c0, centre + p.n * C + p.c0, part_a + part, part_b + part)
-
-
-cdef void reduce_pass(const floating* first, const floating* second, const floating* centre,
-                      Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
-                      bint gradient, Split split, int n_threads,
-                      double* part_a, double* part_b) noexcept nogil:
-    """Every item's partial sums (see reduce_item)."""
-    cdef Py_ssize_t item
-    if n_threads == 1:  # no OpenMP region: starting one costs about 0.5 us, on one thread too
-        for item in range(split.items):
-            reduce_item(first, second, centre, N, C, S, channels_last, gradient, split, item,
-                        part_a, part_b)
+            # One run of S values per channel, around its group's mean.
+            for k in range(k0, k1):
+                for r in range(k * job.D, (k + 1) * job.D):
+                    job.centre[r] = <double>mean[k]
+            rows_sums(first, second, job.S, NC, k0 * job.D, k1 * job.D, 0, job.S, 1, 0,
+                      job.centre, job.sum_a, job.sum_b)
+    if out == NULL:
         return
-    for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
-        reduce_item(first, second, centre, N, C, S, channels_last, gradient, split, item,
-                    part_a, part_b)
+    for k in range(k0, k1):
+        if job.backward:
+            set_group_grad(first, job, k)
+        elif job.stats_from_input:
+            set_group(first, job, k, job.centre[k], job.sum_a[k], job.sum_b[k])
+        else:
+            set_group(first, job, k, 0.0, 0.0, 0.0)
+    rows_elementwise(first, elementwise_second(second, job), out, job.S, NC, k0 * job.D,
+                     k1 * job.D, 0, job.S, <const floating*>job.shift,
+                     <const floating*>job.scale, <const floating*>job.scale2,
+                     <const floating*>job.offset)
 
 
-cdef void sum_partials(const double* part_a, const double* part_b, Py_ssize_t N, Py_ssize_t C,
-                       bint channels_last, Split split,
-                       double* total_a, double* total_b) noexcept nogil:
-    """Per-(n, c) totals of the partials, added in a fixed order (thread-count independent)."""
-    cdef Py_ssize_t row, k, n, c, rb, base
-    for row in range(N * C):
-        total_a[row] = 0.0
-        total_b[row] = 0.0
-    if not channels_last:
-        for row in range(N * C):
-            for k in range(split.chunks):
-                total_a[row] += part_a[row * split.chunks + k]
-                total_b[row] += part_b[row * split.chunks + k]
+cdef void sample_block(const floating* first, const floating* second, floating* out, Job* job,
+                       Py_ssize_t item) noexcept nogil:
+    """Channels-last: channels c0:c1 (whole groups) of samples n0:n1, each sample's S rows in
+    turn: sums, coefficients, out."""
+    cdef Py_ssize_t block = item // job.split.channel_blocks, D = job.D, C = job.C, S = job.S
+    cdef Py_ssize_t n0 = block * job.split.samples_per_item
+    cdef Py_ssize_t n1 = min(n0 + job.split.samples_per_item, job.N)
+    cdef Py_ssize_t c0 = (item % job.split.channel_blocks) * job.split.width
+    cdef Py_ssize_t c1 = min(c0 + job.split.width, C), c, g, n, base, offset
+    cdef const floating* mean = <const floating*>job.mean
+    cdef const floating* x2 = elementwise_second(second, job)
+    cdef double centre
+    for n in range(n0, n1):
+        base = n * C
+        offset = n * S * C
+        if sums_wanted(job):
+            for g in range(c0 // D, c1 // D):
+                # The group's mean, or (forward) its pivot.
+                centre = (<double>mean[n * job.G + g] if job.backward
+                          else group_pivot(first[offset + g * D]))
+                for c in range(base + g * D, base + (g + 1) * D):
+                    job.centre[c] = centre
+            columns_sums(first + offset, second + offset if job.backward else NULL, C, 0, S,
+                         c0, c1, job.centre + base, job.sum_a + base, job.sum_b + base)
+        if out == NULL:
+            continue
+        set_groups(first, job, n, c0 // D, c1 // D)
+        columns_elementwise(first + offset, x2 + offset if x2 != NULL else NULL, out + offset,
+                            C, 0, S, c0, c1, <const floating*>job.shift + base,
+                            <const floating*>job.scale + base,
+                            <const floating*>job.scale2 + base,
+                            <const floating*>job.offset + base)
+
+
+cdef void chunk(const floating* first, const floating* second, floating* out, Job* job,
+                Phase phase, Py_ssize_t item) noexcept nogil:
+    """Channels-first piece: rows (n * C + c) row0:row1, values start:stop of each."""
+    cdef Py_ssize_t chunks = job.split.chunks, S = job.S, NC = job.N * job.C
+    cdef Py_ssize_t k = item % chunks
+    cdef Py_ssize_t row0 = item // chunks * job.split.rows_per_item
+    cdef Py_ssize_t row1 = min(row0 + job.split.rows_per_item, NC)
+    cdef Py_ssize_t start = k * S // chunks, stop = (k + 1) * S // chunks
+    if phase == SUMS:
+        rows_sums(first, second, S, NC, row0, row1, start, stop, chunks, k, job.centre,
+                  job.part_a, job.part_b)
     else:
-        for n in range(N):
-            for rb in range(split.row_blocks):
-                base = (n * split.row_blocks + rb) * C
-                for c in range(C):
-                    total_a[n * C + c] += part_a[base + c]
-                    total_b[n * C + c] += part_b[base + c]
+        rows_elementwise(first, elementwise_second(second, job), out, S, NC, row0, row1,
+                         start, stop, <const floating*>job.shift,
+                         <const floating*>job.scale, <const floating*>job.scale2,
+                         <const floating*>job.offset)
 
 
-cdef inline void elementwise_item(const floating* x, const floating* x2, floating* y,
-                                  const floating* shift, const floating* scale,
-                                  const floating* offset, const floating* scale2,
-                                  Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
-                                  Split split, Py_ssize_t item) noexcept nogil:
-    """One item of elementwise_pass."""
-    cdef Piece p = piece_at(split, item, N, C, S, channels_last)
-    cdef Py_ssize_t off, k
-    if not channels_last:
-        off = p.row0 * S + p.start
-        runs_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, p.row1 - p.row0,
-                         p.stop - p.start, shift + p.row0, scale + p.row0, offset + p.row0,
-                         scale2 + p.row0 if scale2 != NULL else NULL)
+cdef void tile(const floating* first, const floating* second, floating* out, Job* job,
+               Phase phase, Py_ssize_t item) noexcept nogil:
+    """Channels-last tile: rows r0:r1 of sample n's (S, C) matrix, channels c0:c1; tile
+    number t = n * row_blocks + its block of rows."""
+    cdef Py_ssize_t C = job.C, S = job.S
+    cdef Py_ssize_t c0 = (item % job.split.channel_blocks) * CHANNEL_BLOCK
+    cdef Py_ssize_t c1 = min(c0 + CHANNEL_BLOCK, C)
+    cdef Py_ssize_t t = item // job.split.channel_blocks
+    cdef Py_ssize_t n = t // job.split.row_blocks
+    cdef Py_ssize_t r0 = t % job.split.row_blocks * job.split.rows_per_block
+    cdef Py_ssize_t r1 = min(r0 + job.split.rows_per_block, S)
+    cdef Py_ssize_t offset = n * S * C, base = n * C
+    if phase == SUMS:
+        columns_sums(first + offset, second + offset if second != NULL else NULL, C, r0, r1,
+                     c0, c1, job.centre + base, job.part_a + t * C, job.part_b + t * C)
     else:
-        off = (p.n * S + p.r0) * C + p.c0
-        k = p.n * C + p.c0
-        rows_elementwise(x + off, x2 + off if x2 != NULL else NULL, y + off, p.r1 - p.r0, C,
-                         p.c1 - p.c0, shift + k, scale + k, offset + k,
-                         scale2 + k if scale2 != NULL else NULL)
+        second = elementwise_second(second, job)
+        columns_elementwise(first + offset, second + offset if second != NULL else NULL,
+                            out + offset, C, r0, r1, c0, c1,
+                            <const floating*>job.shift + base,
+                            <const floating*>job.scale + base,
+                            <const floating*>job.scale2 + base,
+                            <const floating*>job.offset + base)
 
 
-cdef void elementwise_pass(const floating* x, const floating* x2, floating* y,
-                           const floating* shift, const floating* scale, const floating* offset,
-                           const floating* scale2,
-                           Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_last,
-                           Split split, int n_threads) noexcept nogil:
-    """y = (x - shift) * scale + offset, or with x2 given (backward):
-    y = x * scale + (x2 - shift) * scale2 + offset; coefficients per (n, c)."""
+cdef void run_item(const floating* first, const floating* second, floating* out, Job* job,
+                   Phase phase, Py_ssize_t item) noexcept nogil:
+    cdef Kind kind = job.split.kind
+    if kind == GROUP_BLOCKS:
+        group_block(first, second, out, job, item)
+    elif kind == SAMPLE_BLOCKS:
+        sample_block(first, second, out, job, item)
+    elif kind == CHUNKS:
+        chunk(first, second, out, job, phase, item)
+    else:
+        tile(first, second, out, job, phase, item)
+
+
+cdef void run_pass(const floating* first, const floating* second, floating* out, Job* job,
+                   Phase phase, int threads) noexcept nogil:
+    """Every item of one phase."""
     cdef Py_ssize_t item
-    if n_threads == 1:  # no OpenMP region, as in reduce_pass
-        for item in range(split.items):
-            elementwise_item(x, x2, y, shift, scale, offset, scale2, N, C, S, channels_last,
-                             split, item)
+    if threads == 1:  # no OpenMP region: starting one costs about 0.5 us, on one thread too
+        for item in range(job.split.items):
+            run_item(first, second, out, job, phase, item)
         return
-    for item in prange(split.items, nogil=True, num_threads=n_threads, schedule="static"):
-        elementwise_item(x, x2, y, shift, scale, offset, scale2, N, C, S, channels_last, split,
-                         item)
+    for item in prange(job.split.items, nogil=True, num_threads=threads, schedule="static"):
+        run_item(first, second, out, job, phase, item)
 
 
-# ---------------------------------------------------------------------------
-# The kernels (argument checks are the caller's job).
-
-cdef int forward(const floating* xp, const floating* wp, const floating* bp, double eps,
-                 bint compute_stats, floating* yp, floating* meanp, floating* rstdp,
-                 double* varp, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G,
-                 bint channels_last, int n_threads) noexcept nogil:
-    """Returns 0, or -1 when the work arrays cannot be allocated."""
-    cdef Py_ssize_t D = C // G
-    cdef Py_ssize_t item, n, g, c, k
-    cdef Split split = make_split(N, C, S, G, channels_last)
-    cdef int threads = effective_threads(n_threads, N * C * S, split.items)
-
-    # One allocation for the partials and per-(n, c) totals, one for per-(n, c) coefficients.
-    cdef double* work = <double*>calloc(2 * split.n_partials + 2 * N * C, sizeof(double))
-    cdef floating* coef = <floating*>calloc(3 * N * C, sizeof(floating))
-    if work == NULL or coef == NULL:
-        free(work)
-        free(coef)
-        return -1
-    cdef double* part_a = work
-    cdef double* part_b = work + split.n_partials
-    cdef double* sum_shifted = part_b + split.n_partials
-    cdef double* sum_sq = sum_shifted + N * C
-    cdef floating* shift = coef  # the group's pivot or mean, also the centre of the sums
-    cdef floating* scale = coef + N * C
-    cdef floating* offset = coef + 2 * N * C
-    cdef double pivot, group_shifted, group_sq, var, rstd_g, centre_offset, alpha
-    cdef Py_ssize_t count = D * S
-    if split.whole_groups:
-        if threads == 1:  # no OpenMP region (see reduce_pass)
-            for item in range(N * G):
-                forward_group(item, G, xp, yp, D, S, wp, bp, compute_stats, eps, meanp, rstdp,
-                              varp, shift, scale, offset)
-        else:
-            for item in prange(N * G, num_threads=threads, schedule="static"):
-                forward_group(item, G, xp, yp, D, S, wp, bp, compute_stats, eps, meanp, rstdp,
-                              varp, shift, scale, offset)
-    else:
-        if compute_stats:
-            for n in range(N):
-                for g in range(G):
-                    pivot = group_pivot(xp[(n * C + g * D) * S] if not channels_last
-                                        else xp[n * S * C + g * D])
-                    for c in range(g * D, (g + 1) * D):
-                        shift[n * C + c] = <floating>pivot
-            reduce_pass(xp, NULL, shift, N, C, S, channels_last, False, split, threads,
-                        part_a, part_b)
-            sum_partials(part_a, part_b, N, C, channels_last, split, sum_shifted, sum_sq)
-        for n in range(N):
-            for g in range(G):
-                k = n * G + g
-                if compute_stats:
-                    group_shifted = 0.0
-                    group_sq = 0.0
-                    for c in range(n * C + g * D, n * C + (g + 1) * D):
-                        group_shifted += sum_shifted[c]
-                        group_sq += sum_sq[c]
-                    pivot = <double>shift[n * C + g * D]
-                    rstd_g = group_rstd(group_shifted, group_sq, count, eps, &var)
-                    centre_offset = group_shifted / count
-                    meanp[k] = <floating>(pivot + centre_offset)
-                    rstdp[k] = <floating>rstd_g
-                    if varp != NULL:
-                        varp[k] = var
-                else:
-                    pivot = <double>meanp[k]
-                    rstd_g = <double>rstdp[k]
-                    centre_offset = 0.0
-                for c in range(g * D, (g + 1) * D):
-                    alpha = rstd_g * (<double>wp[c] if wp != NULL else 1.0)
-                    shift[n * C + c] = <floating>pivot
-                    scale[n * C + c] = <floating>alpha
-                    offset[n * C + c] = <floating>((<double>bp[c] if bp != NULL else 0.0)
-                                                   - centre_offset * alpha)
-        elementwise_pass(xp, NULL, yp, shift, scale, offset, NULL,
-                         N, C, S, channels_last, split, threads)
-    free(work)
-    free(coef)
-    return 0
+cdef void add_partials(Job* job) noexcept nogil:
+    """Chunks and tiles: the per-(n, c) sums from the partials, in a fixed order."""
+    cdef Py_ssize_t NC = job.N * job.C, C = job.C, chunks = job.split.chunks
+    cdef Py_ssize_t r, k, n, rb, base
+    for r in range(NC):
+        job.sum_a[r] = 0.0
+        job.sum_b[r] = 0.0
+    if job.split.kind == CHUNKS:
+        for r in range(NC):
+            for k in range(chunks):
+                job.sum_a[r] += job.part_a[r * chunks + k]
+                job.sum_b[r] += job.part_b[r * chunks + k]
+        return
+    for n in range(job.N):
+        for rb in range(job.split.row_blocks):
+            base = (n * job.split.row_blocks + rb) * C
+            for r in range(C):
+                job.sum_a[n * C + r] += job.part_a[base + r]
+                job.sum_b[n * C + r] += job.part_b[base + r]
 
 
-cdef int backward(const floating* dyp, const floating* xp, const floating* wp,
-                  const floating* meanp, const floating* rstdp, bint stats_from_input,
-                  floating* dxp, floating* dwp, floating* dbp, Py_ssize_t N, Py_ssize_t C,
-                  Py_ssize_t S, Py_ssize_t G, bint channels_last, int n_threads) noexcept nogil:
-    """Returns 0, or -1 when the work arrays cannot be allocated. dxp, dwp, dbp: NULL
-    for the gradients not wanted."""
-    cdef Py_ssize_t D = C // G
-    cdef Py_ssize_t item, n, g, c, k
-    cdef bint want_dw = dwp != NULL, want_db = dbp != NULL
-    cdef bint need_sums = want_dw or want_db or (dxp != NULL and stats_from_input)
-    cdef Split split = make_split(N, C, S, G, channels_last)
-    cdef int threads = effective_threads(n_threads, N * C * S, split.items)
-
-    # Per-(n, c) sum(dy) and sum((x - mean) * dy), then per-(n, c) coefficients of grad_x.
-    cdef double* work = <double*>calloc(2 * split.n_partials + 2 * N * C, sizeof(double))
-    cdef floating* coef = <floating*>calloc(4 * N * C, sizeof(floating))
-    if work == NULL or coef == NULL:
-        free(work)
-        free(coef)
-        return -1
-    cdef double* part_a = work
-    cdef double* part_b = work + split.n_partials
-    cdef double* sum_dy = part_b + split.n_partials
-    cdef double* dot = sum_dy + N * C
-    cdef floating* shift = coef  # the group's mean, also the centre of the sums
-    cdef floating* scale_dy = coef + N * C
-    cdef floating* scale_x = coef + 2 * N * C
-    cdef floating* offset = coef + 3 * N * C
-    cdef double rstd_g, w_c, weighted_sum_dy, weighted_dot, total
-    if split.whole_groups:
-        if threads == 1:  # no OpenMP region (see reduce_pass)
-            for item in range(N * G):
-                backward_group(item, G, dyp, xp, dxp, D, S, wp, meanp, rstdp, stats_from_input,
-                               need_sums, sum_dy, dot, shift, scale_dy, scale_x, offset)
-        else:
-            for item in prange(N * G, num_threads=threads, schedule="static"):
-                backward_group(item, G, dyp, xp, dxp, D, S, wp, meanp, rstdp, stats_from_input,
-                               need_sums, sum_dy, dot, shift, scale_dy, scale_x, offset)
-    else:
-        if need_sums:
-            for n in range(N):
-                for c in range(C):
-                    shift[n * C + c] = meanp[n * G + c // D]
-            reduce_pass(dyp, xp, shift, N, C, S, channels_last, True, split, threads,
-                        part_a, part_b)
-            sum_partials(part_a, part_b, N, C, channels_last, split, sum_dy, dot)
-        if dxp != NULL:
-            for n in range(N):
-                for g in range(G):
-                    k = n * G + g
-                    rstd_g = <double>rstdp[k]
-                    weighted_sum_dy = 0.0
-                    weighted_dot = 0.0
-                    for c in range(g * D, (g + 1) * D):
-                        w_c = <double>wp[c] if wp != NULL else 1.0
-                        weighted_sum_dy += w_c * sum_dy[n * C + c]
-                        weighted_dot += w_c * dot[n * C + c]
-                    for c in range(g * D, (g + 1) * D):
-                        w_c = <double>wp[c] if wp != NULL else 1.0
-                        shift[n * C + c] = meanp[k]
-                        scale_dy[n * C + c] = <floating>(rstd_g * w_c)
-                        if stats_from_input:
-                            scale_x[n * C + c] = <floating>(
-                                -weighted_dot * rstd_g * rstd_g * rstd_g / (D * S))
-                            offset[n * C + c] = <floating>(-weighted_sum_dy * rstd_g / (D * S))
-            elementwise_pass(dyp, xp, dxp, shift, scale_dy, offset, scale_x,
-                             N, C, S, channels_last, split, threads)
-    # Parameter gradients: sums over the batch in a fixed order.
+cdef void parameter_gradients(const floating* like, Job* job, floating* dw,
+                              floating* db) noexcept nogil:
+    """grad_weight and grad_bias from the per-(n, c) sums, added over the batch in a fixed
+    order; NULL for one not wanted."""
+    cdef const floating* rstd = <const floating*>job.rstd
+    cdef Py_ssize_t n, c, C = job.C
+    cdef double total
     for c in range(C):
-        if want_dw:
+        if dw != NULL:
             total = 0.0
-            for n in range(N):
-                total += dot[n * C + c] * <double>rstdp[n * G + c // D]
-            dwp[c] = <floating>total
-        if want_db:
+            for n in range(job.N):
+                total += job.sum_b[n * C + c] * <double>rstd[n * job.G + c // job.D]
+            dw[c] = <floating>total
+        if db != NULL:
             total = 0.0
-            for n in range(N):
-                total += sum_dy[n * C + c]
-            dbp[c] = <floating>total
+            for n in range(job.N):
+                total += job.sum_a[n * C + c]
+            db[c] = <floating>total
+
+
+cdef int run(const floating* first, const floating* second, floating* out, floating* dw,
+             floating* db, Job* job, int n_threads) noexcept nogil:
+    """The whole op on `job` (its arrays set, except the work arrays): forward x, NULL, y;
+    backward dy, x, dx, dw, db (NULL for the gradients not wanted). Returns -1 when the
+    work arrays cannot be allocated, else 0."""
+    cdef Py_ssize_t NC = job.N * job.C, n, c, k
+    cdef double centre
+    cdef int threads = effective_threads(n_threads, NC * job.S, job.split.items)
+    cdef const floating* mean = <const floating*>job.mean
+    # Every slot is written before it is read: malloc, not calloc.
+    cdef double* work = <double*>malloc((3 * NC + 2 * job.split.n_partials) * sizeof(double))
+    cdef floating* coef = <floating*>malloc(4 * NC * sizeof(floating))
+    if work == NULL or coef == NULL:
+        free(work)
+        free(coef)
+        return -1
+    job.centre = work
+    job.sum_a = work + NC
+    job.sum_b = work + 2 * NC
+    job.part_a = work + 3 * NC
+    job.part_b = job.part_a + job.split.n_partials
+    job.shift = coef
+    job.scale = coef + NC
+    job.scale2 = coef + 2 * NC
+    job.offset = coef + 3 * NC
+    if job.split.kind == GROUP_BLOCKS or job.split.kind == SAMPLE_BLOCKS:
+        run_pass(first, second, out, job, FUSED, threads)
+    else:
+        if sums_wanted(job):
+            for k in range(job.N * job.G):
+                # The group's mean, or (forward) its pivot: its first value in memory.
+                if job.backward:
+                    centre = <double>mean[k]
+                elif job.split.kind == TILES:
+                    centre = group_pivot(first[k // job.G * job.S * job.C + k % job.G * job.D])
+                else:
+                    centre = group_pivot(first[k * job.D * job.S])
+                for c in range(k * job.D, (k + 1) * job.D):
+                    job.centre[c] = centre
+            run_pass(first, second, out, job, SUMS, threads)
+            add_partials(job)
+        if out != NULL:
+            for n in range(job.N):
+                set_groups(first, job, n, 0, job.G)
+            run_pass(first, second, out, job, ELEMENTWISE, threads)
+    if job.backward:
+        parameter_gradients(first, job, dw, db)
     free(work)
     free(coef)
     return 0
@@ -876,30 +530,47 @@ cdef int backward(const floating* dyp, const floating* xp, const floating* wp,
 # argument: one float dtype, C-contiguous arrays, 3-D views of x / y. Raw data
 # pointers keep the per-call cost low (no buffer acquisition per argument).
 
+cdef Job make_job(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t G, bint channels_last,
+                  bint backward, bint stats_from_input, double eps, void* weight, void* bias,
+                  void* mean, void* rstd, double* var) noexcept nogil:
+    cdef Job job
+    job.N = N
+    job.C = C
+    job.S = S
+    job.G = G
+    job.D = C // G
+    job.split = make_split(N, C, S, G, channels_last)
+    job.backward = backward
+    job.stats_from_input = stats_from_input
+    job.need_sums = False
+    job.eps = eps
+    job.weight = weight
+    job.bias = bias
+    job.mean = mean
+    job.rstd = rstd
+    job.var = var
+    return job
+
+
 def group_norm_forward(cnp.ndarray x, weight, bias, double eps, bint compute_stats,
                        cnp.ndarray y, cnp.ndarray mean, cnp.ndarray rstd, variance,
                        bint channels_last, int n_threads):
     cdef Py_ssize_t N = x.shape[0]
     cdef Py_ssize_t C = x.shape[2] if channels_last else x.shape[1]
     cdef Py_ssize_t S = x.shape[1] if channels_last else x.shape[2]
-    cdef Py_ssize_t G = mean.shape[1]
+    cdef Job job = make_job(N, C, S, mean.shape[1], channels_last, False, compute_stats, eps,
+                            data(weight), data(bias), data(mean), data(rstd),
+                            <double*>data(variance))
     cdef void* xp = data(x)
-    cdef void* wp = data(weight)
-    cdef void* bp = data(bias)
     cdef void* yp = data(y)
-    cdef void* mp = data(mean)
-    cdef void* rp = data(rstd)
-    cdef double* varp = <double*>data(variance)
     cdef int status
     with nogil:
         if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-            status = forward(<const float*>xp, <const float*>wp, <const float*>bp, eps,
-                             compute_stats, <float*>yp, <float*>mp, <float*>rp, varp,
-                             N, C, S, G, channels_last, n_threads)
+            status = run(<const float*>xp, <const float*>NULL, <float*>yp, <float*>NULL,
+                         <float*>NULL, &job, n_threads)
         else:
-            status = forward(<const double*>xp, <const double*>wp, <const double*>bp, eps,
-                             compute_stats, <double*>yp, <double*>mp, <double*>rp, varp,
-                             N, C, S, G, channels_last, n_threads)
+            status = run(<const double*>xp, <const double*>NULL, <double*>yp, <double*>NULL,
+                         <double*>NULL, &job, n_threads)
     if status != 0:
         raise MemoryError()
 
@@ -910,26 +581,22 @@ def group_norm_backward(cnp.ndarray grad_out, cnp.ndarray x, weight, cnp.ndarray
     cdef Py_ssize_t N = x.shape[0]
     cdef Py_ssize_t C = x.shape[2] if channels_last else x.shape[1]
     cdef Py_ssize_t S = x.shape[1] if channels_last else x.shape[2]
-    cdef Py_ssize_t G = mean.shape[1]
+    cdef Job job = make_job(N, C, S, mean.shape[1], channels_last, True, stats_from_input,
+                            0.0, data(weight), NULL, data(mean), data(rstd), NULL)
     cdef void* dyp = data(grad_out)
     cdef void* xp = data(x)
-    cdef void* wp = data(weight)
-    cdef void* mp = data(mean)
-    cdef void* rp = data(rstd)
     cdef void* dxp = data(grad_x)
     cdef void* dwp = data(grad_weight)
     cdef void* dbp = data(grad_bias)
     cdef int status
+    # The per-(n, c) sums feed the parameter gradients, and grad_x through the statistics.
+    job.need_sums = dwp != NULL or dbp != NULL or (dxp != NULL and stats_from_input)
     with nogil:
         if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-            status = backward(<const float*>dyp, <const float*>xp, <const float*>wp,
-                              <const float*>mp, <const float*>rp, stats_from_input,
-                              <float*>dxp, <float*>dwp, <float*>dbp,
-                              N, C, S, G, channels_last, n_threads)
+            status = run(<const float*>dyp, <const float*>xp, <float*>dxp, <float*>dwp,
+                         <float*>dbp, &job, n_threads)
         else:
-            status = backward(<const double*>dyp, <const double*>xp, <const double*>wp,
-                              <const double*>mp, <const double*>rp, stats_from_input,
-                              <double*>dxp, <double*>dwp, <double*>dbp,
-                              N, C, S, G, channels_last, n_threads)
+            status = run(<const double*>dyp, <const double*>xp, <double*>dxp, <double*>dwp,
+                         <double*>dbp, &job, n_threads)
     if status != 0:
         raise MemoryError()

@@ -17,7 +17,8 @@
  * set. The compiler maps one to a zmm register, two ymm or four xmm registers. So a
  * reduction written with them adds its values in the same order on every path, and the
  * paths differ only where the compiler contracts a multiply and an add into one FMA
- * (AVX2 and AVX-512, not SSE2): a last bit. Elementwise loops are plain C that each
+ * (AVX2 and AVX-512, not SSE2): a last bit. Elementwise loops, whose values do not depend
+ * on the width, are on native vectors (one register: FASTBN_NATIVE_*), or plain C that each
  * instantiation's target vectorises. For a given path, results do not depend on the
  * thread count.
  */
@@ -94,6 +95,41 @@ typedef double fastbn_quarter_double __attribute__((vector_size(FASTBN_VECTOR_BY
 #define FASTBN_LOAD(T, p) ({ fastbn_vec_##T v_; memcpy(&v_, (p), sizeof v_); v_; })
 #define FASTBN_STORE(T, p, v) do { fastbn_vec_##T v_ = (v); memcpy((p), &v_, sizeof v_); } while (0)
 
+/* Native vectors: one register of each instruction set (16, 32, 64 bytes), for the loops
+ * that store vectors (elementwise passes). A value's result there does not depend on the
+ * width, so these give the same numbers on every path; and GCC lowers an unaligned store of
+ * a 64-byte vector through the stack where the registers are narrower (AVX2, SSE2). */
+#define FASTBN_NATIVE_BYTES_baseline 16
+#define FASTBN_NATIVE_BYTES_avx2 32
+#define FASTBN_NATIVE_BYTES_avx512 64
+#define FASTBN_DEFINE_NATIVE_VECTORS(isa)                                                     \
+    typedef float fastbn_native_float_##isa                                                 \
+        __attribute__((vector_size(FASTBN_NATIVE_BYTES_##isa)));                            \
+    typedef double fastbn_native_double_##isa                                               \
+        __attribute__((vector_size(FASTBN_NATIVE_BYTES_##isa)));
+FASTBN_FOR_EACH_ISA(FASTBN_DEFINE_NATIVE_VECTORS)
+#define FASTBN_NATIVE_LANES(T, isa) ((ptrdiff_t)(FASTBN_NATIVE_BYTES_##isa / sizeof(T)))
+/* Integer vectors of the same lanes, for masks (a comparison gives -1 where true, 0 where
+ * false). */
+#define FASTBN_DEFINE_NATIVE_MASKS(isa)                                                       \
+    typedef int fastbn_native_mask_float_##isa                                              \
+        __attribute__((vector_size(FASTBN_NATIVE_BYTES_##isa)));                            \
+    typedef long long fastbn_native_mask_double_##isa                                       \
+        __attribute__((vector_size(FASTBN_NATIVE_BYTES_##isa)));
+FASTBN_FOR_EACH_ISA(FASTBN_DEFINE_NATIVE_MASKS)
+
+/* A 64-byte vector held as FASTBN_PIECES native vectors (one AVX-512 register, two AVX2
+ * ones, four SSE2 ones), for values carried from one iteration of a loop to the next:
+ * GCC keeps a 64-byte vector variable in memory where no register holds one (AVX2, SSE2;
+ * measured: a run's sums 3-5x slower on the AVX2 path). Lane j of the 64-byte vector is
+ * lane j % lanes of piece j / lanes, so the same arithmetic per piece, and
+ * FASTBN_HSUM_PIECES, give the numbers of the 64-byte vector on every path. */
+#define FASTBN_PIECES(isa) (FASTBN_VECTOR_BYTES / FASTBN_NATIVE_BYTES_##isa)
+#define FASTBN_NATIVE_LOAD(T, isa, p)                                                         \
+    ({ fastbn_native_##T##_##isa v_; memcpy(&v_, (p), sizeof v_); v_; })
+#define FASTBN_NATIVE_STORE(T, isa, p, v)                                                     \
+    do { fastbn_native_##T##_##isa v_ = (v); memcpy((p), &v_, sizeof v_); } while (0)
+
 /* Horizontal sums by halving, in a fixed order, returned as double. The halves stay in
  * registers. */
 static inline double fastbn_hsum_float(fastbn_vec_float v) {
@@ -110,5 +146,9 @@ static inline double fastbn_hsum_double(fastbn_vec_double v) {
     memcpy(&lo2, &lo4, 16); memcpy(&hi2, (const char *)&lo4 + 16, 16); lo2 += hi2;
     return lo2[0] + lo2[1];
 }
+
+/* fastbn_hsum_T of the 64-byte vector held as native pieces v[0 .. FASTBN_PIECES). */
+#define FASTBN_HSUM_PIECES(T, v)                                                              \
+    ({ fastbn_vec_##T w_; memcpy(&w_, (v), sizeof w_); fastbn_hsum_##T(w_); })
 
 #endif /* FASTBN_SIMD_H */
