@@ -28,7 +28,8 @@ def limit_from_environment():
 # The Cython kernel module of each op, for `instruction_sets`.
 KERNEL_MODULES = {"batch_norm": "_batch_norm", "group_norm": "_group_norm",
                   "instance_norm": "_group_norm", "layer_norm": "_layer_norm",
-                  "rms_norm": "_layer_norm"}
+                  "rms_norm": "_layer_norm", "filter_response_norm": "_norm_act",
+                  "evonorm_s0": "_norm_act"}
 
 
 def instruction_sets():

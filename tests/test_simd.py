@@ -87,6 +87,18 @@ for shape in [(96, 72), (2, 9000)]:
     record(f"layer_norm {shape}", (y, m, r) + fastbn.layer_norm_backward(g, x, D, m, r, w, b))
     y, r = fastbn.rms_norm_forward(x, D, w)
     record(f"rms_norm {shape}", (y, r) + fastbn.rms_norm_backward(g, x, D, r, w))
+for layout, shape in [("cf", (2, 32, 9, 9)), ("cl", (2, 48, 5, 5))]:
+    x = (rng.standard_normal(shape) * 3 + 2).astype(f32)
+    g = rng.standard_normal(shape).astype(f32)
+    x, g = (cl(x), cl(g)) if layout == "cl" else (x, g)
+    C = shape[1]
+    w, b = rng.uniform(0.5, 1.5, C).astype(f32), rng.standard_normal(C).astype(f32)
+    tau, v = rng.standard_normal(C).astype(f32), rng.uniform(0.5, 1.5, C).astype(f32)
+    y, r = fastbn.filter_response_norm_forward(x, w, b, tau)
+    record(f"filter_response_norm {layout}", (y, r) + fastbn.filter_response_norm_backward(
+        g, x, r, w, b, tau))
+    y, m, r = fastbn.evonorm_s0_forward(x, 8, w, b, v)
+    record(f"evonorm_s0 {layout}", (y, m, r) + fastbn.evonorm_s0_backward(g, x, m, r, 8, w, v))
 print(json.dumps(out))
 """
 
@@ -103,7 +115,7 @@ def test_every_instruction_set_gives_the_same_numbers():
     for isa, result in results.items():
         assert result.pop("isa") == dict.fromkeys(_simd.KERNEL_MODULES, isa)
     first = results[supported[0]]
-    assert len(first) == 14
+    assert len(first) == 18
     for isa in supported[1:]:
         assert results[isa].keys() == first.keys()
         for name in first:

@@ -48,8 +48,12 @@ from fastbn._cython._norm_act_loops cimport (NA_ACT, NA_PLAIN, NA_TLU, run_backw
                                              tile_backward_dx, tile_backward_sums, tile_forward,
                                              tile_stats)
 from fastbn._cython._openmp_helpers cimport effective_threads
+from fastbn._cython._simd cimport select_instruction_set
 
 cnp.import_array()
+
+# The instruction set the loops of this module run (see _simd.h, FASTBN_SIMD).
+INSTRUCTION_SET = select_instruction_set()
 
 # Channels-last items hold whole groups and at least this many channels (a float32
 # AVX-512 vector's worth per row).

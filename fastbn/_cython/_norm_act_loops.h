@@ -18,7 +18,8 @@
  * (64 bytes with AVX-512, 32 with AVX2, 16 otherwise), so that comparisons and
  * selects stay vector instructions (wider-than-native vectors made GCC 12 compare
  * lane by lane: 7x slower). On x86-64 the template is compiled for each of the three
- * and the first call of a loop picks the widest the CPU has (__builtin_cpu_supports).
+ * instruction sets of _simd.h, and _simd.h's dispatch runs the one the module selected
+ * at import (the widest the CPU has, capped by FASTBN_SIMD), as every Cython kernel.
  * Other compilers get one-lane "vectors" (plain scalar code) from the same template;
  * FASTBN_NO_VECTOR_EXTENSIONS forces that build, to test it.
  *
@@ -38,6 +39,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "_simd.h"
+
 enum { NA_PLAIN = 0, NA_TLU = 1, NA_ACT = 2 };
 
 #define NA_CAT3_(a, b, c) a##_##b##_##c
@@ -51,83 +54,60 @@ enum { NA_PLAIN = 0, NA_TLU = 1, NA_ACT = 2 };
 #define NA_INLINE static inline
 #endif
 
-#if NA_VECTORS && defined(__x86_64__)
-#define NA_X86_DISPATCH 1
-#else
-#define NA_X86_DISPATCH 0
-#endif
+#define NA_X86_DISPATCH (NA_VECTORS && FASTBN_X86)
 
 /* ---- instantiations: (type, instruction set, vector bytes, function attributes) ---- */
 
 #define NA_T float
 #define NA_IS_DOUBLE 0
-#define NA_ISA base
+#define NA_ISA baseline
 #define NA_BYTES 16
 #define NA_ATTR
 #include "_norm_act_template.h"
 #define NA_T double
 #define NA_IS_DOUBLE 1
-#define NA_ISA base
+#define NA_ISA baseline
 #define NA_BYTES 16
 #define NA_ATTR
 #include "_norm_act_template.h"
 
 #if NA_X86_DISPATCH
-#define NA_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#define NA_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")))
 #define NA_T float
 #define NA_IS_DOUBLE 0
 #define NA_ISA avx2
 #define NA_BYTES 32
-#define NA_ATTR NA_TARGET_AVX2
+#define NA_ATTR FASTBN_TARGET_avx2
 #include "_norm_act_template.h"
 #define NA_T double
 #define NA_IS_DOUBLE 1
 #define NA_ISA avx2
 #define NA_BYTES 32
-#define NA_ATTR NA_TARGET_AVX2
+#define NA_ATTR FASTBN_TARGET_avx2
 #include "_norm_act_template.h"
 #define NA_T float
 #define NA_IS_DOUBLE 0
 #define NA_ISA avx512
 #define NA_BYTES 64
-#define NA_ATTR NA_TARGET_AVX512
+#define NA_ATTR FASTBN_TARGET_avx512
 #include "_norm_act_template.h"
 #define NA_T double
 #define NA_IS_DOUBLE 1
 #define NA_ISA avx512
 #define NA_BYTES 64
-#define NA_ATTR NA_TARGET_AVX512
+#define NA_ATTR FASTBN_TARGET_avx512
 #include "_norm_act_template.h"
 
-/* 2: AVX-512 (F, VL, DQ, BW), 1: AVX2 + FMA, 0: neither. A benign race: every thread
-   that asks first computes the same answer. */
-static int na_isa_level = -1;
-
-static int na_isa(void) {
-    if (na_isa_level < 0) {
-        __builtin_cpu_init();
-        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
-                && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
-            na_isa_level = 2;
-        else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-            na_isa_level = 1;
-        else
-            na_isa_level = 0;
-    }
-    return na_isa_level;
-}
-#define NA_PICK(name, T) \
-    (na_isa() == 2 ? NA_CAT3(name, T, avx512) : na_isa() == 1 ? NA_CAT3(name, T, avx2) \
-                                                             : NA_CAT3(name, T, base))
-#else
-#define NA_PICK(name, T) NA_CAT3(name, T, base)
 #endif
 
 /* ---- the entry points the kernels call: na_<loop>_<type>(...) ---- */
 
+#if NA_X86_DISPATCH
 #define NA_DEFINE_ENTRY(name, T, params, args) \
-    static void na_##name##_##T params { NA_PICK(na_##name, T) args; }
+    static void na_##name##_##T params { FASTBN_DISPATCH(na_##name, T, args); }
+#else
+#define NA_DEFINE_ENTRY(name, T, params, args) \
+    static void na_##name##_##T params { na_##name##_##T##_baseline args; }
+#endif
 
 #define NA_DEFINE_ENTRIES(T) \
     NA_DEFINE_ENTRY(run_stats, T, \

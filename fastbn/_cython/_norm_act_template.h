@@ -2,7 +2,7 @@
  * (type, instruction set) after defining:
  *   NA_T          float or double
  *   NA_IS_DOUBLE  0 or 1
- *   NA_ISA        a name for the instruction set (base, avx2, avx512)
+ *   NA_ISA        the instruction set, as _simd.h names it (baseline, avx2, avx512)
  *   NA_BYTES      the vector width in bytes
  *   NA_ATTR       the function attributes that select the instruction set (or nothing)
  * Every function is named NA_F(name) = name_<type>_<isa>. The macros are undefined at
