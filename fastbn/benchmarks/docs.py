@@ -161,14 +161,14 @@ def regenerate(root=REPOSITORY, write=True):
 
 
 def unrecorded(root=REPOSITORY):
-    """[(page, source)] for each block whose results file does not exist."""
+    """[(page, source)] for each page and results file it names that does not exist."""
     missing = []
     for path in _pages(root):
         with open(path) as file:
             for match in BLOCK.finditer(file.read()):
                 if not os.path.exists(source_path(match.group(3), root)):
                     missing.append((os.path.relpath(path, root), match.group(3)))
-    return missing
+    return list(dict.fromkeys(missing))
 
 
 def main(argv=None):

@@ -164,6 +164,14 @@ def speedup_summary(ratios):
     return text, met
 
 
+def _load(results):
+    """' CPUs used by other processes: ...': how busy the machine was before the run, as
+    the environment lines recorded it (nothing where they did not measure it)."""
+    lines = [line for line in results.get("environment", [])
+             if line.startswith("CPUs used by other processes")]
+    return "".join(f" {line}." for line in lines)
+
+
 def _spread(records):
     """The largest interquartile range / median among `records`: how noisy a row was."""
     return max((r["q3_s"] - r["q1_s"]) / r["median_s"] for r in records)
@@ -182,8 +190,8 @@ def plain_torch_table(results):
              f"backward), {', '.join(_in_order(r['dtype'] for r in records))}, "
              f"{settings['threads']} threads for torch and fastbn; each time is the "
              f"{statistic} of {settings['rounds']} interleaved rounds{clock}; `spread` is "
-             f"the largest interquartile range / median of a row. Recorded by "
-             f"`{results['command']}`.", "",
+             f"the largest interquartile range / median of a row.{_load(results)} "
+             f"Recorded by `{results['command']}`.", "",
              "| layer | layout | fastbn | speedup over plain torch: geometric mean, worst "
              f"shape | issue 13's target (>= {TARGET_GEOMEAN:g}x, no shape slower) met |",
              "| --- | --- | --- | --- | --- |"]
@@ -216,7 +224,7 @@ def sync_table(results):
     lines = [f"{settings['processes']} gloo processes x {settings['threads']} thread(s), "
              f"backend {settings['backend']}, float32, contiguous; per layer and training "
              f"step, rank 0's times, each the fastest of {settings['blocks']} blocks' mean "
-             f"step time. Recorded by `{results['command']}`.", "",
+             f"step time.{_load(results)} Recorded by `{results['command']}`.", "",
              "| input per process | local BatchNorm2d | SyncBatchNorm | overhead "
              "| collectives alone | bytes all-gathered (forward) "
              "| bytes all-reduced (backward) |",
