@@ -20,7 +20,17 @@ Kinds:
 - ``costs``: what each part of fastbn.nn's path costs (per call; inside a network);
 - ``targets``: the issues' speed targets this run can check, measured and met or not;
 - ``sweep``: the thread-sweep table;
-- ``report``: every table of the run (docs/benchmarks/report.md).
+- ``report``: every table of the run (docs/benchmarks/report.md);
+- ``plain_torch``: fastbn.nn layers against the same layers in plain torch ops, from the
+  files of bench/compare_small_batch.py and bench/compare_frn_evonorm.py
+  (`layer_runs.plain_torch_table`);
+- ``sync``: SyncBatchNorm against a local BatchNorm, from bench/sync_overhead.py's file
+  (`layer_runs.sync_table`).
+
+A block whose results file does not exist (yet: pages name the files before the run that
+records them) is left as it is, and `python -m fastbn docs` lists it as not recorded;
+tests/test_docs.py fails until every file a page names is recorded. A file that exists
+is always rendered and compared.
 """
 import argparse
 import json
@@ -29,7 +39,7 @@ import os
 import re
 import sys
 
-from fastbn.benchmarks import costs, end_to_end, machine, scaling, targets
+from fastbn.benchmarks import costs, end_to_end, layer_runs, machine, scaling, targets
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RESULTS_DIR = os.path.join("docs", "benchmarks")
@@ -38,9 +48,14 @@ BLOCK = re.compile(r"(<!-- fastbn-docs: (\w[\w-]*) ([\w.-]+) -->\n)(.*?)(<!-- /f
                    re.DOTALL)
 
 
+def source_path(source, root=REPOSITORY):
+    """The path of the results file `source` (a name under docs/benchmarks/, without .json)."""
+    return os.path.join(root, RESULTS_DIR, f"{source}.json")
+
+
 def load(source, root=REPOSITORY):
     """The results file `source` (a name under docs/benchmarks/, without .json)."""
-    with open(os.path.join(root, RESULTS_DIR, f"{source}.json")) as file:
+    with open(source_path(source, root)) as file:
         return json.load(file)
 
 
@@ -94,6 +109,10 @@ def render(kind, source, root=REPOSITORY):
         return costs.table(results["costs"])[2:]
     if kind == "sweep":
         return scaling.table(results["sweep"])[2:]
+    if kind == "plain_torch":
+        return layer_runs.plain_torch_table(results)
+    if kind == "sync":
+        return layer_runs.sync_table(results)
     if kind == "report":
         from fastbn.benchmarks.report import tables
 
@@ -127,6 +146,8 @@ def regenerate(root=REPOSITORY, write=True):
             text = file.read()
 
         def fill(match):
+            if not os.path.exists(source_path(match.group(3), root)):
+                return match.group(0)  # not recorded yet: `unrecorded` lists it
             lines = render(match.group(2), match.group(3), root)
             return match.group(1) + "\n".join(lines) + "\n" + match.group(5)
 
@@ -139,6 +160,17 @@ def regenerate(root=REPOSITORY, write=True):
     return changed
 
 
+def unrecorded(root=REPOSITORY):
+    """[(page, source)] for each page and results file it names that does not exist."""
+    missing = []
+    for path in _pages(root):
+        with open(path) as file:
+            for match in BLOCK.finditer(file.read()):
+                if not os.path.exists(source_path(match.group(3), root)):
+                    missing.append((os.path.relpath(path, root), match.group(3)))
+    return list(dict.fromkeys(missing))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="fastbn docs", description="Regenerate the figures of docs/ and the README from "
@@ -149,6 +181,9 @@ def main(argv=None):
     changed = regenerate(write=not args.check)
     for path in changed:
         print(f"{'differs' if args.check else 'rewrote'}: {path}")
+    for page, source in unrecorded():
+        print(f"not recorded yet, left as it is: {os.path.join(RESULTS_DIR, source)}.json "
+              f"(named in {page})")
     return 1 if args.check and changed else 0
 
 
