@@ -72,6 +72,42 @@ def test_batch_norm_act_matches_torch(backend, act, config, memory_format):
                                    atol=1e-14)
 
 
+@pytest.mark.parametrize("act", list(ACTIVATION_MODULES))
+@pytest.mark.parametrize("slope", [0.2, -0.3])
+def test_batch_norm_act_on_torchs_route_matches_torch(act, slope):
+    """With no backend named, small inputs run torch's batch norm and then torch's
+    activation in place on its fresh output (fastbn.nn.functional._torch_batch_norm):
+    the same outputs, gradients and buffers as the unfused pair, the input untouched,
+    in training, in eval with and without autograd; a negative leaky_relu slope, which
+    torch's in-place backward refuses, goes out of place."""
+    reference, fused = fused_pair(act, None)
+    reference[1] = (nn.LeakyReLU(slope) if act == "leaky_relu" else reference[1])
+    fused.negative_slope = slope
+    generator = torch.Generator().manual_seed(3)
+    for mode, grad in [("train", True), ("eval", True), ("eval", False)]:
+        reference.train(mode == "train")
+        fused.train(mode == "train")
+        x = torch.randn(3, 6, 5, 7, generator=generator, dtype=torch.float64)
+        assert fnn.functional.torch_is_faster("batch_norm_activation", x, mode == "eval"
+                                              and not grad)
+        grad_y = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+        results = []
+        for model in (reference, fused):
+            model.zero_grad()
+            x_in = x.clone().requires_grad_(grad)
+            with torch.set_grad_enabled(grad):
+                y = model(x_in)
+            if grad:
+                y.backward(grad_y)
+            assert torch.equal(x_in.detach(), x)
+            results.append([y] + ([x_in.grad] + [p.grad for p in model.parameters()]
+                                  if grad else []))
+        for got, want in zip(results[1], results[0]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(fused.state_dict(), reference[0].state_dict(), rtol=1e-12,
+                                   atol=1e-14)
+
+
 @pytest.mark.parametrize("act", ["relu6", "silu", "hardswish", "leaky_relu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_batch_norm_act_gradcheck(backend, act, training):
