@@ -168,7 +168,8 @@ def test_command_line_errors(tmp_path, capsys):
             (["--output", str(tmp_path / "file")], "exists and is not a directory")):
         (tmp_path / "file").write_text("")
         with pytest.raises(SystemExit) as exit_:
-            fastbn_main(["study", "--quick", "--no-progress"] + argv)
+            fastbn_main(["study", "--quick", "--no-progress", "--output",
+                         str(tmp_path / "out")] + argv)
         assert exit_.value.code == 2
         assert message in capsys.readouterr().err
 

@@ -12,6 +12,7 @@ import os
 import statistics
 from collections import defaultdict
 
+from fastbn.study import data as study_data
 from fastbn.study import models
 
 PLOTS = {"sweep": "accuracy_vs_batch_size.png", "norm_batch": "accuracy_vs_norm_batch_size.png",
@@ -203,6 +204,25 @@ def _cost_findings(rows, config):
     return "\n".join(lines)
 
 
+def _images(config):
+    train = study_data.TRAIN_IMAGES[config.dataset]
+    train = train if config.train_size is None else min(train, config.train_size)
+    test = "all" if config.test_size is None else f"at most {config.test_size}"
+    return f"{train} training images, {test} test images of the split"
+
+
+def _time_spent(rows):
+    """Minutes of the cells run now, per experiment (a cell shared by two experiments
+    counts in the first that planned it)."""
+    seconds = defaultdict(float)
+    seen = set()
+    for row in rows:
+        if row.get("cell") not in seen:
+            seen.add(row.get("cell"))
+            seconds[row["experiment"]] += row.get("cell_time_s", 0.0)
+    return ", ".join(f"{name} {value / 60:.1f}" for name, value in seconds.items())
+
+
 def _seeds_text(config):
     return f"{len(config.seeds)} seed{'s' if len(config.seeds) > 1 else ''}"
 
@@ -219,16 +239,18 @@ def markdown(rows, config, plots, machine_line, elapsed_s, cells_ran, cells_cach
         f"{seeds} ({', '.join(map(str, config.seeds))}); times are means ± standard deviations "
         "over repeated runs and depend on the machine and its load: on a shared machine they "
         "are only indicative.\n",
-        f"- data: {config.dataset}" + (f", {config.train_size} training images"
-                                       if config.train_size else "")
-        + f"; model: {config.model}; {config.epochs} epoch{'s' if config.epochs > 1 else ''}; SGD, momentum {config.momentum}, "
-        f"weight decay {config.weight_decay}, learning rate {config.base_lr} x batch / 32 with a "
-        f"linear warm-up over {config.warmup_fraction:.0%} of the steps, then a cosine decay",
+        f"- data: {config.dataset}, {_images(config)}; model: {config.model}; "
+        f"{config.epochs} epoch{'s' if config.epochs > 1 else ''}; SGD, momentum "
+        f"{config.momentum}, weight decay {config.weight_decay}, learning rate "
+        f"{config.base_lr} x batch / 32 with a linear warm-up over "
+        f"{config.warmup_fraction:.0%} of the steps, then a cosine decay",
         f"- threads: {config.threads} (given the seed and the thread count the accuracies "
         "are the same in every rerun)",
         f"- machine: {machine_line}",
         f"- cells: {cells_ran} run now, {cells_cached} from the cache"
         + (f"; {elapsed_s / 60:.1f} minutes" if elapsed_s is not None else ""),
+        f"- minutes spent in the cells, as recorded when each ran: {_time_spent(rows)} "
+        "(train: the single-process training runs of every experiment)",
     ]
     if example:
         parts.append(f"- study version {example.get('version')}")
@@ -304,8 +326,6 @@ def write_csv(rows, path):
 
 def _machine(threads):
     from fastbn.benchmarks import machine
-
-    import torch  # noqa: F401  (describe() records the version of what is imported)
 
     record = machine.describe(threads)
     return record, machine.summary(record)
