@@ -84,7 +84,8 @@ def run_cells(runs, directory, starting=None):
 
     if not runs:
         return
-    init_file = os.path.join(directory, "scale_out.init")
+    # Absolute: in file://docs/study/... the first name would be read as a host.
+    init_file = os.path.abspath(os.path.join(directory, "scale_out.init"))
     results = [_result_file(directory, run) for run in runs]
     for path in [init_file] + results:
         if os.path.exists(path):  # a stale store would hold a finished group's keys
