@@ -3,6 +3,7 @@
     python -m fastbn info     version, backends, OpenMP, threads, compiler flags
     python -m fastbn bench    every backend against PyTorch (`bench --help` for options)
     python -m fastbn docs     the figures of docs/ and the README, from docs/benchmarks/*.json
+    python -m fastbn study    the small-batch study (`study --help`; docs/study.md)
 """
 import argparse
 import os
@@ -63,6 +64,9 @@ def main(argv=None):
     commands.add_parser("docs", add_help=False,
                         help="regenerate the figures of docs/ and the README from the "
                         "recorded results (--check: only compare)")
+    commands.add_parser("study", add_help=False,
+                        help="the small-batch study: norms, batch sizes, evaluation "
+                        "statistics, cost (needs fastbn[study])")
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
@@ -74,11 +78,15 @@ def main(argv=None):
 
         return docs_main(rest)
     try:
-        import torch  # noqa: F401  (the benchmarks compare with it)
+        import torch  # noqa: F401  (the benchmarks compare with it, the study trains with it)
     except ImportError:
-        print("fastbn bench compares fastbn with PyTorch, which is not installed here: "
+        print(f"fastbn {args.command} needs PyTorch, which is not installed here: "
               "pip install torch==2.13.0 (the CPU build), then run it again.", file=sys.stderr)
         return 2
+    if args.command == "study":
+        from fastbn.study.cli import main as study_main
+
+        return study_main(rest)
     from fastbn.benchmarks.report import main as bench_main
 
     return bench_main(rest)
