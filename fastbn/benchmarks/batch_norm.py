@@ -25,10 +25,11 @@ REFERENCE_BACKEND = "numpy"
 
 # Agreement with torch required before anything is timed (both sides accumulate
 # in float64 or better, but torch rounds some intermediates to float32).
-TOLERANCES = {
-    np.dtype(np.float32): dict(rtol=1e-4, atol=1e-4),
-    np.dtype(np.float64): dict(rtol=1e-9, atol=1e-9),
-}
+# Relative, and absolute times each output's largest value (see assert_outputs_match):
+# grad_weight sums dy * x_hat over every sample, and a channel whose terms cancel has
+# float32 rounding of the order of the largest terms, in torch's result as in fastbn's
+# (8x64x56x56 channels-last: 0.7775 against torch's 0.7777 among values up to 338).
+TOLERANCES = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-9}
 OUTPUT_NAMES = {
     "training": ("y", "save_mean", "save_invstd", "grad_x", "grad_weight", "grad_bias"),
     "eval": ("y",),
@@ -189,8 +190,34 @@ class BatchNormCase(CaseArrays):
 
     def check(self, outputs, expected, mode, label=""):
         """Assert that `outputs` (arrays or tensors) match `expected` ones within tolerance."""
-        for name, got, want in zip(OUTPUT_NAMES[mode], outputs, expected, strict=True):
-            np.testing.assert_allclose(
-                np.asarray(got), np.asarray(want), **TOLERANCES[self.dtype],
-                err_msg=f"{label} {mode} {name} differs from torch's "
-                        f"(shape {self.shape}, {self.dtype}, channels_last={self.channels_last})")
+        assert_outputs_match(
+            outputs, expected, TOLERANCES[self.dtype], f"{label} {mode}",
+            f"(shape {self.shape}, {self.dtype}, channels_last={self.channels_last})",
+            OUTPUT_NAMES[mode])
+
+
+def assert_outputs_match(outputs, expected, tolerance, label, details="", names=None):
+    """Assert that every output (array or tensor) matches the expected one.
+
+    The relative tolerance is `tolerance`, and so is the absolute one times the
+    output's largest value: parameter gradients sum over every sample.
+
+    Parameters
+    ----------
+    outputs, expected : sequence of arrays or tensors
+    tolerance : float
+    label, details : str
+        The message says "<label> <name> differs from torch's <details>".
+    names : sequence of str, optional
+        The outputs' names (default: "output <i>").
+    """
+    assert len(outputs) == len(expected), (
+        f"{label}: {len(outputs)} outputs, expected {len(expected)}")
+    names = names or [f"output {index}" for index in range(len(outputs))]
+    for name, got, want in zip(names, outputs, expected):
+        got = np.asarray(got.detach() if hasattr(got, "detach") else got)
+        want = np.asarray(want.detach() if hasattr(want, "detach") else want)
+        scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+        np.testing.assert_allclose(
+            got, want, rtol=tolerance, atol=tolerance * scale,
+            err_msg=f"{label} {name} differs from torch's {details}")

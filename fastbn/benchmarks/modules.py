@@ -13,6 +13,8 @@
 torch is imported when a case is built, so this module imports without it.
 """
 
+import copy
+
 import numpy as np
 
 from fastbn.benchmarks import batch_norm, norms
@@ -143,7 +145,9 @@ class ModuleCase:
 
         op = "batch_norm" if self.op == "batch_norm_2d" else self.op
         if mode == "training" and torch_is_wrong(op, torch.from_numpy(self.arrays.x), True):
-            oracle = ModuleCase(self.op, self.arrays.converted(np.float64))
+            # The same case (a subclass's layer too) on float64 contiguous copies.
+            oracle = copy.copy(self)
+            oracle.arrays = self.arrays.converted(np.float64)
             return oracle.torch_step(mode)()
         return self.torch_step(mode)()
 

@@ -19,7 +19,7 @@ import numpy as np
 
 import fastbn
 from fastbn import _layout
-from fastbn.benchmarks.batch_norm import CaseArrays
+from fastbn.benchmarks.batch_norm import CaseArrays, assert_outputs_match
 
 OPS = ("group_norm", "instance_norm", "layer_norm", "rms_norm")
 GROUPS = 32
@@ -178,25 +178,3 @@ class NormCase(CaseArrays):
             f"channels_last={self.channels_last})")
 
 
-def assert_outputs_match(outputs, expected, tolerance, label, details=""):
-    """Assert that every output (array or tensor) matches the expected one.
-
-    The relative tolerance is `tolerance`, and so is the absolute one times the
-    output's largest value: parameter gradients sum over every sample.
-
-    Parameters
-    ----------
-    outputs, expected : sequence of arrays or tensors
-    tolerance : float
-    label, details : str
-        The message says "<label> output <i> differs from torch's <details>".
-    """
-    assert len(outputs) == len(expected), (
-        f"{label}: {len(outputs)} outputs, expected {len(expected)}")
-    for index, (got, want) in enumerate(zip(outputs, expected)):
-        got = np.asarray(got.detach() if hasattr(got, "detach") else got)
-        want = np.asarray(want.detach() if hasattr(want, "detach") else want)
-        scale = max(1.0, float(np.abs(want).max(initial=0.0)))
-        np.testing.assert_allclose(
-            got, want, rtol=tolerance, atol=tolerance * scale,
-            err_msg=f"{label} output {index} differs from torch's {details}")

@@ -140,7 +140,10 @@ class SmallBatchLayerCase(modules.ModuleCase):
         return module
 
     def torch_step(self, mode, compiled=False):
-        module = plain_layer(self.layer, self.shape[1], eps=batch_norm.EPS)
+        import torch
+
+        module = plain_layer(self.layer, self.shape[1], eps=batch_norm.EPS).to(
+            torch.from_numpy(self.arrays.x).dtype)  # float64 for the oracle (expected)
         if self.layer != "frozen_batch_norm":
             module.momentum = batch_norm.MOMENTUM
         return self._step(self._with_values(module), mode, compiled)
