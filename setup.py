@@ -145,10 +145,9 @@ def extensions():
             [os.path.join("fastbn", "_cython", f"{name}.pyx")],
             include_dirs=[numpy.get_include()],
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-            # The module's C loops (<name>_*.h) and the SIMD layer they are written on:
-            # an edit must recompile the module.
-            depends=glob.glob(os.path.join("fastbn", "_cython", f"{name}_*.h"))
-            + [os.path.join("fastbn", "_cython", "_simd.h")],
+            # Every C header: a module includes its own loops, the SIMD layer and, for
+            # GroupNorm, BatchNorm's loops; an edit to any must recompile what uses it.
+            depends=glob.glob(os.path.join("fastbn", "_cython", "*.h")),
         )
         for name in modules
     ]

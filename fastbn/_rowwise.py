@@ -25,14 +25,6 @@ def check_input(x, normalized_shape):
     return x, normalized_shape, math.prod(leading), math.prod(normalized_shape), stats_shape
 
 
-def check_grad_out(grad_out, x):
-    grad_out = _validation.check_float_input("grad_out", grad_out)
-    if grad_out.shape != x.shape:
-        raise ValueError(f"grad_out must have the input's shape {x.shape}, got {grad_out.shape}")
-    _validation.check_same_dtype("grad_out", grad_out, x)
-    return grad_out
-
-
 def check_normalized_shape(normalized_shape, x):
     """normalized_shape as a tuple of ints that x's trailing dims match (an int is a 1-tuple)."""
     if isinstance(normalized_shape, (int, np.integer)):

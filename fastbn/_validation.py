@@ -49,6 +49,15 @@ def check_same_dtype(name, a, x):
                         "fastbn does not mix float32 and float64: convert one of them")
 
 
+def check_grad_out(grad_out, x):
+    """grad_out checked as every backward takes it: a float array of x's shape and dtype."""
+    grad_out = check_float_input("grad_out", grad_out)
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out must have the input's shape {x.shape}, got {grad_out.shape}")
+    check_same_dtype("grad_out", grad_out, x)
+    return grad_out
+
+
 def raise_dtype_error(name, a, x):
     """The TypeError for an `a` whose dtype is not x's: a non-float dtype, or the other float.
 

@@ -177,10 +177,7 @@ def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training, *
     grad_weight, grad_bias : ndarray of shape (C,) or None
     """
     x = _check_input(x)
-    grad_out = _validation.check_float_input("grad_out", grad_out)
-    if grad_out.shape != x.shape:
-        raise ValueError(f"grad_out must have the input's shape {x.shape}, got {grad_out.shape}")
-    _validation.check_same_dtype("grad_out", grad_out, x)
+    grad_out = _validation.check_grad_out(grad_out, x)
     N, C = x.shape[:2]
     weight = _validation.check_vector("weight", weight, C, x)
     if save_mean is None or save_invstd is None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from fastbn import _validation
 from fastbn._backends import load_backend
-from fastbn.frn import check_grad_out, dispatch_backward, dispatch_forward
+from fastbn.frn import dispatch_backward, dispatch_forward
 from fastbn.group_norm import check_input, check_num_groups, check_stats
 
 
@@ -96,7 +96,7 @@ def evonorm_s0_backward(grad_out, x, mean, rstd, num_groups, weight=None, v=None
     grad_weight, grad_bias, grad_v : ndarray of shape (C,) or None
     """
     x = check_input(x)
-    grad_out = check_grad_out(grad_out, x)
+    grad_out = _validation.check_grad_out(grad_out, x)
     num_groups = check_num_groups(num_groups, x)
     C = x.shape[1]
     weight = _validation.check_vector("weight", weight, C, x)

@@ -48,14 +48,6 @@ def dispatch_backward(kernel, grad_out, x, inputs, want_x, parameter_grads, out)
     return grad_x
 
 
-def check_grad_out(grad_out, x):
-    grad_out = _validation.check_float_input("grad_out", grad_out)
-    if grad_out.shape != x.shape:
-        raise ValueError(f"grad_out must have the input's shape {x.shape}, got {grad_out.shape}")
-    _validation.check_same_dtype("grad_out", grad_out, x)
-    return grad_out
-
-
 def filter_response_norm_forward(x, weight=None, bias=None, tau=None, eps=1e-6, *, out=None,
                                  backend=None):
     """Filter response normalization, then the TLU when `tau` is given.
@@ -144,7 +136,7 @@ def filter_response_norm_backward(grad_out, x, rstd, weight=None, bias=None, tau
         The gradient with respect to the eps added to the mean square.
     """
     x = check_input(x)
-    grad_out = check_grad_out(grad_out, x)
+    grad_out = _validation.check_grad_out(grad_out, x)
     C = x.shape[1]
     weight = _validation.check_vector("weight", weight, C, x)
     bias = _validation.check_vector("bias", bias, C, x)

@@ -46,10 +46,7 @@ def check_stats(name, a, shape, x, producer):
 def check_backward_inputs(grad_out, x, weight, output_mask):
     """(grad_out, x, weight, mask) checked as a backward takes them."""
     x = check_input(x)
-    grad_out = _validation.check_float_input("grad_out", grad_out)
-    if grad_out.shape != x.shape:
-        raise ValueError(f"grad_out must have the input's shape {x.shape}, got {grad_out.shape}")
-    _validation.check_same_dtype("grad_out", grad_out, x)
+    grad_out = _validation.check_grad_out(grad_out, x)
     weight = _validation.check_vector("weight", weight, x.shape[1], x)
     return grad_out, x, weight, _validation.check_mask(output_mask, 3)
 

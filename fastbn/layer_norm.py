@@ -104,7 +104,7 @@ def layer_norm_backward(grad_out, x, normalized_shape, mean, rstd, weight=None, 
     grad_weight, grad_bias : ndarray of shape `normalized_shape`, or None
     """
     x, normalized_shape, rows, D, stats_shape = _rowwise.check_input(x, normalized_shape)
-    grad_out = _rowwise.check_grad_out(grad_out, x)
+    grad_out = _validation.check_grad_out(grad_out, x)
     mean = _rowwise.check_statistic("mean", mean, stats_shape, rows, x, "layer_norm_forward")
     rstd = _rowwise.check_statistic("rstd", rstd, stats_shape, rows, x, "layer_norm_forward")
     weight = _rowwise.check_parameter("weight", weight, normalized_shape, x)

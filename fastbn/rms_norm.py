@@ -96,7 +96,7 @@ def rms_norm_backward(grad_out, x, normalized_shape, rstd, weight=None, *,
     grad_weight : ndarray of shape `normalized_shape`, or None
     """
     x, normalized_shape, rows, D, stats_shape = _rowwise.check_input(x, normalized_shape)
-    grad_out = _rowwise.check_grad_out(grad_out, x)
+    grad_out = _validation.check_grad_out(grad_out, x)
     rstd = _rowwise.check_statistic("rstd", rstd, stats_shape, rows, x, "rms_norm_forward")
     weight = _rowwise.check_parameter("weight", weight, normalized_shape, x)
     want_x, want_weight = _validation.check_mask(output_mask, 2)

@@ -81,7 +81,8 @@ def test_batch_norm_act_on_torchs_route_matches_torch(act, slope):
     in training, in eval with and without autograd; a negative leaky_relu slope, which
     torch's in-place backward refuses, goes out of place."""
     reference, fused = fused_pair(act, None)
-    reference[1] = (nn.LeakyReLU(slope) if act == "leaky_relu" else reference[1])
+    if act == "leaky_relu":
+        reference[1] = nn.LeakyReLU(slope)
     fused.negative_slope = slope
     generator = torch.Generator().manual_seed(3)
     for mode, grad in [("train", True), ("eval", True), ("eval", False)]:

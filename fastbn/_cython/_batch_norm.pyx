@@ -73,37 +73,10 @@ cdef Split make_split(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, bint channels_la
 # The loops over one work item are C (_batch_norm_loops.h, on _simd.h's vectors, compiled
 # for each instruction set); one name per dtype, picked here by the fused type.
 
-cdef extern from "_batch_norm_loops.h" nogil:
-    void fastbn_cf_sums_float(const float*, const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                              Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                              const double*, double*, double*, int, float, const float*,
-                              const float*, const float*)
-    void fastbn_cf_sums_double(const double*, const double*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                               Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                               const double*, double*, double*, int, double, const double*,
-                               const double*, const double*)
-    void fastbn_cf_elementwise_float(const float*, const float*, float*, Py_ssize_t, Py_ssize_t,
-                                     Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                                     const float*, const float*, const float*, const float*,
-                                     int, float, const float*, const float*)
-    void fastbn_cf_elementwise_double(const double*, const double*, double*, Py_ssize_t,
-                                      Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                                      const double*, const double*, const double*,
-                                      const double*, int, double, const double*, const double*)
-    void fastbn_cl_sums_float(const float*, const float*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                              Py_ssize_t, Py_ssize_t, const double*, double*, double*, int,
-                              float, const float*, const float*, const float*)
-    void fastbn_cl_sums_double(const double*, const double*, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                               Py_ssize_t, Py_ssize_t, const double*, double*, double*, int,
-                               double, const double*, const double*, const double*)
-    void fastbn_cl_elementwise_float(const float*, const float*, float*, Py_ssize_t, Py_ssize_t,
-                                     Py_ssize_t, Py_ssize_t, Py_ssize_t, const float*,
-                                     const float*, const float*, const float*, int, float,
-                                     const float*, const float*)
-    void fastbn_cl_elementwise_double(const double*, const double*, double*, Py_ssize_t,
-                                      Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
-                                      const double*, const double*, const double*,
-                                      const double*, int, double, const double*, const double*)
+from fastbn._cython._batch_norm_loops cimport (
+    fastbn_cf_elementwise_double, fastbn_cf_elementwise_float, fastbn_cf_sums_double,
+    fastbn_cf_sums_float, fastbn_cl_elementwise_double, fastbn_cl_elementwise_float,
+    fastbn_cl_sums_double, fastbn_cl_sums_float)
 
 
 # The fused activation of a pass (fastbn/_activations.py): its code (0: none), leaky_relu's

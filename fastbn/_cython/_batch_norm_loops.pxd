@@ -1,8 +1,9 @@
 # The work-item loops of _batch_norm_loops.h (on _simd.h's vectors, one copy per
-# instruction set, FASTBN_DISPATCH picking one per call), for the other kernel modules
-# that run them: GroupNorm and InstanceNorm (_group_norm.pyx) are the same sums and the
-# same elementwise passes with per-(sample, channel) or per-group coefficients. The
-# front ends below take a fused type and run without a fused activation.
+# instruction set, FASTBN_DISPATCH picking one per call), declared once for every kernel
+# module that runs them: BatchNorm (_batch_norm.pyx, with the fused activation) and
+# GroupNorm and InstanceNorm (_group_norm.pyx: the same sums and the same elementwise
+# passes with per-(sample, channel) or per-group coefficients). The front ends below take
+# a fused type and run without a fused activation.
 from cython cimport floating
 
 cdef extern from "_batch_norm_loops.h" nogil:

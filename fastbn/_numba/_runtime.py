@@ -125,6 +125,12 @@ class numba_threads:
             _set_thread_count(self.previous)
 
 
+def writeable(a):
+    """a, or a copy where it is read-only (the compiled types of the arrays a kernel may
+    update are writeable, and a call that only reads them gets a copy)."""
+    return a if a.flags.writeable else a.copy()
+
+
 def run_kernel(kernel, n_threads, *args):
     """``kernel(*args, tasks)`` on `n_threads` threads (already capped for the input):
     on one, with tasks = 1 (the passes run directly, no parallel region) and numba's

@@ -27,7 +27,8 @@ from fastbn._numba._passes import (COEFFICIENT_ROWS, ELEMENTWISE, MIN_ELEMENTS_P
                                    NO_PASS, OFFSET, REDUCE, SCALE, SCALE2, SHIFT, ZA, ZB,
                                    channels_spatial, exact_run_sums, fused_pass_items,
                                    partial_slots, pass_arguments, pass_items, work_split)
-from fastbn._numba._runtime import HELPER_OPTIONS, PerDtype, run_items, run_kernel
+from fastbn._numba._runtime import (HELPER_OPTIONS, PerDtype, run_items, run_kernel,
+                                    writeable)
 from fastbn._numba._sums import kept_precision
 
 
@@ -276,17 +277,12 @@ def _threads(n_threads, x):
     return max(1, min(n_threads, x.size // MIN_ELEMENTS_PER_THREAD))
 
 
-def _writeable(a):
-    """a, or a copy where it is read-only (the compiled type of these is writeable)."""
-    return a if a.flags.writeable else a.copy()
-
-
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps,
                        y, save_mean, save_invstd, channels_last, n_threads, activation=0,
                        negative_slope=0.0, counter=None):
     absent_vector, absent_tensor = _ABSENT[x.dtype]
     if not training:  # read only here, but training updates them
-        running_mean, running_var = _writeable(running_mean), _writeable(running_var)
+        running_mean, running_var = writeable(running_mean), writeable(running_var)
     kernel = _fused_kernel if activation else _kernel
     run_kernel(kernel[x.dtype], _threads(n_threads, x), False, x, x,
                absent_vector if weight is None else weight,
@@ -306,7 +302,7 @@ def batch_norm_backward(grad_out, x, weight, save_mean, save_invstd, training,
     run_kernel(kernel[x.dtype], _threads(n_threads, x), True, grad_out, x,
                absent_vector if weight is None else weight,
                absent_vector if bias is None else bias, absent_vector, absent_vector, training,
-               0.0, 0.0, absent_tensor if grad_x is None else grad_x, _writeable(save_mean),
-               _writeable(save_invstd), absent_vector if grad_weight is None else grad_weight,
+               0.0, 0.0, absent_tensor if grad_x is None else grad_x, writeable(save_mean),
+               writeable(save_invstd), absent_vector if grad_weight is None else grad_weight,
                absent_vector if grad_bias is None else grad_bias, channels_last, activation,
                negative_slope, _NO_COUNTER)

@@ -18,7 +18,8 @@ from numba import njit, types
 from fastbn._numba._passes import (ELEMENTWISE, MIN_ELEMENTS_PER_THREAD, NO_PASS, OFFSET, REDUCE,
                                    SCALE, SCALE2, SHIFT, channels_spatial, exact_run_sums,
                                    partial_slots, pass_arguments, pass_items, work_split)
-from fastbn._numba._runtime import HELPER_OPTIONS, per_dtype, run_items, run_kernel
+from fastbn._numba._runtime import (HELPER_OPTIONS, per_dtype, run_items, run_kernel,
+                                    writeable)
 from fastbn._numba._sums import kept_precision
 
 
@@ -234,18 +235,13 @@ def _threads(n_threads, x, channels_last):
     return max(1, min(n_threads, x.size // MIN_ELEMENTS_PER_THREAD, items))
 
 
-def _writeable(a):
-    """a, or a copy where it is read-only (the compiled type of these is writeable)."""
-    return a if a.flags.writeable else a.copy()
-
-
 def group_norm_forward(x, weight, bias, eps, compute_stats, y, mean, rstd, variance,
                        channels_last, n_threads):
     absent_vector = _ABSENT[x.dtype][0]
     run_kernel(_kernel[x.dtype], _threads(n_threads, x, channels_last), False, x, x,
                absent_vector if weight is None else weight,
-               absent_vector if bias is None else bias, eps, compute_stats, y, _writeable(mean),
-               _writeable(rstd), _NO_VARIANCE if variance is None else variance, absent_vector,
+               absent_vector if bias is None else bias, eps, compute_stats, y, writeable(mean),
+               writeable(rstd), _NO_VARIANCE if variance is None else variance, absent_vector,
                absent_vector, channels_last)
 
 
@@ -254,6 +250,6 @@ def group_norm_backward(grad_out, x, weight, mean, rstd, stats_from_input,
     absent_vector, absent_tensor = _ABSENT[x.dtype]
     run_kernel(_kernel[x.dtype], _threads(n_threads, x, channels_last), True, grad_out, x,
                absent_vector if weight is None else weight, absent_vector, 0.0, stats_from_input,
-               absent_tensor if grad_x is None else grad_x, _writeable(mean), _writeable(rstd),
+               absent_tensor if grad_x is None else grad_x, writeable(mean), writeable(rstd),
                _NO_VARIANCE, absent_vector if grad_weight is None else grad_weight,
                absent_vector if grad_bias is None else grad_bias, channels_last)

@@ -33,7 +33,8 @@ directions, compiled for a dtype on its first call.
 import numpy as np
 from numba import njit, types
 
-from fastbn._numba._runtime import HELPER_OPTIONS, INLINE_OPTIONS, per_dtype, run_items, run_kernel
+from fastbn._numba._runtime import (HELPER_OPTIONS, INLINE_OPTIONS, per_dtype, run_items,
+                                    run_kernel, writeable)
 from fastbn._numba._sums import exact_sums, grad_sums, kept_precision, shifted_sums
 
 # The same constants as the Cython kernels.
@@ -424,11 +425,6 @@ def _kernel(backward, centred, first, x, weight, bias, eps, out, mean, rstd, dw,
 _ABSENT = {np.dtype(t): (np.empty(0, t), np.empty((0, 0), t)) for t in (np.float32, np.float64)}
 
 
-def _writeable(a):
-    """a, or a copy where it is read-only (the compiled type of these is writeable)."""
-    return a if a.flags.writeable else a.copy()
-
-
 def _run(backward, centred, first, x, weight, bias, eps, out, mean, rstd, dw, db, n_threads):
     rows, D = x.shape
     if (backward and out is not None and (dw is not None or db is not None)
@@ -457,7 +453,7 @@ def layer_norm_forward(x, weight, bias, eps, y, mean, rstd, n_threads):
 
 def layer_norm_backward(grad_out, x, mean, rstd, weight, grad_x, grad_weight, grad_bias,
                         n_threads):
-    _run(True, True, grad_out, x, weight, None, 0.0, grad_x, _writeable(mean), _writeable(rstd),
+    _run(True, True, grad_out, x, weight, None, 0.0, grad_x, writeable(mean), writeable(rstd),
          grad_weight, grad_bias, n_threads)
 
 
@@ -468,4 +464,4 @@ def rms_norm_forward(x, weight, eps, y, rstd, n_threads):
 
 def rms_norm_backward(grad_out, x, rstd, weight, grad_x, grad_weight, n_threads):
     _run(True, False, grad_out, x, weight, None, 0.0, grad_x, np.zeros_like(rstd),
-         _writeable(rstd), grad_weight, None, n_threads)
+         writeable(rstd), grad_weight, None, n_threads)

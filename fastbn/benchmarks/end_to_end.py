@@ -8,7 +8,7 @@ torch is imported when a case is built, so this module imports without it.
 """
 import copy
 
-from fastbn.benchmarks import norms
+from fastbn.benchmarks import batch_norm
 
 MODELS = ("mobilenet_v2", "resnet18")  # the report's; resnet50 on request (the sweep)
 MODEL_TITLES = {"mobilenet_v2": "MobileNetV2", "resnet18": "ResNet-18", "resnet50": "ResNet-50"}
@@ -139,7 +139,7 @@ class NetworkCase:
                 logits = network(self.x)
             network.train(training)
             results.append([logits, nn.functional.cross_entropy(logits, self.target)])
-        norms.assert_outputs_match(
+        batch_norm.assert_outputs_match(
             results[0], results[1], TOLERANCE,
             f"{MODEL_TITLES[self.model_name]} after fastbn.nn.convert:",
             f"(batch {self.batch}, {self.image_size}x{self.image_size})")

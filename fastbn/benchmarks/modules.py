@@ -153,6 +153,6 @@ class ModuleCase:
 
     def check(self, outputs, expected, mode, label=""):
         """Assert that `outputs` of a step match the `expected` ones within tolerance."""
-        norms.assert_outputs_match(
+        batch_norm.assert_outputs_match(
             outputs, expected, TOLERANCE, f"{label} {self.op} module {mode}",
             f"(shape {self.shape}, channels_last={self.arrays.channels_last})")

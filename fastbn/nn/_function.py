@@ -170,36 +170,26 @@ def torch_gradients(torch_forward, grad_y, input, weight, output_mask, parameter
     return tuple(next(grads) if wanted else None for wanted in output_mask)
 
 
+# torch's activation per code (fastbn/_activations.py), in place when asked: where y is a
+# fresh result no one else holds (torch's batch norm's output), one pass and no second
+# tensor (an out-of-place ReLU6 after torch's eval batch norm made a converted
+# MobileNetV2's eval forward slower than torch's own). Autograd takes each of these in
+# place after batch_norm (its backward does not save the output); torch's in-place
+# leaky_relu backward refuses a negative slope, so that one stays out of place.
 TORCH_ACTIVATIONS = {
-    1: lambda y, slope: torch.nn.functional.relu(y),
-    2: lambda y, slope: torch.nn.functional.relu6(y),
-    3: lambda y, slope: torch.nn.functional.silu(y),
-    4: lambda y, slope: torch.nn.functional.hardswish(y),
-    5: lambda y, slope: torch.nn.functional.leaky_relu(y, slope),
-}
-
-
-# The same in place, for an output no one else holds (torch's batch norm's fresh result):
-# one pass and no second tensor (an out-of-place ReLU6 after torch's eval batch norm
-# made a converted MobileNetV2's eval forward slower than torch's own). Autograd takes
-# each of these in place after batch_norm (its backward does not save the output).
-TORCH_ACTIVATIONS_IN_PLACE = {
-    1: lambda y, slope: torch.nn.functional.relu(y, inplace=True),
-    2: lambda y, slope: torch.nn.functional.relu6(y, inplace=True),
-    3: lambda y, slope: torch.nn.functional.silu(y, inplace=True),
-    4: lambda y, slope: torch.nn.functional.hardswish(y, inplace=True),
-    # torch's in-place leaky_relu backward refuses a negative slope.
-    5: lambda y, slope: torch.nn.functional.leaky_relu(y, slope, inplace=slope >= 0.0),
+    1: lambda y, slope, in_place: torch.nn.functional.relu(y, inplace=in_place),
+    2: lambda y, slope, in_place: torch.nn.functional.relu6(y, inplace=in_place),
+    3: lambda y, slope, in_place: torch.nn.functional.silu(y, inplace=in_place),
+    4: lambda y, slope, in_place: torch.nn.functional.hardswish(y, inplace=in_place),
+    5: lambda y, slope, in_place: torch.nn.functional.leaky_relu(
+        y, slope, inplace=in_place and slope >= 0.0),
 }
 
 
 def torch_activation(code, y, negative_slope, in_place=False):
     """torch's activation `code` (fastbn/_activations.py) applied to y (0: y itself);
     `in_place`: y is a fresh result that may be overwritten."""
-    if not code:
-        return y
-    return (TORCH_ACTIVATIONS_IN_PLACE if in_place else TORCH_ACTIVATIONS)[code](y,
-                                                                                 negative_slope)
+    return TORCH_ACTIVATIONS[code](y, negative_slope, in_place) if code else y
 
 
 class BatchNormOp:
